@@ -1,0 +1,3 @@
+from dtback.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""The ``dtback`` command line. The seed's scripts (``train/run_training.py``, ``inference/generate.py``,
+``scripts/download_models.py``) are thin shims over :func:`main`.
+
+Exit status: 0 done, 2 bad input (config, dataset, arguments; the message says what and where), 3 a stage of the
+pipeline that is not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from dtback import __version__
+from dtback.config import Config, describe_keys, load_config
+from dtback.errors import DatasetError, DtbackError, NotBuiltError
+
+log = logging.getLogger("dtback")
+console = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_NOT_BUILT = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtback", description="Train identity preservation (face and body) into FLUX.")
+    parser.add_argument("--version", action="version", version=f"dtback {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train identity adapters (the seed's train/run_training.py)")
+    _add_config_args(train, default_config="train/config.yaml")
+    train.set_defaults(func=cmd_train)
+
+    dataset = commands.add_parser("dataset", help="dataset tools").add_subparsers(dest="action", required=True)
+    inspect = dataset.add_parser(
+        "inspect",
+        help="scan a dataset and report characters and images kept, dropped and skipped",
+        description="Scan DATA_DIR/<bundle>/<character>/<image>, decode every image, apply min_images_per_char and "
+        "max_chars_per_bundle, print a table per bundle and write the same as JSON.",
+    )
+    inspect.add_argument("data_dir", type=Path, help="dataset root (overrides data.data_dir)")
+    _add_config_args(inspect, default_config=None)
+    inspect.add_argument("--json", type=Path, default=Path("dataset_report.json"), help="where to write the JSON report")
+    inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inspect.set_defaults(func=cmd_dataset_inspect)
+
+    config = commands.add_parser("config", help="configuration tools").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="validate a config (with overrides) and print the resolved YAML")
+    _add_config_args(show, default_config=None)
+    show.set_defaults(func=cmd_config_show)
+    keys = config.add_parser("keys", help="list every config key with its default and meaning")
+    keys.set_defaults(func=cmd_config_keys)
+
+    generate = commands.add_parser("generate", help="generate images with a trained adapter (not built yet)")
+    generate.add_argument("args", nargs=argparse.REMAINDER)
+    generate.set_defaults(func=_not_built("inference (IdentityFluxPipeline and inference/generate.py)", 7))
+    download = commands.add_parser("download", help="download FLUX, face and body models (not built yet)")
+    download.add_argument("args", nargs=argparse.REMAINDER)
+    download.set_defaults(func=_not_built("model download (scripts/download_models.py)", 7))
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(default_config) if default_config else None,
+        help=f"YAML config (default: {default_config or 'built-in defaults'})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.learning_rate=1e-4 or --set learning_rate=1e-4 (repeatable)",
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dtback.data.prepare import prepare_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.data_dir.exists():
+        raise DatasetError(
+            f"data_dir {cfg.data.data_dir} does not exist. The embedded default trains on the generated identity "
+            "world (`dtback world`, not built yet: issue #5); until then point data_dir at photos laid out as "
+            "<bundle>/<character>/<image>, e.g. --set data_dir=path/to/photos"
+        )
+    run_dir = cfg.output.output_dir
+    cfg.save(run_dir / "config.yaml")
+    prepared = prepare_dataset(cfg.data, cfg.seed, run_dir)
+    _print_report(prepared.index.report())
+    _say(f"split: {len(prepared.split.train)} train / {len(prepared.split.val)} val characters -> {prepared.split_path}")
+    raise NotBuiltError(
+        "the training loop is not built yet (issue #6: flow matching + identity losses on accelerate); "
+        f"the validated config, dataset report and split were written to {run_dir}"
+    )
+
+
+def cmd_dataset_inspect(args: argparse.Namespace) -> int:
+    from dtback.data.layout import scan_dataset
+    from dtback.data.prepare import write_report
+
+    cfg = load_config(args.config, [*args.overrides, f"data.data_dir={json.dumps(str(args.data_dir))}"])
+    index = scan_dataset(cfg.data, cfg.seed, progress=not args.no_progress)
+    report = index.report()
+    _print_report(report)
+    write_report(index, args.json)
+    _say(f"report written to {args.json}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    table = Table("key", "default", "meaning")
+    for key, default, description in describe_keys(Config):
+        table.add_row(key, default, description)
+    Console().print(table)
+    return 0
+
+
+def _not_built(what: str, issue: int):
+    def run(args: argparse.Namespace) -> int:
+        raise NotBuiltError(f"{what} is not built yet (issue #{issue})")
+
+    return run
+
+
+def _say(text: str, style: str | None = None) -> None:
+    """Print user data verbatim: no markup parsing (paths hold brackets), no hard wrapping (keeps lines greppable)."""
+    console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_report(report: dict) -> None:
+    table = Table(title=escape(f"dataset {report['data_dir']}"))
+    for column in ("bundle", "chars", "kept", "dropped", "images", "kept", "skipped", "skip reasons"):
+        table.add_column(column, justify="left" if column in ("bundle", "skip reasons") else "right", overflow="fold")
+    rows = list(report["bundles"].items()) + [("TOTAL", report["totals"])]
+    for name, row in rows:
+        reasons = ", ".join(f"{k}: {v}" for k, v in row["skipped_by_reason"].items()) or "-"
+        table.add_row(
+            escape(name),
+            str(row["characters_found"]),
+            str(row["characters_kept"]),
+            str(row["characters_dropped"]),
+            str(row["images_decoded"]),
+            str(row["images_kept"]),
+            str(row["files_skipped"]),
+            escape(reasons),
+            end_section=name == rows[-2][0] if len(rows) > 1 else False,
+        )
+    console.print(table)
+    for drop in report["dropped_characters"]:
+        _say(f"dropped {drop['character']}: {drop['reason']} ({drop['detail']})")
+    if report["ignored_files"]:
+        _say(f"ignored (not images, outside character folders): {', '.join(report['ignored_files'])}")
+    skipped = report["skipped_files"]
+    for skip in skipped[:20]:
+        _say(f"skipped {skip['path']}: {skip['reason']} ({skip['detail']})")
+    if len(skipped) > 20:
+        _say(f"... and {len(skipped) - 20} more skipped files (all listed in the JSON report)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    try:
+        return args.func(args)
+    except NotBuiltError as err:
+        _say(f"not built yet: {err}", "yellow")
+        return EXIT_NOT_BUILT
+    except DtbackError as err:
+        _say(f"error: {err}", "red")
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""Typed configuration: one pydantic model tree loaded from YAML, plus ``--set key=value`` overrides.
+
+The tree has one section per room (``data``, ``identity``, ``model``, ``training``, ``output``) and a top-level
+``seed``. The seed project's flat keys (``learning_rate``, ``data_dir``, ...) keep their names: in a YAML file they
+may be written at the top level (the seed's layout) or inside their section, and ``--set learning_rate=1e-4`` works
+as well as ``--set training.learning_rate=1e-4``.
+
+Every problem is reported before any work starts, as ``<source>: <key.path>: <what is wrong> (got <value>)``,
+where the source is the YAML file or the ``--set`` argument that supplied the value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import string
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dtback.errors import ConfigError
+
+# Pixels per latent patch of FLUX: VAE downsamples by 8, the transformer packs 2x2 latents.
+FLUX_PIXEL_MULTIPLE = 16
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the photos are and how (references, target) pairs are drawn from them."""
+
+    data_dir: Path = Field(Path("data/world"), description="Dataset root: <data_dir>/<bundle>/<character>/<image>.")
+    max_chars_per_bundle: int | None = Field(
+        None, ge=1, description="Keep at most this many characters per bundle (chosen by seed); null keeps all."
+    )
+    min_images_per_char: int = Field(
+        3, ge=2, description="Characters with fewer usable images are dropped (a target needs another image as reference)."
+    )
+    input_size: int = Field(512, ge=FLUX_PIXEL_MULTIPLE, description="Training side length in pixels (multiple of 16).")
+    bucketing: bool = Field(True, description="Aspect-ratio buckets of about input_size^2 pixels instead of square crops.")
+    max_aspect_ratio: float = Field(2.0, ge=1.0, le=4.0, description="Widest bucket aspect ratio (and 1/x the tallest).")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of characters held out for validation.")
+    val_characters: list[str] = Field(
+        default_factory=list, description="Explicit validation characters as 'bundle/character'; overrides val_fraction."
+    )
+    min_references: int = Field(1, ge=1, description="Fewest reference images drawn per target.")
+    max_references: int = Field(3, ge=1, description="Most reference images drawn per target.")
+    reference_size: int = Field(256, ge=FLUX_PIXEL_MULTIPLE, description="Reference images are letterboxed to this square.")
+    caption_template: str = Field(
+        "a photo of a person",
+        description="Caption when an image has no <image>.txt sidecar; may use {character} and {bundle}.",
+    )
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="Images with more pixels are skipped (protects against decompression bombs)."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    scan_threads: int = Field(4, ge=1, description="Threads that decode images while scanning the dataset.")
+
+    @field_validator("input_size", "reference_size")
+    @classmethod
+    def _multiple_of_16(cls, value: int) -> int:
+        if value % FLUX_PIXEL_MULTIPLE:
+            lower = value // FLUX_PIXEL_MULTIPLE * FLUX_PIXEL_MULTIPLE
+            raise ValueError(
+                f"must be a multiple of {FLUX_PIXEL_MULTIPLE} (FLUX latents are 8x downsampled and packed 2x2); "
+                f"try {lower} or {lower + FLUX_PIXEL_MULTIPLE}"
+            )
+        return value
+
+    @field_validator("caption_template")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        allowed = {"character", "bundle"}
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        unknown = fields - allowed
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return value
+
+    @field_validator("val_characters")
+    @classmethod
+    def _bundle_slash_character(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if key.count("/") != 1 or key.startswith("/") or key.endswith("/"):
+                raise ValueError(f"{key!r} is not of the form 'bundle/character'")
+        return value
+
+    @model_validator(mode="after")
+    def _reference_range(self) -> "DataConfig":
+        if self.min_references > self.max_references:
+            raise ValueError(
+                f"min_references ({self.min_references}) must not exceed max_references ({self.max_references})"
+            )
+        return self
+
+
+class IdentityConfig(_Section):
+    """Identity tokens handed to the adapters."""
+
+    num_face_latents: int = Field(8, ge=1, description="Face identity tokens produced by the face resampler.")
+    num_body_latents: int = Field(8, ge=1, description="Body identity tokens produced by the body resampler.")
+
+
+class ModelConfig(_Section):
+    """Which FLUX base the adapters are trained on."""
+
+    use_simple_model: bool = Field(
+        True, description="Build a small FLUX-architecture model in code (offline) instead of loading FLUX.1."
+    )
+
+
+class TrainingConfig(_Section):
+    """Optimisation and loss weights."""
+
+    batch_size: int = Field(4, ge=1)
+    num_epochs: int = Field(10, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    content_weight: float = Field(1.0, ge=0.0, description="Weight of the flow-matching loss.")
+    face_weight: float = Field(0.1, ge=0.0, description="Weight of the face identity loss (1 - cos).")
+    body_weight: float = Field(0.1, ge=0.0, description="Weight of the body identity loss (1 - cos).")
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "TrainingConfig":
+        if self.content_weight == 0 and self.face_weight == 0 and self.body_weight == 0:
+            raise ValueError("content_weight, face_weight and body_weight are all 0: nothing would be trained")
+        return self
+
+
+class OutputConfig(_Section):
+    """Where a run writes checkpoints and reports."""
+
+    output_dir: Path = Field(Path("checkpoints/identity_preserving"), description="Run folder.")
+
+
+class Config(_Section):
+    """The whole configuration tree."""
+
+    seed: int = Field(42, description="Seeds character selection, the split, pair sampling and training.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml(), encoding="utf-8")
+
+
+SEED_KEYS = (
+    "data_dir",
+    "max_chars_per_bundle",
+    "min_images_per_char",
+    "use_simple_model",
+    "input_size",
+    "num_face_latents",
+    "num_body_latents",
+    "batch_size",
+    "num_epochs",
+    "learning_rate",
+    "weight_decay",
+    "face_weight",
+    "body_weight",
+    "content_weight",
+    "output_dir",
+)
+
+
+def _section_of(key: str) -> str:
+    for section, info in Config.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, _Section) and key in annotation.model_fields:
+            return section
+    raise KeyError(key)
+
+
+SEED_KEY_PATHS: dict[str, str] = {key: f"{_section_of(key)}.{key}" for key in SEED_KEYS}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load ``path`` (YAML; None means all defaults), apply ``--set`` overrides, validate the whole tree."""
+    source = str(path) if path is not None else "<defaults>"
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    sources: dict[str, str] = {}
+    raw = _lift_seed_keys(raw, source)
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_path(raw, key, value, f"--set {override}")
+        sources[key] = f"--set {override}"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, raw, source, sources)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _lift_seed_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Move the seed's flat top-level keys into their sections (``learning_rate`` -> ``training.learning_rate``)."""
+    raw = dict(raw)
+    for key, dotted in SEED_KEY_PATHS.items():
+        if key not in raw:
+            continue
+        section = dotted.split(".")[0]
+        block = raw.get(section)
+        if block is None:
+            block = {}
+        if not isinstance(block, dict):
+            continue  # the validator reports the malformed section with its path
+        if key in block:
+            raise ConfigError(f"{source}: {key} is given both at the top level and as {dotted}; keep one")
+        raw[section] = {**block, key: raw.pop(key)}
+    return raw
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {override}: expected key=value, e.g. --set training.learning_rate=1e-4")
+    key = SEED_KEY_PATHS.get(key, key)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {override}: value is not valid YAML: {err}") from None
+    return key, value
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{source}: {where} is a value, not a section, so {dotted} cannot be set")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError, raw: dict[str, Any], source: str, sources: dict[str, str]) -> str:
+    lines = []
+    for item in err.errors():
+        loc = [str(part) for part in item["loc"]]
+        key = ".".join(loc) if loc else "(top level)"
+        origin = _origin(key, source, sources)
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{origin}: {key}: unknown key{_suggestion(loc)}")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        got = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
+        lines.append(f"{origin}: {key}: {message}{got}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _origin(key: str, source: str, sources: dict[str, str]) -> str:
+    for overridden, where in sources.items():
+        if key == overridden or key.startswith(overridden + ".") or overridden.startswith(key + "."):
+            return where
+    return source
+
+
+def _suggestion(loc: list[str]) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    where = ".".join(loc[:-1]) or "the top level"
+    return f"{hint} (valid keys in {where}: {', '.join(valid)})"
+
+
+def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> Iterable[tuple[str, str, str]]:
+    """Yield (dotted key, default, description) for every leaf key, for CLI help and docs."""
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from describe_keys(annotation, f"{prefix}{name}.")
+        else:
+            default = info.get_default(call_default_factory=True)
+            yield f"{prefix}{name}", repr(default if not isinstance(default, Path) else str(default)), info.description or ""

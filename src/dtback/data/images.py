@@ -1,0 +1,124 @@
+"""Safe image decoding: open by content, apply EXIF orientation, convert any mode to 8-bit RGB.
+
+Real photo folders hold JPEGs named ``.png``, WebP named ``.jpg``, 16-bit scans, CMYK prints, transparent PNGs,
+half-copied files and the odd text file. :func:`load_rgb` turns each into an RGB image or raises :class:`ImageSkip`
+with a reason from :class:`SkipReason`, so a scan can count it and move on.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class SkipReason(str, Enum):
+    """Why a file was not used. The values appear in reports and JSON."""
+
+    HIDDEN = "hidden"
+    SYMLINK_OUTSIDE_ROOT = "symlink_outside_root"
+    BROKEN_SYMLINK = "broken_symlink"
+    MISPLACED = "misplaced"
+    ZERO_BYTE = "zero_byte"
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED = "truncated"
+    CORRUPT = "corrupt"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    UNREADABLE = "unreadable"
+    BAD_CAPTION = "bad_caption"
+
+
+class ImageSkip(Exception):
+    """A file that cannot be used as an image; carries the reason and a human-readable detail."""
+
+    def __init__(self, path: Path, reason: SkipReason, detail: str):
+        super().__init__(f"{path}: {reason.value}: {detail}")
+        self.path = path
+        self.reason = reason
+        self.detail = detail
+
+
+# Decoders raise a zoo of exception types on malformed input; each is reported as a counted skip, never swallowed.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
+
+
+def load_rgb(path: Path, max_pixels: int) -> Image.Image:
+    """Decode ``path`` fully and return an upright 8-bit RGB image.
+
+    Raises :class:`ImageSkip` for zero-byte, unreadable, non-image, truncated, corrupt or oversized files.
+    The format is detected from the content; the extension is ignored.
+    """
+    return decode(path, max_pixels)[0]
+
+
+def probe_image(path: Path, max_pixels: int) -> tuple[int, int, str]:
+    """Decode ``path`` fully (a header check misses truncation) and return its upright (width, height, format)."""
+    image, fmt = decode(path, max_pixels)
+    return image.width, image.height, fmt
+
+
+def decode(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
+    """:func:`load_rgb` that also returns the format detected from the content (``JPEG``, ``PNG``, ``WEBP``...)."""
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise ImageSkip(path, SkipReason.UNREADABLE, str(err)) from None
+    if size == 0:
+        raise ImageSkip(path, SkipReason.ZERO_BYTE, "file is empty")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageSkip(
+                    path, SkipReason.TOO_MANY_PIXELS, f"{width}x{height} exceeds max_image_pixels={max_pixels}"
+                )
+            image.load()
+            fmt = image.format or "unknown"
+            upright = ImageOps.exif_transpose(image)
+            return to_rgb(upright), fmt
+    except UnidentifiedImageError:
+        raise ImageSkip(path, SkipReason.NOT_AN_IMAGE, "content is not a recognised image format") from None
+    except Image.DecompressionBombError as err:
+        raise ImageSkip(path, SkipReason.TOO_MANY_PIXELS, str(err)) from None
+    except PermissionError as err:
+        raise ImageSkip(path, SkipReason.UNREADABLE, str(err)) from None
+    except _DECODE_ERRORS as err:
+        message = str(err) or type(err).__name__
+        reason = SkipReason.TRUNCATED if "truncated" in message.lower() else SkipReason.CORRUPT
+        raise ImageSkip(path, reason, message) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Transparency is composited on white (cut-out photos usually sit on white); 16- and 32-bit integer and float
+    images are rescaled from their full range instead of clipped, so a 16-bit scan does not turn white.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _high_depth_to_rgb(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        # Float images are conventionally either [0, 1] or [0, 255].
+        top = 1.0 if values.size and values.max() <= 1.0 else 255.0
+    elif image.mode == "I" and values.size and values.max() > 65535:
+        top = float(2**32 - 1)
+    elif image.mode == "I" and values.size and values.max() <= 255:
+        top = 255.0  # 8-bit data stored in a 32-bit container
+    else:
+        top = 65535.0
+    gray = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")

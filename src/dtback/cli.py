@@ -61,11 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=cmd_config_keys)
 
     generate = commands.add_parser("generate", help="generate images with a trained adapter (not built yet)")
-    generate.add_argument("args", nargs=argparse.REMAINDER)
-    generate.set_defaults(func=_not_built("inference (IdentityFluxPipeline and inference/generate.py)", 7))
+    generate.set_defaults(func=_not_built("inference (IdentityFluxPipeline and inference/generate.py)", 7), any_args=True)
     download = commands.add_parser("download", help="download FLUX, face and body models (not built yet)")
-    download.add_argument("args", nargs=argparse.REMAINDER)
-    download.set_defaults(func=_not_built("model download (scripts/download_models.py)", 7))
+    download.set_defaults(func=_not_built("model download (scripts/download_models.py)", 7), any_args=True)
     return parser
 
 
@@ -177,7 +175,10 @@ def _print_report(report: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "any_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",

@@ -87,8 +87,18 @@ def decode(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
         raise ImageSkip(path, SkipReason.UNREADABLE, str(err)) from None
     except _DECODE_ERRORS as err:
         message = str(err) or type(err).__name__
-        reason = SkipReason.TRUNCATED if "truncated" in message.lower() else SkipReason.CORRUPT
+        truncated = "truncated" in message.lower() or _riff_shorter_than_declared(path, size)
+        reason = SkipReason.TRUNCATED if truncated else SkipReason.CORRUPT
         raise ImageSkip(path, reason, message) from None
+
+
+def _riff_shorter_than_declared(path: Path, size: int) -> bool:
+    """WebP decoders report a cut-off file only as 'could not create decoder': compare the RIFF header's length."""
+    with open(path, "rb") as handle:
+        header = handle.read(12)
+    if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WEBP":
+        return False
+    return struct.unpack("<I", header[4:8])[0] + 8 > size
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

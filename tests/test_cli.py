@@ -1,0 +1,101 @@
+"""The command line and the seed's entry-point shims, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dtback.cli import EXIT_BAD_INPUT, EXIT_NOT_BUILT, main
+from helpers import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_prints_table_and_writes_json(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data", {"b1": {"a": 3, "b": 1}, "b2": {"c": 4}}, size=(16, 16))
+    (root / "b1" / "a" / "broken.png").write_bytes(b"")
+    out = tmp_path / "report.json"
+    assert main(["dataset", "inspect", str(root), "--json", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["totals"]["characters_kept"] == 2
+    assert report["dropped_characters"][0]["character"] == "b1/b"
+    assert report["skipped_files"] == [{"path": "b1/a/broken.png", "reason": "zero_byte", "detail": "file is empty"}]
+    printed = capsys.readouterr().err
+    assert "b1/b: too_few_images" in printed and "b1/a/broken.png: zero_byte" in printed
+    assert "TOTAL" in printed
+
+
+def test_inspect_real_photos(people_dir, tmp_path):
+    out = tmp_path / "people.json"
+    result = run("-m", "dtback", "dataset", "inspect", str(people_dir), "--json", str(out), "--set", "min_images_per_char=3")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    totals = report["totals"]
+    assert (totals["bundles"], totals["characters_found"], totals["images_decoded"]) == (3, 20, 146)
+    assert totals["files_skipped"] == 0
+    assert report["dropped_characters"] == [
+        {
+            "character": "reid_market/market_0002",
+            "reason": "too_few_images",
+            "detail": "2 usable images < min_images_per_char=3",
+        }
+    ]
+    assert "dropped reid_market/market_0002: too_few_images" in result.stderr
+
+
+def test_inspect_missing_folder_exits_2_naming_it(tmp_path):
+    assert main(["dataset", "inspect", str(tmp_path / "nowhere"), "--json", str(tmp_path / "r.json")]) == EXIT_BAD_INPUT
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_train_shim_runs_the_built_stages_then_says_what_is_missing(tmp_path):
+    root = make_dataset(tmp_path / "photos", {"b": {f"c{i}": 3 for i in range(10)}}, size=(16, 16))
+    run_dir = tmp_path / "run"
+    result = run(
+        "train/run_training.py", "--config", "train/config.yaml",
+        "--set", f"data_dir={root}", "--set", f"output_dir={run_dir}",
+    )
+    assert result.returncode == EXIT_NOT_BUILT, result.stderr
+    assert "not built yet" in result.stderr and "issue #6" in result.stderr
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["train"]) == 9 and len(split["val"]) == 1
+    assert json.loads((run_dir / "dataset_report.json").read_text())["totals"]["characters_kept"] == 10
+    assert str(root) in (run_dir / "config.yaml").read_text()
+
+
+def test_train_on_the_embedded_default_without_the_world_says_so(tmp_path):
+    result = run(str(REPO / "train" / "run_training.py"), "--config", str(REPO / "train" / "config.yaml"), cwd=tmp_path)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "data_dir data/world does not exist" in result.stderr and "issue #5" in result.stderr
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(
+        "train/run_training.py", "--config", "train/config.yaml",
+        "--set", "learning_rate=-1", "--set", f"output_dir={run_dir}",
+    )
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "--set learning_rate=-1: training.learning_rate: Input should be greater than 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_other_shims_say_they_are_not_built():
+    generate = run("inference/generate.py", "--model", "m.pt", "--reference", "r.jpg", "--prompt", "x", "--output", "o")
+    assert generate.returncode == EXIT_NOT_BUILT and "inference" in generate.stderr and "issue #7" in generate.stderr
+    download = run("scripts/download_models.py")
+    assert download.returncode == EXIT_NOT_BUILT and "download" in download.stderr
+
+
+def test_config_commands(capsys):
+    assert main(["config", "show", "--set", "batch_size=7"]) == 0
+    assert "batch_size: 7" in capsys.readouterr().out
+    assert main(["config", "keys"]) == 0
+    assert "training.learning_rate" in capsys.readouterr().out

@@ -1,0 +1,147 @@
+"""Config: the embedded default loads; every validation rule fails early with the key path and the source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dtback.config import SEED_KEYS, Config, describe_keys, load_config
+from dtback.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "train" / "config.yaml"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(path=None, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_embedded_default_loads_and_matches_code_defaults():
+    cfg = load_config(DEFAULT)
+    assert cfg == Config()  # the YAML documents the code defaults; keep them in step
+    assert cfg.data.data_dir == Path("data/world")
+    assert cfg.output.output_dir == Path("checkpoints/identity_preserving")
+
+
+def test_every_seed_key_exists_under_its_section():
+    cfg = Config()
+    dumped = cfg.model_dump()
+    found = {key for section in dumped.values() if isinstance(section, dict) for key in section}
+    assert set(SEED_KEYS) <= found
+    listed = {key.split(".")[-1] for key, _, _ in describe_keys()}
+    assert set(SEED_KEYS) <= listed
+
+
+def test_seed_flat_layout_is_accepted(tmp_path):
+    path = write(tmp_path, "learning_rate: 3.0e-4\ndata_dir: photos\nnum_face_latents: 4\nuse_simple_model: false\n")
+    cfg = load_config(path)
+    assert cfg.training.learning_rate == 3e-4
+    assert cfg.data.data_dir == Path("photos")
+    assert cfg.identity.num_face_latents == 4
+    assert cfg.model.use_simple_model is False
+
+
+def test_flat_and_grouped_twice_is_an_error(tmp_path):
+    path = write(tmp_path, "learning_rate: 1.0e-4\ntraining:\n  learning_rate: 2.0e-4\n")
+    assert "learning_rate is given both at the top level and as training.learning_rate" in error_of(path)
+
+
+def test_unknown_keys_name_the_path_and_file(tmp_path):
+    path = write(tmp_path, "training:\n  learning_rat: 1.0e-4\nbogus: 1\n")
+    message = error_of(path)
+    assert f"{path}: training.learning_rat: unknown key; did you mean 'learning_rate'?" in message
+    assert f"{path}: bogus: unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ("training:\n  batch_size: eight\n", "training.batch_size", "valid integer"),
+        ("training:\n  batch_size: 2.5\n", "training.batch_size", "valid integer"),
+        ("data:\n  bucketing: maybe\n", "data.bucketing", "valid boolean"),
+        ("data:\n  val_characters: alice\n", "data.val_characters", "valid list"),
+        ("training: 5\n", "training", "valid dictionary"),
+    ],
+)
+def test_wrong_types(tmp_path, text, key, fragment):
+    path = write(tmp_path, text)
+    message = error_of(path)
+    assert f"{path}: {key}: " in message and fragment in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ("training:\n  learning_rate: -1.0e-4\n", "training.learning_rate", "greater than 0"),
+        ("training:\n  learning_rate: 0\n", "training.learning_rate", "greater than 0"),
+        ("training:\n  weight_decay: -0.1\n", "training.weight_decay", "greater than or equal to 0"),
+        ("training:\n  batch_size: 0\n", "training.batch_size", "greater than or equal to 1"),
+        ("training:\n  face_weight: -1\n", "training.face_weight", "greater than or equal to 0"),
+        ("data:\n  input_size: 500\n", "data.input_size", "multiple of 16"),
+        ("data:\n  min_images_per_char: 1\n", "data.min_images_per_char", "greater than or equal to 2"),
+        ("data:\n  val_fraction: 1.0\n", "data.val_fraction", "less than 1"),
+        ("data:\n  max_chars_per_bundle: 0\n", "data.max_chars_per_bundle", "greater than or equal to 1"),
+        ("data:\n  caption_template: 'a {person}'\n", "data.caption_template", "unknown placeholder"),
+        ("data:\n  val_characters: [alice]\n", "data.val_characters", "'bundle/character'"),
+        ("data:\n  min_references: 4\n  max_references: 2\n", "data", "must not exceed max_references"),
+        ("identity:\n  num_face_latents: 0\n", "identity.num_face_latents", "greater than or equal to 1"),
+        (
+            "training:\n  content_weight: 0\n  face_weight: 0\n  body_weight: 0\n",
+            "training",
+            "nothing would be trained",
+        ),
+    ],
+)
+def test_impossible_values(tmp_path, text, key, fragment):
+    path = write(tmp_path, text)
+    message = error_of(path)
+    assert f"{path}: {key}: " in message and fragment in message
+
+
+def test_all_errors_are_reported_at_once(tmp_path):
+    path = write(tmp_path, "training:\n  learning_rate: -1\n  batch_size: 0\ndata:\n  input_size: 100\n")
+    message = error_of(path)
+    assert message.count(str(path)) == 3
+
+
+def test_string_numbers_from_yaml_are_accepted(tmp_path):
+    # PyYAML reads 1e-4 (no dot) as a string; it must still mean 0.0001.
+    assert load_config(write(tmp_path, "training:\n  learning_rate: 1e-4\n")).training.learning_rate == 1e-4
+
+
+def test_overrides_dotted_and_seed_alias():
+    cfg = load_config(DEFAULT, ["training.batch_size=16", "learning_rate=5e-5", "data.val_characters=[a/b, c/d]"])
+    assert cfg.training.batch_size == 16
+    assert cfg.training.learning_rate == 5e-5
+    assert cfg.data.val_characters == ["a/b", "c/d"]
+    assert load_config(None, ["max_chars_per_bundle=null"]).data.max_chars_per_bundle is None
+
+
+def test_override_errors_name_the_argument():
+    message = error_of(DEFAULT, ["training.learning_rate=-1"])
+    assert "--set training.learning_rate=-1: training.learning_rate: Input should be greater than 0" in message
+    assert "--set data.nope=3: data.nope: unknown key" in error_of(DEFAULT, ["data.nope=3"])
+    assert "expected key=value" in error_of(DEFAULT, ["learning_rate"])
+    assert "training.learning_rate is a value, not a section" in error_of(DEFAULT, ["training.learning_rate.x=1"])
+
+
+def test_file_problems(tmp_path):
+    assert f"{tmp_path / 'missing.yaml'}: config file not found" in error_of(tmp_path / "missing.yaml")
+    assert "not valid YAML" in error_of(write(tmp_path, "training: [unclosed\n"))
+    assert "top level must be a mapping" in error_of(write(tmp_path, "- a\n- b\n"))
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(DEFAULT, ["training.batch_size=3", "data.max_chars_per_bundle=5"])
+    cfg.save(tmp_path / "run" / "config.yaml")
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg

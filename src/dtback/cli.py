@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
     inspect.set_defaults(func=cmd_dataset_inspect)
 
+    precompute = commands.add_parser(
+        "precompute",
+        help="fill the face/body embedding cache for every kept image (a no-op when all are cached)",
+    )
+    _add_config_args(precompute, default_config="train/config.yaml")
+    precompute.add_argument("--no-progress", action="store_true", help="no progress bar")
+    precompute.set_defaults(func=cmd_precompute)
+
     config = commands.add_parser("config", help="configuration tools").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="validate a config (with overrides) and print the resolved YAML")
     _add_config_args(show, default_config=None)
@@ -115,6 +123,31 @@ def cmd_dataset_inspect(args: argparse.Namespace) -> int:
     _print_report(report)
     write_report(index, args.json)
     _say(f"report written to {args.json}")
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from dtback.data.layout import scan_dataset
+    from dtback.identity.precompute import IdentityPrecomputer
+
+    cfg = load_config(args.config, args.overrides)
+    index = scan_dataset(cfg.data, cfg.seed, progress=not args.no_progress)
+    cache_dir = cfg.identity.cache_dir or cfg.output.output_dir / "cache"
+    report = IdentityPrecomputer(cfg.identity, cache_dir, cfg.data.max_image_pixels).run(
+        index, progress=not args.no_progress
+    )
+    out = cfg.output.output_dir / "precompute_report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    _say(
+        f"{report.images} images in {report.seconds:.1f} s ({report.images_per_second:.1f} img/s): "
+        f"faces found {report.faces_found}, no face {len(report.no_face)} (body only), unreadable {len(report.unreadable)}; "
+        f"encoder calls face {report.face_encoder_calls} body {report.body_encoder_calls}, "
+        f"cache hits face {report.face_cache_hits} body {report.body_cache_hits}"
+    )
+    for rel in report.no_face[:20]:
+        _say(f"no face: {rel}")
+    _say(f"cache: {cache_dir}; report: {out}")
     return 0
 
 

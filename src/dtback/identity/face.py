@@ -1,0 +1,332 @@
+"""Face identity: image -> faces (box, landmarks, score) -> the chosen face, aligned -> L2-normalised embedding.
+
+Two backends behind one interface (:class:`FaceEncoder`):
+
+- ``insightface``: SCRFD detection + ArcFace recognition ONNX models from a local model pack folder (antelopev2,
+  buffalo_l), run by onnxruntime. The weights are non-commercial; they are never downloaded at run time.
+- ``dlib``: HOG (or CNN) detector + 5-point landmarks + ResNet descriptor from the ``face_recognition_models``
+  package (``dlib-bin`` wheels). Works offline; the models are not under a non-commercial licence.
+
+Images are ``(H, W, 3)`` uint8 RGB numpy arrays throughout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from dtback.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FaceChoice = Literal["largest", "score", "center"]
+
+
+@dataclass(frozen=True)
+class Face:
+    """A detected face: ``box`` (4,) x1, y1, x2, y2 in pixels; ``landmarks`` (5, 2) x, y; detector ``score``.
+
+    Landmark order is the backend's: ArcFace order (eyes, nose, mouth corners) for insightface; dlib's 5-point
+    order (eye corners, nose base) for dlib.
+    """
+
+    box: np.ndarray
+    landmarks: np.ndarray
+    score: float
+
+    @property
+    def area(self) -> float:
+        return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    """The chosen face of an image, its aligned crop (S, S, 3) uint8, its embedding (D,) float32 with norm 1,
+    and how many faces the image held."""
+
+    face: Face
+    aligned: np.ndarray
+    embedding: np.ndarray
+    num_faces: int
+
+
+def choose_face(faces: Sequence[Face], image_size: tuple[int, int], rule: FaceChoice = "largest") -> Face:
+    """Pick one face: the largest box (default; the subject of a photo is usually the biggest face), the highest
+    detector score, or the one nearest the image centre. ``image_size`` is (width, height)."""
+    if not faces:
+        raise ValueError("no faces to choose from")
+    if rule == "largest":
+        return max(faces, key=lambda f: f.area)
+    if rule == "score":
+        return max(faces, key=lambda f: f.score)
+    centre = np.array(image_size, dtype=np.float64) / 2
+    return min(faces, key=lambda f: float(np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - centre)))
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    """(N, D) -> (N, D) float32 rows of unit length."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+class FaceEncoder(ABC):
+    """detect -> choose -> align -> embed. Subclasses set ``aligned_size`` and ``embedding_dim``."""
+
+    aligned_size: int
+    embedding_dim: int
+
+    def __init__(self, choice: FaceChoice = "largest"):
+        self.choice = choice
+
+    @property
+    @abstractmethod
+    def encoder_id(self) -> str:
+        """Identifies the models (names + content hashes) for cache keys."""
+
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """Every setting that changes the output, for cache keys."""
+
+    @abstractmethod
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """All faces in an (H, W, 3) uint8 RGB image."""
+
+    @abstractmethod
+    def align(self, image: np.ndarray, face: Face) -> np.ndarray:
+        """The recognizer's aligned crop of ``face``: (S, S, 3) uint8 RGB."""
+
+    @abstractmethod
+    def embed(self, aligned: Sequence[np.ndarray]) -> np.ndarray:
+        """Aligned crops -> (N, D) float32 L2-normalised embeddings."""
+
+    def encode(self, image: np.ndarray) -> FaceResult | None:
+        """The chosen face of ``image`` with its embedding, or None when no face is found."""
+        image = _as_rgb_array(image)
+        faces = self.detect(image)
+        if not faces:
+            return None
+        face = choose_face(faces, (image.shape[1], image.shape[0]), self.choice)
+        aligned = self.align(image, face)
+        embedding = self.embed([aligned])[0]
+        return FaceResult(face=face, aligned=aligned, embedding=embedding, num_faces=len(faces))
+
+
+def _as_rgb_array(image: Any) -> np.ndarray:
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {array.shape} dtype {array.dtype}")
+    return np.ascontiguousarray(array)
+
+
+def file_digest(path: Path, length: int = 12) -> str:
+    """Short sha256 of a model file, so that a replaced model never reuses cached embeddings."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+# --------------------------------------------------------------------------------------------------- dlib backend
+
+
+def dlib_models_dir() -> Path:
+    """The model folder of the ``face_recognition_models`` package, found without importing it (its ``__init__``
+    imports ``pkg_resources``, which recent setuptools no longer ship)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "identity.face_backend=dlib needs the dlib models: pip install dlib-bin face-recognition-models"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "models"
+    if not folder.is_dir():
+        raise ConfigError(f"face_recognition_models is installed but has no model folder at {folder}")
+    return folder
+
+
+class DlibFaceEncoder(FaceEncoder):
+    """dlib: HOG or CNN detector, 5-point landmarks, 150 px face chip, ResNet descriptor (128-d).
+
+    ``upsample`` doubles the image that many times before detection (finds faces down to ~40 px with 1).
+    """
+
+    aligned_size = 150
+    embedding_dim = 128
+    CHIP_PADDING = 0.25  # dlib's default for the descriptor it was trained with
+
+    def __init__(self, detector: Literal["hog", "cnn"] = "hog", upsample: int = 1, choice: FaceChoice = "largest"):
+        super().__init__(choice)
+        import dlib
+
+        self._dlib = dlib
+        self.models = dlib_models_dir()
+        self.detector_kind = detector
+        self.upsample = upsample
+        if detector == "cnn":
+            self._detector = dlib.cnn_face_detection_model_v1(str(self.models / "mmod_human_face_detector.dat"))
+        else:
+            self._detector = dlib.get_frontal_face_detector()
+        self._shape = dlib.shape_predictor(str(self.models / "shape_predictor_5_face_landmarks.dat"))
+        self._recognizer = dlib.face_recognition_model_v1(str(self.models / "dlib_face_recognition_resnet_model_v1.dat"))
+
+    @cached_property
+    def encoder_id(self) -> str:
+        digest = file_digest(self.models / "dlib_face_recognition_resnet_model_v1.dat")
+        return f"dlib-resnet-v1:{digest}:{self.detector_kind}"
+
+    def settings(self) -> dict[str, Any]:
+        return {"detector": self.detector_kind, "upsample": self.upsample, "choice": self.choice}
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        image = _as_rgb_array(image)
+        if self.detector_kind == "cnn":
+            detections = [(d.rect, float(d.confidence)) for d in self._detector(image, self.upsample)]
+        else:
+            rects, scores, _ = self._detector.run(image, self.upsample, 0.0)
+            detections = list(zip(rects, (float(s) for s in scores)))
+        faces = []
+        for rect, score in detections:
+            shape = self._shape(image, rect)
+            landmarks = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+            box = np.array([rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1], dtype=np.float32)
+            faces.append(Face(box=box, landmarks=landmarks, score=score))
+        return faces
+
+    def align(self, image: np.ndarray, face: Face) -> np.ndarray:
+        dlib = self._dlib
+        x1, y1, x2, y2 = (int(round(v)) for v in face.box)
+        rect = dlib.rectangle(x1, y1, x2 - 1, y2 - 1)
+        points = [dlib.point(int(round(x)), int(round(y))) for x, y in face.landmarks]
+        shape = dlib.full_object_detection(rect, points)
+        return np.asarray(dlib.get_face_chip(_as_rgb_array(image), shape, self.aligned_size, self.CHIP_PADDING))
+
+    def embed(self, aligned: Sequence[np.ndarray]) -> np.ndarray:
+        chips = [_as_rgb_array(chip) for chip in aligned]
+        if not chips:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        descriptors = self._recognizer.compute_face_descriptor(chips)
+        return l2_normalise(np.array([np.array(d) for d in descriptors]))
+
+
+# -------------------------------------------------------------------------------------------- insightface backend
+
+INSIGHTFACE_DOWNLOAD_HINT = (
+    "download a model pack (e.g. antelopev2 or buffalo_l: detection + recognition ONNX files) into that folder with "
+    "`python scripts/download_models.py --face insightface` (non-commercial licence), or use identity.face_backend=dlib"
+)
+
+
+def onnx_providers(device: str) -> list[str]:
+    """onnxruntime execution providers for a torch-style device string; CUDA only when that build is installed."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if device.startswith("cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def find_pack_models(model_dir: Path) -> tuple[Path, Path]:
+    """(detection, recognition) ONNX files of an InsightFace pack folder, told apart by their signatures:
+    SCRFD detectors have 6/9/10/15 outputs; ArcFace recognizers take (N, 3, 112, 112) and give one output."""
+    import onnx
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"identity.face_model_dir {model_dir} does not exist: {INSIGHTFACE_DOWNLOAD_HINT}")
+    detection, recognition = [], []
+    for path in sorted(model_dir.glob("*.onnx")):
+        try:
+            graph = onnx.load(str(path), load_external_data=False).graph
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: not a readable ONNX model ({err})") from None
+        initializers = {init.name for init in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in initializers]
+        dims = [d.dim_value or d.dim_param for d in inputs[0].type.tensor_type.shape.dim] if inputs else []
+        if len(graph.output) in (6, 9, 10, 15):
+            detection.append(path)
+        elif len(graph.output) == 1 and dims[1:] == [3, 112, 112]:
+            recognition.append(path)
+    if len(detection) != 1 or len(recognition) != 1:
+        raise ConfigError(
+            f"identity.face_model_dir {model_dir}: expected one SCRFD detection and one ArcFace recognition ONNX "
+            f"model, found detection {[p.name for p in detection]}, recognition {[p.name for p in recognition]}; "
+            + INSIGHTFACE_DOWNLOAD_HINT
+        )
+    return detection[0], recognition[0]
+
+
+class InsightFaceEncoder(FaceEncoder):
+    """InsightFace: SCRFD detector + ArcFace recognizer (512-d) from a local pack folder, run by onnxruntime.
+
+    Uses the ``insightface`` package's model classes on explicit file paths, so nothing is downloaded.
+    """
+
+    aligned_size = 112
+
+    def __init__(
+        self,
+        model_dir: Path,
+        det_size: int = 640,
+        det_threshold: float = 0.5,
+        device: str = "cpu",
+        choice: FaceChoice = "largest",
+    ):
+        super().__init__(choice)
+        import onnxruntime
+        from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+        from insightface.model_zoo.scrfd import SCRFD
+
+        self.model_dir = Path(model_dir)
+        self.det_path, self.rec_path = find_pack_models(self.model_dir)
+        self.det_size = det_size
+        self.det_threshold = det_threshold
+        providers = onnx_providers(device)
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self.detector = SCRFD(
+            model_file=str(self.det_path),
+            session=onnxruntime.InferenceSession(str(self.det_path), options, providers=providers),
+        )
+        self.detector.prepare(0, input_size=(det_size, det_size), det_thresh=det_threshold)
+        self.recognizer = ArcFaceONNX(
+            model_file=str(self.rec_path),
+            session=onnxruntime.InferenceSession(str(self.rec_path), options, providers=providers),
+        )
+        self.embedding_dim = int(self.recognizer.output_shape[-1])
+
+    @cached_property
+    def encoder_id(self) -> str:
+        return f"insightface:{self.det_path.name}:{file_digest(self.det_path)}:{self.rec_path.name}:{file_digest(self.rec_path)}"
+
+    def settings(self) -> dict[str, Any]:
+        return {"det_size": self.det_size, "det_threshold": self.det_threshold, "choice": self.choice}
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        bgr = np.ascontiguousarray(_as_rgb_array(image)[:, :, ::-1])  # insightface works in OpenCV's BGR
+        boxes, landmarks = self.detector.detect(bgr, input_size=(self.det_size, self.det_size))
+        faces = []
+        for i, det in enumerate(boxes):
+            points = landmarks[i] if landmarks is not None else np.zeros((5, 2), np.float32)
+            faces.append(Face(box=det[:4].astype(np.float32), landmarks=points.astype(np.float32), score=float(det[4])))
+        return faces
+
+    def align(self, image: np.ndarray, face: Face) -> np.ndarray:
+        from insightface.utils import face_align
+
+        return face_align.norm_crop(_as_rgb_array(image), landmark=face.landmarks, image_size=self.aligned_size)
+
+    def embed(self, aligned: Sequence[np.ndarray]) -> np.ndarray:
+        if not len(aligned):
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        # get_feat expects BGR crops and swaps them to the RGB order the recognizer was trained on.
+        crops = [np.ascontiguousarray(_as_rgb_array(crop)[:, :, ::-1]) for crop in aligned]
+        return l2_normalise(self.recognizer.get_feat(crops))

@@ -1,0 +1,156 @@
+"""Fill the embedding cache once: every kept image -> face (box, landmarks, embedding) and body (pooled, tokens).
+
+Run by ``dtback precompute``. Entries are keyed by image content, so a second run makes no encoder call, and an
+image without a face is a counted skip of the face path only (the body path then crops the whole image).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dtback.config import IdentityConfig
+from dtback.data.images import ImageSkip, load_rgb
+from dtback.data.layout import DatasetIndex
+from dtback.identity.body import BodyCropRule, BodyEncoder
+from dtback.identity.cache import EmbeddingCache, content_hash
+from dtback.identity.face import DlibFaceEncoder, FaceEncoder, FaceResult, InsightFaceEncoder
+
+log = logging.getLogger(__name__)
+
+BODY_TOKEN_DTYPE = torch.float16  # patch tokens dominate the cache size; half precision halves it
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def build_face_encoder(cfg: IdentityConfig) -> FaceEncoder:
+    if cfg.face_backend == "insightface":
+        return InsightFaceEncoder(
+            cfg.face_model_dir, det_size=cfg.face_det_size, device=resolve_device(cfg.device), choice=cfg.face_choice
+        )
+    return DlibFaceEncoder(detector=cfg.face_detector, upsample=cfg.face_upsample, choice=cfg.face_choice)
+
+
+def build_body_encoder(cfg: IdentityConfig) -> BodyEncoder | None:
+    if cfg.body_model is None:
+        return None
+    rule = BodyCropRule(
+        width_factor=cfg.body_width_factor, height_factor=cfg.body_height_factor, top_factor=cfg.body_top_factor
+    )
+    return BodyEncoder.from_pretrained(cfg.body_model, crop_rule=rule).to(resolve_device(cfg.device))
+
+
+def face_entry(result: FaceResult | None) -> dict[str, torch.Tensor]:
+    """Cache fields of one image's face; ``num_faces`` 0 marks "no face" (cached too, so it is not re-detected)."""
+    if result is None:
+        return {"num_faces": torch.tensor(0)}
+    return {
+        "num_faces": torch.tensor(result.num_faces),
+        "embedding": torch.from_numpy(result.embedding.astype(np.float32)),
+        "box": torch.from_numpy(result.face.box.astype(np.float32)),
+        "landmarks": torch.from_numpy(result.face.landmarks.astype(np.float32)),
+        "score": torch.tensor(result.face.score, dtype=torch.float32),
+    }
+
+
+@dataclass
+class PrecomputeReport:
+    images: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    face_cache_hits: int = 0
+    body_cache_hits: int = 0
+    face_encoder_calls: int = 0
+    body_encoder_calls: int = 0
+    faces_found: int = 0
+    no_face: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    face_cache: str = ""
+    body_cache: str | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
+
+
+class IdentityPrecomputer:
+    """Face and body encoders with their caches; :meth:`run` walks a dataset index."""
+
+    def __init__(self, cfg: IdentityConfig, cache_dir: Path, max_image_pixels: int):
+        self.face = build_face_encoder(cfg)
+        self.body = build_body_encoder(cfg)
+        self.max_image_pixels = max_image_pixels
+        self.face_cache = EmbeddingCache(cache_dir / "face", self.face.encoder_id, self.face.settings())
+        self.body_cache = None
+        if self.body is not None:
+            # The person crop comes from the face box, so body entries depend on the face encoder too.
+            self.body_cache = EmbeddingCache(cache_dir / "body", self.body.encoder_id, {"face": self.face.encoder_id})
+
+    def run(self, index: DatasetIndex, progress: bool = True) -> PrecomputeReport:
+        report = PrecomputeReport(face_cache=str(self.face_cache.folder))
+        report.body_cache = str(self.body_cache.folder) if self.body_cache is not None else None
+        paths = [entry.path for character in index.characters for entry in character.images]
+        start = time.perf_counter()
+        with ExitStack() as caches:  # flushes what was computed even when interrupted
+            for cache in (self.face_cache, self.body_cache):
+                if cache is not None:
+                    caches.enter_context(cache)
+            for path in tqdm(paths, desc="identity embeddings", unit="img", disable=not progress):
+                self._one(path, index.root, report)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _one(self, path: Path, root: Path, report: PrecomputeReport) -> None:
+        rel = path.relative_to(root).as_posix()
+        key = content_hash(path)
+        report.images += 1
+        image = None
+        face = self.face_cache.get(key)
+        if face is None:
+            image = self._load(path, rel, report)
+            if image is None:
+                return
+            face = face_entry(self.face.encode(np.asarray(image)))
+            report.face_encoder_calls += 1
+            self.face_cache.put(key, face)
+        else:
+            report.face_cache_hits += 1
+        if int(face["num_faces"]) > 0:
+            report.faces_found += 1
+        else:
+            report.no_face.append(rel)
+        if self.body_cache is None:
+            return
+        if key in self.body_cache:
+            report.body_cache_hits += 1
+            return
+        image = image if image is not None else self._load(path, rel, report)
+        if image is None:
+            return
+        box = face["box"].numpy() if "box" in face else None
+        features = self.body.encode(image, box)
+        report.body_encoder_calls += 1
+        self.body_cache.put(
+            key, {"pooled": features.pooled[0].float().cpu(), "tokens": features.tokens[0].to(BODY_TOKEN_DTYPE).cpu()}
+        )
+
+    def _load(self, path: Path, rel: str, report: PrecomputeReport):
+        try:
+            return load_rgb(path, self.max_image_pixels)
+        except ImageSkip as skip:
+            log.warning("%s: %s (%s); no embedding", rel, skip.reason.value, skip.detail)
+            report.unreadable.append(rel)
+            return None

@@ -1,0 +1,96 @@
+"""dtback precompute: fills the face and body caches once; the second run makes no encoder call."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dtback.cli import main
+from dtback.config import DataConfig, IdentityConfig
+from dtback.data.layout import scan_dataset
+from dtback.identity.precompute import IdentityPrecomputer
+from helpers import make_dataset, save_tiny_dinov2
+
+
+@pytest.fixture(scope="module")
+def body_dir(tmp_path_factory):
+    return save_tiny_dinov2(tmp_path_factory.mktemp("dinov2"))
+
+
+@pytest.fixture
+def mixed_root(people_dir, tmp_path):
+    """3 LFW people (faces), one Market-1501 pedestrian (no detectable face) and one duplicate photo."""
+    root = tmp_path / "data"
+    for name in ("Tony_Blair", "Colin_Powell", "Hugo_Chavez"):
+        shutil.copytree(people_dir / "krasserm_lfw" / name, root / "lfw" / name)
+    shutil.copytree(people_dir / "reid_market" / "market_0007", root / "market" / "market_0007")
+    first = sorted((root / "lfw" / "Tony_Blair").iterdir())[0]
+    shutil.copy(first, root / "lfw" / "Colin_Powell" / "copy_of_blair.jpg")  # same content, other path
+    return root
+
+
+def test_precompute_fills_caches_then_is_a_no_op(mixed_root, body_dir, tmp_path):
+    data = DataConfig(data_dir=mixed_root, min_images_per_char=3)
+    index = scan_dataset(data, seed=0, progress=False)
+    n_images = sum(len(c.images) for c in index.characters)
+    assert n_images == 35
+    identity = IdentityConfig(body_model=str(body_dir), device="cpu")
+    cache = tmp_path / "cache"
+
+    first = IdentityPrecomputer(identity, cache, data.max_image_pixels).run(index, progress=False)
+    assert first.images == 35
+    assert first.face_encoder_calls == 34  # the copied photo hits the cache by content
+    assert first.face_cache_hits == 1
+    assert first.faces_found == 31
+    assert sorted(first.no_face) == sorted(
+        p.relative_to(mixed_root).as_posix() for p in (mixed_root / "market").glob("*/*")
+    )
+    assert first.body_encoder_calls == 34  # the body path runs for the faceless pedestrians too
+
+    second = IdentityPrecomputer(identity, cache, data.max_image_pixels).run(index, progress=False)
+    assert (second.face_encoder_calls, second.body_encoder_calls) == (0, 0)
+    assert (second.face_cache_hits, second.body_cache_hits) == (35, 35)
+    assert second.faces_found == 31 and sorted(second.no_face) == sorted(first.no_face)
+
+
+def test_cached_entries_hold_embeddings_boxes_and_tokens(mixed_root, body_dir, tmp_path):
+    from dtback.identity.cache import EmbeddingCache, content_hash
+
+    data = DataConfig(data_dir=mixed_root, min_images_per_char=3)
+    index = scan_dataset(data, seed=0, progress=False)
+    runner = IdentityPrecomputer(IdentityConfig(body_model=str(body_dir), device="cpu"), tmp_path / "c", 10**8)
+    runner.run(index, progress=False)
+    face_cache = EmbeddingCache(tmp_path / "c" / "face", runner.face.encoder_id, runner.face.settings())
+    body_cache = EmbeddingCache(tmp_path / "c" / "body", runner.body.encoder_id, {"face": runner.face.encoder_id})
+    blair = sorted((mixed_root / "lfw" / "Tony_Blair").iterdir())[0]
+    face = face_cache.get(content_hash(blair))
+    assert int(face["num_faces"]) == 1 and face["embedding"].shape == (128,)
+    assert abs(float(face["embedding"].norm()) - 1) < 1e-4 and face["box"].shape == (4,)
+    pedestrian = next((mixed_root / "market" / "market_0007").iterdir())
+    assert int(face_cache.get(content_hash(pedestrian))["num_faces"]) == 0
+    body = body_cache.get(content_hash(blair))
+    assert body["pooled"].shape == (32,) and body["tokens"].shape == (16, 32) and body["tokens"].dtype == torch.float16
+
+
+def test_precompute_command(mixed_root, body_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["precompute", "--config", "train/config.yaml", "--no-progress", "--set", f"data_dir={mixed_root}",
+            "--set", f"output_dir={run_dir}", "--set", f"identity.body_model={body_dir}", "--set", "identity.device=cpu"]
+    assert main(args) == 0
+    report = json.loads((run_dir / "precompute_report.json").read_text())
+    assert report["images"] == 35 and report["faces_found"] == 31 and len(report["no_face"]) == 4
+    assert (run_dir / "cache" / "face").is_dir() and (run_dir / "cache" / "body").is_dir()
+    assert main(args) == 0
+    again = json.loads((run_dir / "precompute_report.json").read_text())
+    assert again["face_encoder_calls"] == 0 and again["body_encoder_calls"] == 0
+    assert "encoder calls face 0 body 0" in capsys.readouterr().err
+
+
+def test_missing_body_model_is_a_clear_error(tmp_path):
+    root = make_dataset(tmp_path / "d", {"b": {"a": 3}}, size=(32, 32))
+    args = ["precompute", "--no-progress", "--set", f"data_dir={root}", "--set", f"output_dir={tmp_path / 'run'}",
+            "--set", f"identity.body_model={tmp_path / 'no_dinov2'}"]
+    assert main(args) == 2

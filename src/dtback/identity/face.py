@@ -324,6 +324,13 @@ class InsightFaceEncoder(FaceEncoder):
 
         return face_align.norm_crop(_as_rgb_array(image), landmark=face.landmarks, image_size=self.aligned_size)
 
+    def torch_recognizer(self):
+        """The recognition model as a differentiable torch module (:class:`~dtback.identity.onnx_torch.Recognizer`):
+        ``embed(pixels (N, 3, 112, 112) RGB 0..255)`` gives the same (unnormalised) embedding as onnxruntime."""
+        from dtback.identity.onnx_torch import load_recognizer
+
+        return load_recognizer(self.rec_path)
+
     def embed(self, aligned: Sequence[np.ndarray]) -> np.ndarray:
         if not len(aligned):
             return np.zeros((0, self.embedding_dim), dtype=np.float32)

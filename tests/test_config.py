@@ -94,6 +94,10 @@ def test_wrong_types(tmp_path, text, key, fragment):
         ("data:\n  val_characters: [alice]\n", "data.val_characters", "'bundle/character'"),
         ("data:\n  min_references: 4\n  max_references: 2\n", "data", "must not exceed max_references"),
         ("identity:\n  num_face_latents: 0\n", "identity.num_face_latents", "greater than or equal to 1"),
+        ("identity:\n  face_backend: insightface\n", "identity", "needs face_model_dir"),
+        ("identity:\n  face_backend: arcface\n", "identity.face_backend", "'dlib' or 'insightface'"),
+        ("identity:\n  face_det_size: 600\n", "identity.face_det_size", "multiple of 32"),
+        ("identity:\n  face_upsample: 5\n", "identity.face_upsample", "less than or equal to 3"),
         (
             "training:\n  content_weight: 0\n  face_weight: 0\n  body_weight: 0\n",
             "training",

@@ -113,7 +113,7 @@ def pack(tmp_path_factory) -> Path:
 def test_pack_models_are_told_apart_by_signature(pack, tmp_path):
     detection, recognition = find_pack_models(pack)
     assert (detection.name, recognition.name) == ("det_10g.onnx", "w600k_r50.onnx")
-    with pytest.raises(ConfigError, match=f"{tmp_path / 'antelopev2'} does not exist: download a model pack"):
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'antelopev2'} does not exist: put an InsightFace model pack there"):
         find_pack_models(tmp_path / "antelopev2")
     half = tmp_path / "half"
     half.mkdir()

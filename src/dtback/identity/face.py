@@ -219,8 +219,9 @@ class DlibFaceEncoder(FaceEncoder):
 # -------------------------------------------------------------------------------------------- insightface backend
 
 INSIGHTFACE_DOWNLOAD_HINT = (
-    "download a model pack (e.g. antelopev2 or buffalo_l: detection + recognition ONNX files) into that folder with "
-    "`python scripts/download_models.py --face insightface` (non-commercial licence), or use identity.face_backend=dlib"
+    "put an InsightFace model pack there (antelopev2: scrfd_10g_bnkps.onnx + glintr100.onnx, or buffalo_l: "
+    "det_10g.onnx + w600k_r50.onnx; unzip the pack from the insightface releases; non-commercial licence), "
+    "or use identity.face_backend=dlib, which needs no download"
 )
 
 

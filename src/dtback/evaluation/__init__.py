@@ -1,0 +1,1 @@
+"""Evaluation: identity metrics, the world identity reader and the benchmark."""

@@ -1,0 +1,1 @@
+"""The FLUX base (real or simple), identity resamplers and cross-attention adapters."""

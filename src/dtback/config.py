@@ -12,6 +12,7 @@ where the source is the YAML file or the ``--set`` argument that supplied the va
 from __future__ import annotations
 
 import difflib
+import re
 import string
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
@@ -27,6 +28,54 @@ FLUX_PIXEL_MULTIPLE = 16
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WorldConfig(_Section):
+    """The generated identity world (:mod:`dtback.data.world`) written into ``data_dir`` when that folder is missing."""
+
+    generate_if_missing: bool = Field(True, description="Generate the identity world into data_dir when it is missing.")
+    characters: int = Field(256, ge=2, description="Characters (identities) in the generated world.")
+    images_per_character: int = Field(12, ge=2, description="Images drawn of each character.")
+    size: int = Field(128, ge=FLUX_PIXEL_MULTIPLE, description="Side of the square world images in pixels.")
+    seed: int = Field(0, description="World seed: the same seed always gives the same images, byte for byte.")
+    bundle: str = Field("world", min_length=1, description="Bundle folder the characters are written into.")
+
+
+class BuildConfig(_Section):
+    """``dtback dataset build``: photos and videos -> ``<data_dir>/<bundle>/<character>/`` by face clustering. The
+    rules and how the defaults were measured: :mod:`dtback.data.faces` and :mod:`dtback.data.cluster`."""
+
+    video_fps: float = Field(1.0, gt=0, le=120, description="Video frames sampled per second of video.")
+    max_frames_per_video: int | None = Field(None, ge=1, description="Sample at most this many frames per video; null: all.")
+    min_face_size: int = Field(48, ge=8, description="Faces narrower or shorter than this (px) are skipped as face_too_small.")
+    min_sharpness: float = Field(
+        40.0, ge=0, description="Faces softer than this (Laplacian variance at 64 px) are skipped as blurred; 0 keeps all."
+    )
+    max_other_face_ratio: float = Field(
+        0.5, gt=0, description="Skip as several_faces when another face is this fraction of the chosen face's area."
+    )
+    duplicate_face_distance: float | None = Field(
+        None, ge=0, description="Near-duplicate: faces closer than this (null: 0.12 dlib, 0.35 insightface) and ..."
+    )
+    duplicate_hash_bits: int = Field(12, ge=0, le=64, description="... whole-image 64-bit difference hashes this close.")
+    cluster_linkage: Literal["complete", "average"] = Field(
+        "complete", description="complete: every pair of faces in a character is closer than cluster_threshold."
+    )
+    cluster_threshold: float | None = Field(
+        None, gt=0, description="Embedding distance that separates identities (null: 0.5 dlib, 1.15 insightface)."
+    )
+    bundle_prefix: str = Field(
+        "built", description="Bundles are <prefix>_000, <prefix>_001, ... of data.max_chars_per_bundle characters each."
+    )
+    character_prefix: str = Field("person", description="Characters are <prefix>_0001, <prefix>_0002, ... by creation.")
+    contact_sheet_tiles: int = Field(64, ge=1, description="Most images shown on a character's contact sheet.")
+
+    @field_validator("bundle_prefix", "character_prefix")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", value):
+            raise ValueError("must be letters, digits, '_' or '-', starting with a letter or digit (it names folders)")
+        return value
 
 
 class DataConfig(_Section):
@@ -58,6 +107,8 @@ class DataConfig(_Section):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     scan_threads: int = Field(4, ge=1, description="Threads that decode images while scanning the dataset.")
+    world: WorldConfig = Field(default_factory=WorldConfig, description="The generated identity world.")
+    build: BuildConfig = Field(default_factory=BuildConfig, description="The dataset builder (dtback dataset build).")
 
     @field_validator("input_size", "reference_size")
     @classmethod
@@ -138,11 +189,62 @@ class IdentityConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Which FLUX base the adapters are trained on."""
+    """The FLUX base, and the identity resamplers and adapters attached to it."""
 
     use_simple_model: bool = Field(
         True, description="Build a small FLUX-architecture model in code (offline) instead of loading FLUX.1."
     )
+    pretrained_model: str = Field(
+        "black-forest-labs/FLUX.1-dev",
+        description="Real FLUX (use_simple_model: false): a local diffusers folder or a hub id already downloaded.",
+    )
+    simple_model_dir: Path | None = Field(
+        None, description="Where the simple model is saved in diffusers format; null means <output_dir>/simple_base."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Base weights dtype; auto: bfloat16 for real FLUX on a GPU, float32 otherwise."
+    )
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="T5 prompt tokens; null: 512 for real FLUX, 32 for the simple model."
+    )
+    adapter_double_interval: int = Field(
+        2, ge=0, description="Attach an identity adapter after every N-th double block (0: none), like PuLID."
+    )
+    adapter_single_interval: int = Field(
+        4, ge=0, description="Attach an identity adapter after every N-th single block (0: none)."
+    )
+    adapter_double_blocks: list[int] | None = Field(
+        None, description="Explicit double-block indices (overrides adapter_double_interval)."
+    )
+    adapter_single_blocks: list[int] | None = Field(
+        None, description="Explicit single-block indices (overrides adapter_single_interval)."
+    )
+    adapter_heads: int | None = Field(
+        None, ge=1, description="Heads of each identity cross-attention; null: the transformer's head count."
+    )
+    resampler_dim: int | None = Field(
+        None, ge=8, description="Width of the perceiver resamplers; null: the transformer width, at most 1024."
+    )
+    resampler_depth: int = Field(2, ge=1, description="Perceiver layers per resampler.")
+    resampler_heads: int = Field(8, ge=1, description="Heads of the perceiver resamplers.")
+    tokens_per_embedding: int = Field(
+        4, ge=1, description="Tokens each reference's global face/body vector is expanded to before the resampler."
+    )
+    face_scale: float = Field(1.0, ge=0.0, description="Strength of the face identity adapters (0: off).")
+    body_scale: float = Field(1.0, ge=0.0, description="Strength of the body identity adapters (0: off).")
+    lora_rank: int = Field(0, ge=0, description="LoRA rank on the base transformer through peft (0: no LoRA).")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; null: equal to the rank.")
+    lora_targets: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="Module names LoRA wraps in the transformer."
+    )
+
+    @model_validator(mode="after")
+    def _check_blocks(self) -> "ModelConfig":
+        for key in ("adapter_double_blocks", "adapter_single_blocks"):
+            blocks = getattr(self, key)
+            if blocks is not None and (any(b < 0 for b in blocks) or len(set(blocks)) != len(blocks)):
+                raise ValueError(f"{key} must hold distinct block indices >= 0 (got {blocks})")
+        return self
 
 
 class TrainingConfig(_Section):

@@ -15,3 +15,7 @@ class DatasetError(DtbackError):
 
 class NotBuiltError(DtbackError):
     """A stage of the pipeline that has not been built yet was asked for."""
+
+
+class MissingModelError(DtbackError, FileNotFoundError):
+    """A model folder or hub id is not available locally; the message says how to download it."""

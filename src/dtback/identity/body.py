@@ -39,7 +39,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 from transformers.utils import cached_file
 
-from dtback.errors import DtbackError
+from dtback.errors import MissingModelError  # noqa: F401  (re-exported: identity.body.MissingModelError)
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ DEFAULT_MODEL = "facebook/dinov2-small"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # Config keys that change with the machine or library version but not with the features.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures")
-
-
-class MissingModelError(DtbackError, FileNotFoundError):
-    """A model folder or hub id is not available locally; the message says how to download it."""
 
 
 # ----------------------------------------------------------------------------------------------------- person crop

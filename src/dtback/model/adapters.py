@@ -1,0 +1,136 @@
+"""Identity cross-attention adapters and where they sit in diffusers' ``FluxTransformer2DModel``.
+
+After a chosen block, the image tokens read the identity tokens:
+
+    img += face_scale · W_o · Attn(q(norm(img)), k_f(face), v_f(face))
+         + body_scale · W_o · Attn(q(norm(img)), k_b(body), v_b(body))
+
+``W_o`` starts at zero, so a freshly attached adapter adds exactly nothing. Both FLUX block types return
+``(encoder_hidden_states, hidden_states)`` with the image tokens already split from the text tokens, so one forward
+hook on the block works for double and single blocks alike, and text tokens are never touched. The adapters live in
+the :class:`~dtback.model.identity_flux.IdentityPreservingFlux` that owns them, never inside the transformer, so
+the transformer's state dict is unchanged by attaching and detaching. Hooks run inside the transformer's gradient
+checkpointing, so they are recomputed with the block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtback.identity.resampler import IdentityTokens
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Which blocks get an adapter: indices into ``transformer_blocks`` (double) and ``single_transformer_blocks``."""
+
+    double: tuple[int, ...]
+    single: tuple[int, ...]
+
+    @classmethod
+    def every(
+        cls,
+        num_double: int,
+        num_single: int,
+        double_interval: int,
+        single_interval: int,
+        double_blocks: Sequence[int] | None = None,
+        single_blocks: Sequence[int] | None = None,
+    ) -> "AdapterLayout":
+        """Every ``interval``-th block starting at block 0 (PuLID's rule), unless explicit indices are given."""
+
+        def pick(count: int, interval: int, explicit: Sequence[int] | None, kind: str) -> tuple[int, ...]:
+            if explicit is not None:
+                bad = [i for i in explicit if not 0 <= i < count]
+                if bad:
+                    raise ValueError(f"adapter_{kind}_blocks {bad} out of range: the transformer has {count} {kind} blocks")
+                return tuple(sorted(explicit))
+            return tuple(range(0, count, interval)) if interval > 0 else ()
+
+        return cls(
+            pick(num_double, double_interval, double_blocks, "double"),
+            pick(num_single, single_interval, single_blocks, "single"),
+        )
+
+    def names(self) -> list[str]:
+        """Adapter names in forward order: ``double_0, double_2, ..., single_0, ...``."""
+        return [f"double_{i}" for i in self.double] + [f"single_{i}" for i in self.single]
+
+
+class IdentityCrossAttention(nn.Module):
+    """Image tokens ``(B, L, dim)`` attend to face and body tokens ``(B, N, dim)``; returns the residual update.
+
+    Query projection and output projection are shared by both branches; each branch has its own keys and values, so
+    the face and the body strength can be set independently. Queries and keys are RMS-normalised per head, as in
+    FLUX's own attention, which keeps bf16 training stable.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.to_q = nn.Linear(dim, inner)
+        self.to_kv_face = nn.Linear(dim, 2 * inner)
+        self.to_kv_body = nn.Linear(dim, 2 * inner)
+        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_out = nn.Linear(inner, dim)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def _branch(self, q: torch.Tensor, kv_proj: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length = tokens.shape[:2]
+        k, v = kv_proj(tokens).view(batch, length, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, self.norm_k(k), v)
+
+    def forward(self, hidden: torch.Tensor, identity: IdentityTokens, face_scale: torch.Tensor,
+                body_scale: torch.Tensor) -> torch.Tensor:
+        """``hidden (B, L, dim)``; scales ``(B,)`` already zero where a part is invalid → update ``(B, L, dim)``."""
+        batch, length, _ = hidden.shape
+        q = self.to_q(self.norm(hidden)).view(batch, length, self.heads, -1).transpose(1, 2)
+        q = self.norm_q(q)
+        mixed = None
+        for tokens, kv_proj, scale in ((identity.face, self.to_kv_face, face_scale),
+                                       (identity.body, self.to_kv_body, body_scale)):
+            if tokens is None:
+                continue
+            out = self._branch(q, kv_proj, tokens) * scale.view(batch, 1, 1, 1).to(q.dtype)
+            mixed = out if mixed is None else mixed + out
+        if mixed is None:
+            return torch.zeros_like(hidden)
+        return self.to_out(mixed.transpose(1, 2).reshape(batch, length, -1))
+
+
+@dataclass
+class InjectionState:
+    """What the hooks inject during one transformer call: tokens and per-sample scales ``(B,)``."""
+
+    identity: IdentityTokens
+    face_scale: torch.Tensor
+    body_scale: torch.Tensor
+    active: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Decided once per call, not once per hooked block: all-zero scales skip the adapters entirely.
+        self.active = bool((self.face_scale != 0).any() or (self.body_scale != 0).any())
+
+
+def make_hook(adapter: IdentityCrossAttention, state: Callable[[], InjectionState | None]):
+    """A forward hook for a FLUX block that adds ``adapter``'s update to the image tokens of its output."""
+
+    def hook(module: nn.Module, args, output):
+        current = state()
+        if current is None or not current.active:
+            return None  # exactly the base block
+        encoder_hidden_states, hidden_states = output
+        param_dtype = adapter.to_out.weight.dtype
+        update = adapter(hidden_states.to(param_dtype), current.identity, current.face_scale, current.body_scale)
+        return encoder_hidden_states, hidden_states + update.to(hidden_states.dtype)
+
+    return hook

@@ -1,0 +1,228 @@
+"""The FLUX base: real FLUX.1 from a diffusers folder or hub id, or the simple model built in code.
+
+Both are a diffusers ``FluxPipeline`` (``FluxTransformer2DModel``, ``AutoencoderKL``, ``CLIPTextModel`` +
+``CLIPTokenizer``, ``T5EncoderModel`` + ``T5TokenizerFast``, ``FlowMatchEulerDiscreteScheduler``) loaded through
+``FluxPipeline.from_pretrained``: the simple model is built with small configs and random weights, saved once in
+diffusers format, and from then on loaded exactly like real FLUX. That is the one code path.
+
+The simple model's tokenizers are built from an in-memory vocabulary (whole words for common caption words, single
+characters as the fallback), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+from dtback.config import ModelConfig
+from dtback.errors import MissingModelError
+
+logger = logging.getLogger(__name__)
+
+# diffusers renamed from_pretrained's torch_dtype to dtype (the old name warns from 0.37 on).
+DTYPE_KWARG = "dtype" if importlib.util.find_spec("diffusers.utils.deprecation_utils") else "torch_dtype"
+
+MODEL_INDEX = "model_index.json"
+REAL_MAX_SEQUENCE_LENGTH = 512
+SIMPLE_MAX_SEQUENCE_LENGTH = 32
+
+# Hidden 128 (4 heads x 32), 2 double + 4 single blocks: ~3M parameters, trains on a laptop CPU in minutes.
+SIMPLE_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=16,  # 2x2 packed latents of a 4-channel VAE
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=64,  # T5 d_model
+    pooled_projection_dim=64,  # CLIP hidden size
+    guidance_embeds=False,  # trained from scratch with caption dropout: true CFG, not distilled guidance
+    axes_dims_rope=(8, 12, 12),  # sums to attention_head_dim
+)
+
+# Four blocks: downsampling x8, like FLUX's VAE; 4 latent channels instead of 16.
+SIMPLE_VAE: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[32, 64, 64, 64],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=128,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=1.0,
+    shift_factor=0.0,
+)
+
+# FLUX.1's scheduler settings: resolution-dependent shift of the sigmas.
+FLUX_SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+CAPTION_WORDS = """
+a an the of in on at with and or to from by near under over behind front side left right up down
+photo picture image portrait person man woman people character someone standing sitting walking running jumping
+posing waving looking facing turned raised lowered arms arm hands hand legs one both head body full close shot view
+indoor outdoor inside outside street city park forest beach mountain mountains room studio office garden field
+desert snow sky sea river lake road bridge house building wall window door kitchen cafe restaurant shop market
+day night morning evening sunset sunrise light lighting dark bright dim soft warm cold sunny cloudy rainy
+background scene plain grey gray blue green red white black yellow orange purple pink brown
+small large big tall short far center centre middle corner top bottom edge
+""".split()
+
+
+def _bpe_pieces(word: str) -> list[str]:
+    return list(word[:-1]) + [word[-1] + "</w>"]
+
+
+def build_simple_tokenizers(words: list[str] = CAPTION_WORDS) -> tuple[CLIPTokenizer, T5TokenizerFast]:
+    """CLIP (BPE) and T5 (unigram) tokenizers over ``words`` with a per-character fallback for any other word."""
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab: dict[str, int] = {}
+    for piece in ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters), ",</w>", ".</w>"]:
+        vocab.setdefault(piece, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        pieces = _bpe_pieces(word)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1], *pieces[2:]]
+    clip = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    unigram = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    unigram += [("▁" + w, -1.0) for w in dict.fromkeys(words)] + [(c, -5.0) for c in letters + ",."]
+    t5 = T5TokenizerFast(vocab=unigram, model_max_length=REAL_MAX_SEQUENCE_LENGTH)
+    return clip, t5
+
+
+def build_simple_pipeline(seed: int = 0, vae: AutoencoderKL | None = None) -> FluxPipeline:
+    """The simple model with random weights (deterministic by ``seed``); ``vae`` replaces the random VAE."""
+    clip_tokenizer, t5_tokenizer = build_simple_tokenizers()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        transformer = FluxTransformer2DModel(**SIMPLE_TRANSFORMER)
+        if vae is None:
+            vae = AutoencoderKL(**SIMPLE_VAE)
+        clip = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(clip_tokenizer), hidden_size=SIMPLE_TRANSFORMER["pooled_projection_dim"],
+            intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+            projection_dim=SIMPLE_TRANSFORMER["pooled_projection_dim"],
+            bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id,
+        ))
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tokenizer), d_model=SIMPLE_TRANSFORMER["joint_attention_dim"], d_ff=128, d_kv=16,
+            num_layers=2, num_heads=4, relative_attention_num_buckets=8, pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+        ))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=clip.eval(),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5.eval(),
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
+def save_pipeline_atomic(pipeline: FluxPipeline, folder: Path) -> Path:
+    """``save_pretrained`` into a temporary sibling folder, then rename: a killed save leaves no half folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
+
+
+def resolve_dtype(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.dtype:
+    """``auto``: bfloat16 for real FLUX on a GPU (its native dtype), float32 for the simple model or on a CPU."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    on_gpu = torch.device(device).type == "cuda"
+    return torch.bfloat16 if on_gpu and not cfg.use_simple_model else torch.float32
+
+
+def max_sequence_length(cfg: ModelConfig) -> int:
+    """T5 prompt length: the config's, else 512 for real FLUX and 32 for the simple model."""
+    if cfg.max_sequence_length is not None:
+        return cfg.max_sequence_length
+    return SIMPLE_MAX_SEQUENCE_LENGTH if cfg.use_simple_model else REAL_MAX_SEQUENCE_LENGTH
+
+
+def simple_model_dir(cfg: ModelConfig, output_dir: Path) -> Path:
+    return Path(cfg.simple_model_dir) if cfg.simple_model_dir is not None else Path(output_dir) / "simple_base"
+
+
+def base_source(cfg: ModelConfig, output_dir: Path) -> str:
+    """The folder or hub id :func:`load_base` reads."""
+    return str(simple_model_dir(cfg, output_dir)) if cfg.use_simple_model else cfg.pretrained_model
+
+
+def load_base(cfg: ModelConfig, output_dir: Path, seed: int = 0, device: str | torch.device = "cpu",
+              local_files_only: bool = True) -> FluxPipeline:
+    """Load the FLUX base as a ``FluxPipeline`` in :func:`resolve_dtype`, on the CPU, with nothing trainable.
+
+    The simple model is first built (random weights by ``seed``) and saved to its folder when that folder holds no
+    ``model_index.json``. Real FLUX must be a local diffusers folder or a hub id already in the Hugging Face cache.
+    """
+    dtype = resolve_dtype(cfg, device)
+    if cfg.use_simple_model:
+        folder = simple_model_dir(cfg, output_dir)
+        if not (folder / MODEL_INDEX).is_file():
+            logger.info("building the simple FLUX model (seed %d) in %s", seed, folder)
+            save_pipeline_atomic(build_simple_pipeline(seed), folder)
+        source = str(folder)
+    else:
+        source = cfg.pretrained_model
+    pipeline = _from_pretrained(source, dtype, local_files_only)
+    for component in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
+        component.requires_grad_(False).eval()
+    return pipeline
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) -> FluxPipeline:
+    path = Path(source).expanduser()
+    hint = (f"Download it first: dtback download --model {source} (FLUX.1-dev is gated: accept its licence on "
+            "huggingface.co and log in with `hf auth login`).")
+    if path.is_dir() and not (path / MODEL_INDEX).is_file():
+        raise MissingModelError(f"FLUX folder {path} has no {MODEL_INDEX}: it is not a diffusers pipeline folder")
+    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise MissingModelError(f"FLUX folder {path} does not exist. {hint}")
+    try:
+        return FluxPipeline.from_pretrained(source, **{DTYPE_KWARG: dtype}, local_files_only=local_files_only)
+    except OSError as err:
+        raise MissingModelError(
+            f"FLUX base {source!r} is neither a diffusers folder nor in the local Hugging Face cache "
+            f"({err.__class__.__name__}: {err}). {hint}"
+        ) from err

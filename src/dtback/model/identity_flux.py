@@ -1,0 +1,396 @@
+"""IdentityPreservingFlux: the trainable part of dtback — resamplers, adapters and optional LoRA — for any FLUX base.
+
+It owns the :class:`~dtback.identity.resampler.IdentityResampler` and one
+:class:`~dtback.model.adapters.IdentityCrossAttention` per chosen block, attaches them to a diffusers
+``FluxTransformer2DModel`` with forward hooks (the transformer's own modules and state dict are untouched) and
+detaches them again. It saves and loads itself as safetensors + JSON (a folder, one ``.safetensors`` file with the
+config in its metadata, or a tensors-only ``.pt`` read with ``weights_only=True``) and can be loaded into a base it
+did not create, after checking that the base has the shape it was trained on.
+
+Calling it runs the transformer with identity::
+
+    model = IdentityPreservingFlux.from_config(cfg.model, cfg.identity, transformer.config, face_dim=128, body_dim=384)
+    model.attach(transformer)
+    out = model(identity=inputs, face_scale=1.0, hidden_states=..., timestep=..., ...)  # transformer kwargs
+
+The identity set by a call stays in place while gradients are enabled, because gradient checkpointing runs the
+blocks (and their hooks) again during ``backward``; it is dropped after a call under ``torch.no_grad`` and by
+:meth:`clear_identity`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dtback.config import IdentityConfig, ModelConfig
+from dtback.errors import DtbackError
+from dtback.identity.resampler import IdentityInputs, IdentityResampler, IdentityTokens, ResamplerSpec
+from dtback.model.adapters import AdapterLayout, IdentityCrossAttention, InjectionState, make_hook
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "dtback-identity-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+METADATA_KEY = "dtback_adapter_config"
+LORA_NAME = "dtback_lora"
+LORA_PREFIX = "lora."
+# The shape of a base the adapters fit; a checkpoint names these when it is loaded into another base.
+BASE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels")
+
+
+class AdapterMismatchError(DtbackError):
+    """An adapter checkpoint does not fit the base transformer or is not a dtback adapter."""
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Everything needed to rebuild the trainable part; saved as JSON next to the weights."""
+
+    resampler: ResamplerSpec
+    double_blocks: tuple[int, ...]
+    single_blocks: tuple[int, ...]
+    heads: int
+    head_dim: int
+    base: dict[str, int]
+    face_scale: float = 1.0
+    body_scale: float = 1.0
+    lora: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+        return json.dumps(payload, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "AdapterSpec":
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AdapterMismatchError(f"{source}: adapter config is not valid JSON ({err})") from err
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise AdapterMismatchError(f"{source}: not a dtback identity adapter (format is not {FORMAT!r})")
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise AdapterMismatchError(
+                f"{source}: adapter format_version {payload.get('format_version')} (this dtback reads {FORMAT_VERSION})"
+            )
+        try:
+            return cls(
+                resampler=ResamplerSpec(**payload["resampler"]),
+                double_blocks=tuple(payload["double_blocks"]),
+                single_blocks=tuple(payload["single_blocks"]),
+                heads=int(payload["heads"]),
+                head_dim=int(payload["head_dim"]),
+                base=dict(payload["base"]),
+                face_scale=float(payload.get("face_scale", 1.0)),
+                body_scale=float(payload.get("body_scale", 1.0)),
+                lora=payload.get("lora"),
+                extra=dict(payload.get("extra", {})),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise AdapterMismatchError(f"{source}: adapter config key missing or malformed: {err}") from err
+
+
+def base_fingerprint(transformer_config: Any) -> dict[str, int]:
+    """The :data:`BASE_KEYS` of a ``FluxTransformer2DModel`` config."""
+    return {key: int(transformer_config[key]) for key in BASE_KEYS}
+
+
+def spec_from_config(
+    model_cfg: ModelConfig,
+    identity_cfg: IdentityConfig,
+    transformer_config: Any,
+    face_dim: int,
+    body_dim: int,
+    face_token_dim: int = 0,
+    body_token_dim: int = 0,
+) -> AdapterSpec:
+    """Build the spec from the config sections and the base's config; ``*_dim`` of 0 leaves that part out."""
+    base = base_fingerprint(transformer_config)
+    width = base["num_attention_heads"] * base["attention_head_dim"]
+    layout = AdapterLayout.every(
+        base["num_layers"], base["num_single_layers"], model_cfg.adapter_double_interval,
+        model_cfg.adapter_single_interval, model_cfg.adapter_double_blocks, model_cfg.adapter_single_blocks,
+    )
+    heads = model_cfg.adapter_heads or base["num_attention_heads"]
+    if width % heads:
+        raise ValueError(f"model.adapter_heads={heads} does not divide the transformer width {width}")
+    resampler = ResamplerSpec(
+        output_dim=width, face_dim=face_dim, body_dim=body_dim,
+        num_face_latents=identity_cfg.num_face_latents, num_body_latents=identity_cfg.num_body_latents,
+        dim=model_cfg.resampler_dim or min(width, 1024), depth=model_cfg.resampler_depth,
+        heads=model_cfg.resampler_heads, tokens_per_embedding=model_cfg.tokens_per_embedding,
+        face_token_dim=face_token_dim, body_token_dim=body_token_dim,
+    )
+    lora = None
+    if model_cfg.lora_rank > 0:
+        lora = {"rank": model_cfg.lora_rank, "alpha": model_cfg.lora_alpha or float(model_cfg.lora_rank),
+                "targets": list(model_cfg.lora_targets)}
+    return AdapterSpec(resampler, layout.double, layout.single, heads, width // heads, base,
+                       model_cfg.face_scale, model_cfg.body_scale, lora)
+
+
+class IdentityPreservingFlux(nn.Module):
+    """Resamplers + adapters (+ LoRA when the spec has one) for a FLUX transformer; see the module docstring."""
+
+    def __init__(self, spec: AdapterSpec):
+        super().__init__()
+        self.spec = spec
+        self.resampler = IdentityResampler(spec.resampler)
+        width = spec.base["num_attention_heads"] * spec.base["attention_head_dim"]
+        layout = AdapterLayout(spec.double_blocks, spec.single_blocks)
+        self.adapters = nn.ModuleDict(
+            {name: IdentityCrossAttention(width, spec.heads, spec.head_dim) for name in layout.names()}
+        )
+        self._handles: list[Any] = []
+        self._transformer: list[nn.Module] = []  # a list, so the base is not registered as a submodule
+        self._state: InjectionState | None = None
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, identity_cfg: IdentityConfig, transformer_config: Any,
+                    **dims: int) -> "IdentityPreservingFlux":
+        return cls(spec_from_config(model_cfg, identity_cfg, transformer_config, **dims))
+
+    # ------------------------------------------------------------------------------------------ attach / detach
+
+    @property
+    def transformer(self) -> nn.Module | None:
+        return self._transformer[0] if self._transformer else None
+
+    def attach(self, transformer: nn.Module) -> "IdentityPreservingFlux":
+        """Hook the adapters into ``transformer`` (and add the LoRA layers when the spec has LoRA)."""
+        if self._transformer:
+            raise RuntimeError("adapters are already attached; detach() first")
+        self.check_base(transformer.config, source="the adapter")
+        for name, adapter in self.adapters.items():
+            kind, index = name.split("_")
+            blocks = transformer.transformer_blocks if kind == "double" else transformer.single_transformer_blocks
+            self._handles.append(blocks[int(index)].register_forward_hook(make_hook(adapter, self._current_state)))
+        if self.spec.lora:
+            self._add_lora(transformer)
+        self._transformer.append(transformer)
+        return self
+
+    def detach(self) -> nn.Module:
+        """Remove hooks (and LoRA layers); the transformer's modules and state dict are as before :meth:`attach`."""
+        if not self._transformer:
+            raise RuntimeError("adapters are not attached")
+        transformer = self._transformer.pop()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.spec.lora:
+            transformer.unload_lora()
+        self._state = None
+        return transformer
+
+    def check_base(self, transformer_config: Any, source: str) -> None:
+        """Raise :class:`AdapterMismatchError` naming both shapes when the base is not the one trained on."""
+        found = base_fingerprint(transformer_config)
+        if found != self.spec.base:
+            diff = {k: (self.spec.base[k], found[k]) for k in BASE_KEYS if self.spec.base[k] != found[k]}
+            raise AdapterMismatchError(
+                f"{source} was trained on a FLUX transformer with {self.spec.base}, but the base has {found} "
+                f"(differs in {', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())})"
+            )
+
+    def _add_lora(self, transformer: nn.Module) -> None:
+        from peft import LoraConfig  # noqa: PLC0415  (optional feature: peft only needed with LoRA)
+
+        lora = self.spec.lora
+        transformer.add_adapter(
+            LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=lora["targets"],
+                       init_lora_weights=True),
+            adapter_name=LORA_NAME,
+        )
+
+    # ------------------------------------------------------------------------------------------------ running
+
+    def _current_state(self) -> InjectionState | None:
+        return self._state
+
+    def encode_identity(self, inputs: IdentityInputs) -> IdentityTokens:
+        """Resample encoder features into identity tokens (in the adapters' dtype and device)."""
+        param = next(self.resampler.parameters())
+        return self.resampler(inputs.to(param.device, param.dtype))
+
+    def set_identity(
+        self,
+        identity: IdentityTokens | None,
+        face_scale: float | torch.Tensor | None = None,
+        body_scale: float | torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        active_timesteps: tuple[float, float] | None = None,
+    ) -> None:
+        """Set what the next transformer calls inject.
+
+        Scales are floats or per-sample ``(B,)`` tensors (None: the spec's defaults). A sample's face (body) scale
+        becomes 0 when it has no valid face (body) tokens, and both become 0 when ``timestep (B,)`` (FLUX's sigma,
+        1 = pure noise) lies outside ``active_timesteps = (low, high)``.
+        """
+        if identity is None:
+            self._state = None
+            return
+        batch = identity.batch_size
+        device = (identity.face if identity.face is not None else identity.body).device
+        face = _per_sample(self.spec.face_scale if face_scale is None else face_scale, batch, device)
+        body = _per_sample(self.spec.body_scale if body_scale is None else body_scale, batch, device)
+        if identity.face_valid is not None:
+            face = face * identity.face_valid.to(face.dtype)
+        if identity.body_valid is not None:
+            body = body * identity.body_valid.to(body.dtype)
+        if timestep is not None and active_timesteps is not None:
+            low, high = active_timesteps
+            t = timestep.reshape(-1).to(device=device, dtype=face.dtype).expand(batch)
+            gate = ((t >= low) & (t <= high)).to(face.dtype)
+            face, body = face * gate, body * gate
+        self._state = InjectionState(identity, face, body)
+
+    def clear_identity(self) -> None:
+        self._state = None
+
+    def forward(
+        self,
+        identity: IdentityInputs | IdentityTokens | None = None,
+        face_scale: float | torch.Tensor | None = None,
+        body_scale: float | torch.Tensor | None = None,
+        active_timesteps: tuple[float, float] | None = None,
+        **transformer_kwargs: Any,
+    ):
+        """Run the attached transformer with ``transformer_kwargs`` and this identity (None: the plain base)."""
+        if not self._transformer:
+            raise RuntimeError("attach(transformer) before calling the model")
+        tokens = self.encode_identity(identity) if isinstance(identity, IdentityInputs) else identity
+        self.set_identity(tokens, face_scale, body_scale, transformer_kwargs.get("timestep"), active_timesteps)
+        try:
+            return self.transformer(**transformer_kwargs)
+        finally:
+            if not torch.is_grad_enabled():
+                self._state = None
+
+    # --------------------------------------------------------------------------------------------- parameters
+
+    def lora_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        if self._transformer and self.spec.lora:
+            for name, param in self.transformer.named_parameters():
+                if f".{LORA_NAME}." in name or name.endswith(f".{LORA_NAME}"):
+                    yield name, param
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Resampler and adapter parameters, plus the LoRA parameters when LoRA is attached."""
+        return [*self.parameters(), *(param for _, param in self.lora_parameters())]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Own weights, and the LoRA weights under ``lora.`` (peft's adapter-name-free keys)."""
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.spec.lora and self._transformer:
+            from peft import get_peft_model_state_dict  # noqa: PLC0415
+
+            lora = get_peft_model_state_dict(self.transformer, adapter_name=LORA_NAME)
+            state.update({LORA_PREFIX + k: v.detach().contiguous() for k, v in lora.items()})
+        return state
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        own = {k: v for k, v in state.items() if not k.startswith(LORA_PREFIX)}
+        lora = {k[len(LORA_PREFIX):]: v for k, v in state.items() if k.startswith(LORA_PREFIX)}
+        result = self.load_state_dict(own, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise AdapterMismatchError(
+                f"{source}: weights do not match the adapter config (missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]})"
+            )
+        if self.spec.lora:
+            if not self._transformer:
+                raise RuntimeError("attach(transformer) before loading LoRA weights")
+            from peft import set_peft_model_state_dict  # noqa: PLC0415
+
+            outcome = set_peft_model_state_dict(self.transformer, lora, adapter_name=LORA_NAME)
+            unexpected = getattr(outcome, "unexpected_keys", [])
+            if not lora or unexpected:
+                raise AdapterMismatchError(f"{source}: LoRA weights missing or not matching ({unexpected[:5]})")
+
+    # ----------------------------------------------------------------------------------------- save and load
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the adapter atomically: a folder (``adapter_config.json`` + ``adapter.safetensors``), or one
+        ``.safetensors`` file (config in its metadata), or a tensors-only ``.pt`` (for the seed's file names)."""
+        path = Path(path)
+        state = self.adapter_state_dict()
+        config = self.spec.to_json()
+        if path.suffix == ".safetensors":
+            _atomic(path, lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: config}))
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            _atomic(path, lambda tmp: torch.save({"config": config, "state_dict": state}, tmp))
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+            _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config, encoding="utf-8"))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, transformer: nn.Module | None = None) -> "IdentityPreservingFlux":
+        """Load what :meth:`save_pretrained` wrote; with ``transformer`` also check the base and attach to it."""
+        spec, state = read_adapter(Path(path))
+        model = cls(spec)
+        if transformer is not None:
+            model.check_base(transformer.config, source=str(path))
+            model.attach(transformer)
+        elif spec.lora:
+            raise ValueError(f"{path} holds LoRA weights: pass the base transformer to load them into")
+        model.load_adapter_state_dict(state, str(path))
+        return model
+
+
+def read_adapter(path: Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    """``(spec, state dict)`` from a folder, a ``.safetensors`` file or a tensors-only ``.pt`` file."""
+    if path.is_dir():
+        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        for needed in (config_path, weights_path):
+            if not needed.is_file():
+                raise AdapterMismatchError(f"{path}: adapter folder has no {needed.name}")
+        return AdapterSpec.from_json(config_path.read_text(encoding="utf-8"), str(config_path)), load_file(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if METADATA_KEY not in metadata:
+            raise AdapterMismatchError(f"{path}: safetensors file has no {METADATA_KEY!r} metadata")
+        return AdapterSpec.from_json(metadata[METADATA_KEY], str(path)), load_file(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for foreign or torn files
+        raise AdapterMismatchError(f"{path}: not a tensors-only dtback checkpoint ({err.__class__.__name__}: {err})") from err
+    if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
+        raise AdapterMismatchError(f"{path}: expected keys 'config' and 'state_dict' in the checkpoint")
+    return AdapterSpec.from_json(payload["config"], str(path)), payload["state_dict"]
+
+
+def _per_sample(scale: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    tensor = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1)
+    if tensor.numel() not in (1, batch):
+        raise ValueError(f"scale has {tensor.numel()} values for a batch of {batch}")
+    return tensor.expand(batch).clone()
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -191,3 +191,17 @@ def test_inputs_move_to_the_adapter_dtype(load_base):
     tokens = model.encode_identity(identity_inputs())
     assert tokens.face.dtype == torch.float64 and tokens.face_valid.dtype == torch.bool
     assert isinstance(identity_inputs().to("cpu", torch.float16), IdentityInputs)
+
+
+def test_a_call_leaves_no_identity_behind_without_checkpointing(load_base):
+    base = load_base()
+    reference = run(None, base)
+    model = make_model(base).attach(base)
+    randomise_outputs(model)
+    model(identity=identity_inputs(), **transformer_inputs())[0].sum().backward()
+    assert torch.equal(run(None, base), reference)
+    base.enable_gradient_checkpointing()
+    model(identity=identity_inputs(), **transformer_inputs())[0].sum().backward()
+    assert model._state is not None  # kept for the recomputation in backward
+    model.clear_identity()
+    assert torch.equal(run(None, base), reference)

@@ -118,7 +118,8 @@ class InjectionState:
 
     def __post_init__(self) -> None:
         # Decided once per call, not once per hooked block: all-zero scales skip the adapters entirely.
-        self.active = bool((self.face_scale != 0).any() or (self.body_scale != 0).any())
+        # Meta tensors (FLOP counting without weights) have no values to read: count the adapters as active.
+        self.active = self.face_scale.is_meta or bool((self.face_scale != 0).any() or (self.body_scale != 0).any())
 
 
 def make_hook(adapter: IdentityCrossAttention, state: Callable[[], InjectionState | None]):

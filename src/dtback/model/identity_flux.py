@@ -13,9 +13,10 @@ Calling it runs the transformer with identity::
     model.attach(transformer)
     out = model(identity=inputs, face_scale=1.0, hidden_states=..., timestep=..., ...)  # transformer kwargs
 
-The identity set by a call stays in place while gradients are enabled, because gradient checkpointing runs the
-blocks (and their hooks) again during ``backward``; it is dropped after a call under ``torch.no_grad`` and by
-:meth:`clear_identity`.
+A call drops its identity when it returns, except with gradient checkpointing and gradients enabled: checkpointing
+runs the blocks (and their hooks) again during ``backward``, so the identity stays until the next call or
+:meth:`clear_identity`. :meth:`set_identity` sets an identity for plain transformer calls (a diffusers pipeline)
+until it is cleared.
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ def spec_from_config(
         base["num_layers"], base["num_single_layers"], model_cfg.adapter_double_interval,
         model_cfg.adapter_single_interval, model_cfg.adapter_double_blocks, model_cfg.adapter_single_blocks,
     )
-    heads = model_cfg.adapter_heads or base["num_attention_heads"]
-    if width % heads:
-        raise ValueError(f"model.adapter_heads={heads} does not divide the transformer width {width}")
+    inner = model_cfg.adapter_dim or min(width, 1024)
+    heads = model_cfg.adapter_heads or max(1, inner // base["attention_head_dim"])
+    if inner % heads:
+        raise ValueError(f"model.adapter_heads={heads} does not divide model.adapter_dim={inner}")
     resampler = ResamplerSpec(
         output_dim=width, face_dim=face_dim, body_dim=body_dim,
         num_face_latents=identity_cfg.num_face_latents, num_body_latents=identity_cfg.num_body_latents,
@@ -136,7 +138,7 @@ def spec_from_config(
     if model_cfg.lora_rank > 0:
         lora = {"rank": model_cfg.lora_rank, "alpha": model_cfg.lora_alpha or float(model_cfg.lora_rank),
                 "targets": list(model_cfg.lora_targets)}
-    return AdapterSpec(resampler, layout.double, layout.single, heads, width // heads, base,
+    return AdapterSpec(resampler, layout.double, layout.single, heads, inner // heads, base,
                        model_cfg.face_scale, model_cfg.body_scale, lora)
 
 
@@ -275,7 +277,8 @@ class IdentityPreservingFlux(nn.Module):
         try:
             return self.transformer(**transformer_kwargs)
         finally:
-            if not torch.is_grad_enabled():
+            # Gradient checkpointing re-runs the blocks (and their hooks) in backward: keep the identity for it.
+            if not (torch.is_grad_enabled() and getattr(self.transformer, "gradient_checkpointing", False)):
                 self._state = None
 
     # --------------------------------------------------------------------------------------------- parameters

@@ -55,7 +55,7 @@ class BuildConfig(_Section):
         0.5, gt=0, description="Skip as several_faces when another face is this fraction of the chosen face's area."
     )
     duplicate_face_distance: float | None = Field(
-        None, ge=0, description="Near-duplicate: faces closer than this (null: 0.12 dlib, 0.35 insightface) and ..."
+        None, ge=0, description="Near-duplicate: faces closer than this (null: 0.16 dlib, 0.35 insightface) and ..."
     )
     duplicate_hash_bits: int = Field(12, ge=0, le=64, description="... whole-image 64-bit difference hashes this close.")
     cluster_linkage: Literal["complete", "average"] = Field(
@@ -219,8 +219,11 @@ class ModelConfig(_Section):
     adapter_single_blocks: list[int] | None = Field(
         None, description="Explicit single-block indices (overrides adapter_single_interval)."
     )
+    adapter_dim: int | None = Field(
+        None, ge=8, description="Inner width of each identity cross-attention; null: the transformer width, at most 1024."
+    )
     adapter_heads: int | None = Field(
-        None, ge=1, description="Heads of each identity cross-attention; null: the transformer's head count."
+        None, ge=1, description="Heads of each identity cross-attention; null: adapter_dim / the transformer's head dim."
     )
     resampler_dim: int | None = Field(
         None, ge=8, description="Width of the perceiver resamplers; null: the transformer width, at most 1024."

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", type=Path, default=Path("dataset_report.json"), help="where to write the JSON report")
     inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
     inspect.set_defaults(func=cmd_dataset_inspect)
+    _add_build_parser(dataset)
 
     precompute = commands.add_parser(
         "precompute",
@@ -123,6 +124,37 @@ def cmd_dataset_inspect(args: argparse.Namespace) -> int:
     _print_report(report)
     write_report(index, args.json)
     _say(f"report written to {args.json}")
+    return 0
+
+
+def _add_build_parser(dataset) -> None:
+    build = dataset.add_parser(
+        "build",
+        help="build characters from folders of photos and videos by face clustering",
+        description="Read every photo (folders recursively) and video (frames at data.build.video_fps) of the sources, "
+        "detect and embed faces, drop unusable and near-duplicate pictures, cluster identities and write "
+        "OUT/<bundle>/<character>/ with the images, character.json and contact_sheet.png. Running it again adds "
+        "new sources without duplicating anything. Settings: data.build.*, identity.face_*.",
+    )
+    build.add_argument("--from", dest="sources", type=Path, action="append", required=True, metavar="SRC",
+                       help="a folder of photos/videos or a single file (repeatable)")
+    build.add_argument("--out", type=Path, required=True, help="dataset folder to create or extend (data.data_dir)")
+    _add_config_args(build, default_config=None)
+    build.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.set_defaults(func=cmd_dataset_build)
+
+
+def cmd_dataset_build(args: argparse.Namespace) -> int:
+    from dtback.data.build import REPORT_FILE, build_dataset, check_usable
+
+    cfg = load_config(args.config, [*args.overrides, f"data.data_dir={json.dumps(str(args.out))}"])
+    report = build_dataset(args.sources, cfg.data, cfg.identity, progress=not args.no_progress)
+    console.print(report.table())
+    if args.report is not None:
+        report.write(args.report)
+    _say(f"report written to {args.report or args.out / REPORT_FILE}; check each character's contact_sheet.png")
+    check_usable(report)
     return 0
 
 

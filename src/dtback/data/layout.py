@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 # Files next to an image that describe it rather than being images: <stem>.txt caption, <stem>.json metadata.
 SIDECAR_SUFFIXES = (".txt", ".json")
+# Written by the dataset builder (dtback.data.build): its state folder at the root and a picture of each character's
+# images for people to check; neither is a training image.
+BUILD_STATE_DIR = ".dtback-build"
+CONTACT_SHEET = "contact_sheet.png"
 
 
 @dataclass(frozen=True)
@@ -204,7 +208,7 @@ class _Walker:
                         continue
                     if path.is_dir():
                         self._skip(path, SkipReason.MISPLACED, "nested folder inside a character folder is not read")
-                    elif path.suffix.lower() not in SIDECAR_SUFFIXES:
+                    elif path.suffix.lower() not in SIDECAR_SUFFIXES and path.name != CONTACT_SHEET:
                         candidates.append((bundle_dir.name, char_dir.name, path))
         return candidates
 
@@ -233,6 +237,9 @@ class _Walker:
             return []
 
     def _rejected(self, path: Path) -> bool:
+        if path.name == BUILD_STATE_DIR and path.parent == self.root:
+            self.ignored.append(path.name)  # the builder's cache and state, not part of the layout
+            return True
         if path.name.startswith("."):
             self._skip(path, SkipReason.HIDDEN, "hidden " + ("folder" if path.is_dir() else "file"))
             return True

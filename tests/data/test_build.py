@@ -223,7 +223,7 @@ def test_video_with_known_identities(people_dir, tmp_path):
     assert again.read.sources_unchanged == 1 and again.read.encoder_calls == 0 and snapshot(out) == before
 
 
-def test_video_of_the_astronaut_and_interrupted_writes(tmp_path):
+def test_video_of_the_astronaut_and_interrupted_writes(tmp_path, capsys):
     """Always available: skimage's astronaut at three places of a 10 fps video, sampled at 1 fps. A placed image
     deleted afterwards (as an interrupted run leaves it) is copied again by the next run."""
     astronaut = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((384, 384), Image.Resampling.LANCZOS))
@@ -236,9 +236,11 @@ def test_video_of_the_astronaut_and_interrupted_writes(tmp_path):
     grey = {"no_face": 1, "same_content": 1}  # two byte-identical grey frames
     assert report.read.frames == 4 and report.skipped_by_reason == grey | {"unclustered": 2}
     assert report.characters == 0
-    report = build([source], out, None)
-    assert report.read.frames == 5 and report.read.encoder_calls == 1  # sampling changed: re-read, 4 from the cache
-    assert report.new_characters == ["built_000/person_0001"] and report.skipped_by_reason == grey
+    code = main(["dataset", "build", "--from", str(source), "--out", str(out), "--no-progress"])
+    assert code == 0 and "new characters" in capsys.readouterr().err
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["read"]["frames"] == 5 and report["read"]["encoder_calls"] == 1  # sampling changed: 4 cached
+    assert report["new_characters"] == ["built_000/person_0001"] and report["skipped_by_reason"] == grey
     character = read_characters(out)[0]
     assert [image.frame_time for image in character.images] == [2.0, 3.0, 4.0]
     lost = character.folder(out) / character.images[1].file
@@ -282,3 +284,28 @@ def test_bad_input_is_counted_and_nothing_usable_exits_2(tmp_path, capsys):
         check_usable(build([src], out))
     with pytest.raises(DatasetError, match="no such file or folder"):
         build([tmp_path / "missing"], out)
+
+
+def test_an_interrupted_read_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from dtback.data import sources
+
+    src = tmp_path / "src"
+    for i in range(4):
+        write_noise(src / f"{i}.jpg", size=(96, 96), seed=i)
+    out = tmp_path / "dataset"
+    read = sources.SourceReader.read
+    calls = []
+
+    def stop_at_the_third(self, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return read(self, path)
+
+    monkeypatch.setattr(sources.SourceReader, "read", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        build([src], out)
+    monkeypatch.setattr(sources.SourceReader, "read", read)
+    report = build([src], out)
+    assert report.read.sources_unchanged == 2 and report.read.encoder_calls == 2
+    assert report.skipped_by_reason == {"no_face": 4}

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 STATE_FORMAT = "dtback-build-state"
 REPORT_FILE = "build_report.json"
+Member = tuple[Item, FaceRecord]  # a picture and its face, on its way into a character
 MEASURE_VERSION = "2"  # bump when FaceRecord's measurements change, so old cache entries are not reused
 
 
@@ -167,12 +168,14 @@ class DatasetBuilder:
 
     # ------------------------------------------------------------------------------------------- selection
 
-    def _select(self, items: list[Item], characters: list[Character], reader: SourceReader, report: BuildReport):
+    def _select(
+        self, items: list[Item], characters: list[Character], reader: SourceReader, report: BuildReport
+    ) -> tuple[dict[int, list[Member]], list[list[Member]]]:
         """Filter, de-duplicate and group ``items``. Returns (new members per existing character index,
         groups of items that become new characters)."""
         placed = {image.embedding_id for character in characters for image in character.images}
         seen: dict[str, str] = {}
-        candidates: list[tuple[Item, FaceRecord]] = []
+        candidates: list[Member] = []
         for item in items:
             record = reader.record(item.key)
             report.items += 1
@@ -211,11 +214,18 @@ class DatasetBuilder:
                 kept.append((item, record))
         return self._group(kept, characters, fixed, report)
 
-    def _group(self, kept, characters, fixed, report):
+    def _group(
+        self,
+        kept: list[Member],
+        characters: list[Character],
+        fixed: list[tuple[Character, PlacedImage, FaceRecord]],
+        report: BuildReport,
+    ) -> tuple[dict[int, list[Member]], list[list[Member]]]:
+        """Join ``kept`` faces to existing characters, cluster the rest; small groups become ``unclustered`` skips."""
         members = [np.array([r.embedding for c, _, r in fixed if c is character]) for character in characters]
         embeddings = np.stack([r.embedding for _, r in kept]) if kept else np.zeros((0, 1))
         target = assign_to_existing(embeddings, members, self.threshold, self.cfg.cluster_linkage)
-        joined: dict[int, list[tuple[Item, FaceRecord]]] = {}
+        joined: dict[int, list[Member]] = {}
         for index, member in zip(target, kept):
             if index >= 0:
                 joined.setdefault(int(index), []).append(member)
@@ -256,7 +266,14 @@ class DatasetBuilder:
 
     # ---------------------------------------------------------------------------------------------- writing
 
-    def _write(self, characters, joined, groups, report) -> None:
+    def _write(
+        self,
+        characters: list[Character],
+        joined: dict[int, list[Member]],
+        groups: list[list[Member]],
+        report: BuildReport,
+    ) -> None:
+        """Add the joined members to their characters and make one character per group; write what changed."""
         slots = new_slots(
             self.root, characters, len(groups), self.cfg.bundle_prefix, self.cfg.character_prefix,
             self.data.max_chars_per_bundle,
@@ -280,7 +297,7 @@ class DatasetBuilder:
                 report.joined_existing += len(added)
                 report.grown_characters.append(character.key)
 
-    def _add_images(self, character: Character, members, report: BuildReport) -> list[PlacedImage]:
+    def _add_images(self, character: Character, members: list[Member], report: BuildReport) -> list[PlacedImage]:
         added = []
         for item, record in members:
             pixels = self._pixels_path(item.key, item.source, item.time)

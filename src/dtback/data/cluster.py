@@ -70,8 +70,9 @@ def near_duplicates(
 
 
 def cluster(embeddings: np.ndarray, threshold: float, linkage: str = "complete") -> np.ndarray:
-    """Agglomerative clustering of (N, D) embeddings; (N,) int64 labels numbered by falling cluster size, ties by
-    first member, so the same input always gives the same labels."""
+    """Agglomerative clustering of (N, D) embeddings; (N, ) int64 labels numbered by falling cluster size, ties by
+    first member, so the same input always gives the same labels. Needs the N x N distance matrix: 8 N² bytes
+    (10,000 new faces in one run: 0.8 GB)."""
     count = len(embeddings)
     if count < 2:
         return np.zeros(count, dtype=np.int64)

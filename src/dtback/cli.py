@@ -28,6 +28,7 @@ console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
 EXIT_NOT_BUILT = 3
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train identity adapters (the seed's train/run_training.py)")
+    train = commands.add_parser(
+        "train",
+        help="train identity adapters (the seed's train/run_training.py)",
+        description="Train the identity adapters (and the simple model) as the config says. Without flags a run "
+        "continues from the latest checkpoint in output_dir when there is one.",
+    )
     _add_config_args(train, default_config="train/config.yaml")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="continue from CHECKPOINT (a checkpoints/checkpoint-* folder); alone: the latest")
+    resume.add_argument("--no-resume", action="store_true", help="start at step 0 even when checkpoints exist")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
 
     dataset = commands.add_parser("dataset", help="dataset tools").add_subparsers(dest="action", required=True)
@@ -61,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(precompute, default_config="train/config.yaml")
     precompute.add_argument("--no-progress", action="store_true", help="no progress bar")
     precompute.set_defaults(func=cmd_precompute)
+
+    _add_world_parser(commands)
 
     config = commands.add_parser("config", help="configuration tools").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="validate a config (with overrides) and print the resolved YAML")
@@ -94,24 +107,17 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dtback.data.prepare import prepare_dataset
+    from dtback.training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    if not cfg.data.data_dir.exists():
-        raise DatasetError(
-            f"data_dir {cfg.data.data_dir} does not exist. The embedded default trains on the generated identity "
-            "world (`dtback world`, not built yet: issue #5); until then point data_dir at photos laid out as "
-            "<bundle>/<character>/<image>, e.g. --set data_dir=path/to/photos"
-        )
-    run_dir = cfg.output.output_dir
-    cfg.save(run_dir / "config.yaml")
-    prepared = prepare_dataset(cfg.data, cfg.seed, run_dir)
-    _print_report(prepared.index.report())
-    _say(f"split: {len(prepared.split.train)} train / {len(prepared.split.val)} val characters -> {prepared.split_path}")
-    raise NotBuiltError(
-        "the training loop is not built yet (issue #6: flow matching + identity losses on accelerate); "
-        f"the validated config, dataset report and split were written to {run_dir}"
-    )
+    resume = None if args.no_resume else (args.resume or "auto")
+    result = train(cfg, resume=resume, progress_bar=not args.no_progress)
+    if result.interrupted:
+        _say(f"stopped at step {result.steps}; continue with --resume (checkpoint {result.last_checkpoint})", "yellow")
+        return EXIT_INTERRUPTED
+    _say(f"trained {result.steps} steps -> {result.run_dir} (best model: {result.best_model}, "
+         f"report: {result.run_dir / 'report.html'})")
+    return 0
 
 
 def cmd_dataset_inspect(args: argparse.Namespace) -> int:
@@ -180,6 +186,47 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     for rel in report.no_face[:20]:
         _say(f"no face: {rel}")
     _say(f"cache: {cache_dir}; report: {out}")
+    return 0
+
+
+def _add_world_parser(commands) -> None:
+    from dtback.config import WorldConfig
+
+    defaults = WorldConfig()
+    world = commands.add_parser(
+        "world",
+        help="generate the identity world: characters with fixed face and body identities in varied scenes",
+        description="Write OUT/<bundle>/<character>/<NNN>.png with caption (.txt) and metadata (.json) sidecars and "
+        "OUT/world.json. The same seed gives the same bytes; an interrupted run is completed by running it again.",
+    )
+    world.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    world.add_argument("--characters", type=int, default=defaults.characters, help="number of characters")
+    world.add_argument("--images-per-character", type=int, default=defaults.images_per_character)
+    world.add_argument("--size", type=int, default=defaults.size, help="image side in pixels (multiple of 16)")
+    world.add_argument("--seed", type=int, default=defaults.seed)
+    world.add_argument("--bundle", default=defaults.bundle, help="bundle folder name")
+    world.add_argument("--no-progress", action="store_true", help="no progress bar")
+    world.set_defaults(func=cmd_world)
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from dtback.config import WorldConfig
+    from dtback.data.world_files import write_world
+
+    try:
+        cfg = WorldConfig(characters=args.characters, images_per_character=args.images_per_character, size=args.size,
+                          seed=args.seed, bundle=args.bundle)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise DatasetError(f"dtback world: {problems}") from None
+    summary = write_world(args.out, cfg, progress=not args.no_progress)
+    _say(
+        f"identity world in {args.out}: {cfg.characters} characters x {cfg.images_per_character} images at {cfg.size} px "
+        f"(seed {cfg.seed}); {summary.written} written ({summary.images_per_second:.0f} img/s), "
+        f"{summary.existing} already there"
+    )
     return 0
 
 

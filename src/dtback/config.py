@@ -260,6 +260,43 @@ class TrainingConfig(_Section):
     content_weight: float = Field(1.0, ge=0.0, description="Weight of the flow-matching loss.")
     face_weight: float = Field(0.1, ge=0.0, description="Weight of the face identity loss (1 - cos).")
     body_weight: float = Field(0.1, ge=0.0, description="Weight of the body identity loss (1 - cos).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (overrides num_epochs).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null: no clipping.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, no mixed precision on a CPU."
+    )
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs bitsandbytes (GPU).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    lr_scheduler: Literal["cosine", "constant"] = Field("cosine", description="After warmup: cosine decay or constant.")
+    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warmup steps.")
+    base_learning_rate: float | None = Field(
+        None, gt=0.0, description="Simple model only: learning rate of its transformer (trained too); null: learning_rate."
+    )
+    ema_decay: float | None = Field(
+        0.999, ge=0.0, lt=1.0, description="EMA of the trainable weights (validation and best_model use it); null: off."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute transformer blocks in backward to save memory.")
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Train with an empty caption this often (CFG).")
+    identity_dropout: float = Field(
+        0.1, ge=0.0, le=1.0, description="Train without identity this often, so sampling without identity works."
+    )
+    timestep_sampling: Literal["logit_normal", "uniform"] = Field(
+        "logit_normal", description="How the noise level is drawn (SD3/FLUX: logit-normal)."
+    )
+    logit_mean: float = Field(0.0, description="logit_normal: mean of the normal before the sigmoid.")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: std of the normal before the sigmoid.")
+    resolution_shift: bool = Field(True, description="Shift noise levels up for larger images, as FLUX samples.")
+    identity_loss_max_sigma: float = Field(
+        0.6, ge=0.0, le=1.0, description="Identity losses only on samples with noise level sigma below this."
+    )
+    checkpoint_every: int = Field(500, ge=1, description="Write a checkpoint every N optimiser steps (and at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="Keep the last K checkpoints.")
+    validate_every: int = Field(500, ge=1, description="Validate (held-out identity similarity, sample grid) every N steps.")
+    num_val_characters: int = Field(4, ge=1, description="Held-out characters in the validation grid and metrics.")
+    val_sampling_steps: int = Field(20, ge=1, description="Sampling steps for validation images.")
+    val_guidance: float = Field(3.5, ge=0.0, description="Guidance for validation images (distilled for FLUX.1-dev).")
+    log_every: int = Field(10, ge=1, description="Log losses every N optimiser steps.")
 
     @model_validator(mode="after")
     def _some_loss(self) -> "TrainingConfig":

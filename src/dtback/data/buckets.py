@@ -118,3 +118,14 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches(self.epoch)) - self.start_batch
+
+
+def bucket_transform(width: int, height: int, size: tuple[int, int]) -> tuple[float, float, float]:
+    """``(scale, left, top)`` of :func:`resize_to_bucket`: a point (x, y) of the original image lands at
+    ``(x * scale - left, y * scale - top)`` in the bucket image."""
+    bucket_w, bucket_h = size
+    scale = max(bucket_w / width, bucket_h / height)
+    new_w = max(bucket_w, round(width * scale))
+    new_h = max(bucket_h, round(height * scale))
+    # resize_to_bucket rounds the resized size; use the per-axis scale it really applied.
+    return new_w / width, (new_w - bucket_w) // 2, (new_h - bucket_h) // 2

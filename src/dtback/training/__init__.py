@@ -1,0 +1,1 @@
+"""Training: features cached once, flow matching + identity losses, accelerate loop, checkpoints, validation."""

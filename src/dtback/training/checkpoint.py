@@ -1,0 +1,195 @@
+"""Training checkpoints: atomic, resumable, tensors-only.
+
+A checkpoint is a folder ``checkpoints/checkpoint-<step>`` holding
+
+- ``adapter/`` — the identity adapter (:meth:`IdentityPreservingFlux.save_pretrained`: safetensors + JSON);
+- ``trainable.safetensors`` — every trainable tensor by name (adapters, LoRA, and the simple model's transformer);
+- ``optimizer.safetensors`` + ``ema.safetensors`` — optimiser moments and EMA weights as plain tensors;
+- ``state.json`` — step, epoch, batch position, optimiser hyper-parameters, LR-scheduler state, RNG states, best
+  metric so far.
+
+It is written into a hidden temporary folder and renamed into place, so a kill (even SIGKILL) or a full disk never
+leaves a torn checkpoint: a folder named ``checkpoint-*`` is complete. Nothing is unpickled when reading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dtback.errors import DtbackError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(DtbackError):
+    """A checkpoint could not be written (disk full, permissions) or read."""
+
+
+@dataclass
+class Progress:
+    """Where training is: optimiser steps done, and the next batch to train on (``epoch``, ``batch``)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"checkpoint-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def save_checkpoint(
+    run_dir: Path,
+    progress: Progress,
+    model,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    ema,
+    keep: int,
+) -> Path:
+    """Write ``checkpoint-<step>`` atomically and delete all but the last ``keep``; returns the folder."""
+    target = checkpoint_dir(run_dir, progress.step)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp / "adapter")
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        ema_meta = None
+        if ema is not None:
+            ema_state = ema.state_dict()
+            shadow = ema_state.pop("shadow_params")
+            save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, tmp / "ema.safetensors")
+            ema_meta = ema_state
+        state = {"progress": asdict(progress), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                 "ema": ema_meta, "rng": rng_state()}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"could not write checkpoint {target} ({err.strerror or err}); nothing torn was left. "
+            f"The last good checkpoint is {last or 'none'}."
+        ) from err
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer, scheduler, ema) -> Progress:
+    """Restore everything :func:`save_checkpoint` wrote into live objects; returns the progress."""
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        weights = load_file(folder / "trainable.safetensors")
+        opt_tensors = load_file(folder / "optimizer.safetensors")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {folder} is unreadable: {err}") from err
+    missing = sorted(set(trainable) - set(weights))
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} lacks trainable tensors {missing[:5]} (another model config?)")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(weights[name])
+    optimizer.load_state_dict(_optimizer_state(opt_tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        if state["ema"] is None:
+            raise CheckpointError(f"checkpoint {folder} has no EMA but training.ema_decay is set")
+        shadow = load_file(folder / "ema.safetensors")
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    set_rng_state(state["rng"])
+    return Progress(**state["progress"])

@@ -1,0 +1,89 @@
+"""Losses: rectified-flow matching and the face/body identity terms on the one-step x0 prediction.
+
+Flow matching (FLUX's training objective): ``x_t = (1 - σ)·x0 + σ·ε`` and the transformer predicts the velocity
+``v = ε - x0``. Noise levels are drawn logit-normal (or uniform) and shifted up for larger images the way FLUX's
+sampler shifts them (``calculate_shift`` of the image token count), so training spends its steps where sampling
+does.
+
+Identity terms: ``x̂0 = x_t - σ·v̂`` is decoded by the VAE, the target's face and body are cropped at their boxes,
+and the differentiable encoders compare them with the references: ``1 - cos(enc(x̂0 crop), enc(reference))``. Only
+samples with ``σ < identity_loss_max_sigma`` contribute: at high noise x̂0 is a blur and its identity means nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+from dtback.config import TrainingConfig
+
+
+def sample_sigmas(cfg: TrainingConfig, batch: int, image_seq_len: int, generator: torch.Generator,
+                  scheduler_config: dict | None = None) -> torch.Tensor:
+    """Noise levels ``σ (B,)`` in (0, 1): logit-normal or uniform, then FLUX's resolution shift when enabled."""
+    if cfg.timestep_sampling == "logit_normal":
+        u = compute_density_for_timestep_sampling("logit_normal", batch, cfg.logit_mean, cfg.logit_std,
+                                                  generator=generator)
+    else:
+        u = torch.rand(batch, generator=generator)
+    u = u.clamp(1e-4, 1 - 1e-4)
+    if not cfg.resolution_shift:
+        return u
+    sc = scheduler_config or {}
+    mu = calculate_shift(image_seq_len, sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
+                         sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
+    shift = torch.tensor(mu).exp()
+    return shift / (shift + (1 / u - 1))
+
+
+def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - σ)·x0 + σ·ε`` for packed latents ``(B, L, C)`` and ``σ (B,)``."""
+    s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+    return (1 - s) * latents + s * noise
+
+
+def flow_matching_loss(prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """MSE between the predicted and the true velocity ``ε - x0``, per sample ``(B,)``."""
+    target = noise - latents
+    return (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
+
+
+def predict_x0(noisy: torch.Tensor, prediction: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """One-step clean estimate ``x̂0 = x_t - σ·v̂``."""
+    s = sigmas.view(-1, *([1] * (noisy.dim() - 1))).to(prediction.dtype)
+    return noisy - s * prediction
+
+
+class IdentityLossEncoder(Protocol):
+    """A differentiable identity encoder for the loss: decoded images ``(B, 3, H, W)`` in [-1, 1] and the
+    target's boxes ``(B, 4)`` (x1, y1, x2, y2 in those pixels; landmarks when the encoder aligns) → unit-norm
+    embeddings ``(B, D)`` comparable with the cached reference embeddings."""
+
+    def __call__(self, images: torch.Tensor, boxes: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        ...
+
+
+@dataclass
+class IdentityLossTerms:
+    """Per-sample identity losses ``(B,)`` (zero where not applied) and which samples were used."""
+
+    face: torch.Tensor
+    body: torch.Tensor
+    face_used: torch.Tensor
+    body_used: torch.Tensor
+
+
+def cosine_identity_loss(embeddings: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """``1 - cos`` per sample between ``(B, D)`` predicted and ``(B, D)`` reference embeddings."""
+    return 1 - F.cosine_similarity(embeddings.float(), references.float(), dim=-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask``; 0 (still attached to the graph) when nothing is selected."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)

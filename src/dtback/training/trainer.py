@@ -1,0 +1,224 @@
+"""The training recipe: config → data → caches → model → accelerate loop → checkpoints, validation, report.
+
+Read top to bottom: :func:`train` sets everything up once (:func:`setup`), then runs optimiser steps until
+``max_steps`` (or ``num_epochs``). Devices, mixed precision, gradient accumulation and DDP come from
+``accelerate``; the loop itself stays plain PyTorch. Every random draw of a step comes from a generator seeded by
+``(seed, step, micro-batch, rank)``, and the data position is ``(epoch, batch)``, so a resumed run reproduces the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from dtback.config import Config
+from dtback.errors import DtbackError
+from dtback.training.batches import draw_pair_references, epoch_batches, make_batch
+from dtback.training.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from dtback.training.setup import RunParts, setup
+from dtback.training.step import TrainModule, compute_loss, step_generator
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(DtbackError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_model: Path | None
+    last_checkpoint: Path | None
+    interrupted: bool = False
+
+
+def mixed_precision(cfg: Config) -> str:
+    choice = cfg.training.mixed_precision
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_optimizer(cfg: Config, parts: RunParts) -> torch.optim.Optimizer:
+    t = cfg.training
+    groups = [{"params": [p for p in parts.model.trainable_parameters() if p.requires_grad], "lr": t.learning_rate}]
+    if parts.base_trainable:
+        groups.append({"params": [p for p in parts.pipeline.transformer.parameters() if p.requires_grad],
+                       "lr": t.base_learning_rate or t.learning_rate})
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # noqa: PLC0415
+        except ImportError as err:
+            raise DtbackError("training.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
+        return bnb.optim.AdamW8bit(groups, betas=t.adam_betas, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, betas=t.adam_betas, weight_decay=t.weight_decay)
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    return cfg.training.max_steps or cfg.training.num_epochs * steps_per_epoch
+
+
+def train(cfg: Config, resume: str | Path | None = "auto", progress_bar: bool = True) -> TrainResult:
+    """Train the identity adapters (and the simple model's transformer) as ``cfg`` says; see the module docstring.
+
+    ``resume``: ``"auto"`` continues from the latest checkpoint in the run folder when there is one, a path
+    continues from that checkpoint, ``None`` starts at step 0.
+    """
+    t = cfg.training
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), gradient_accumulation_steps=t.gradient_accumulation_steps)
+    set_seed(cfg.seed)
+    parts = setup(cfg, accelerator, progress_bar)
+    run_dir = parts.run_dir
+    module = TrainModule(parts.pipeline.transformer, parts.model)
+    optimizer = make_optimizer(cfg, parts)
+    world = accelerator.num_processes
+    per_step = world * t.gradient_accumulation_steps
+    batches_per_epoch = len(epoch_batches(parts.store, parts.train_images, t.batch_size, cfg.seed, 0))
+    steps_per_epoch = max(1, batches_per_epoch // per_step)
+    steps = total_steps(cfg, steps_per_epoch)
+    scheduler = get_scheduler("cosine" if t.lr_scheduler == "cosine" else "constant_with_warmup", optimizer,
+                              num_warmup_steps=t.warmup_steps, num_training_steps=steps)
+    trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    ema = EMAModel(list(trainable.values()), decay=t.ema_decay) if t.ema_decay is not None else None
+    progress = Progress()
+    start = _resume_point(run_dir, resume)
+    if start is not None:
+        progress = load_checkpoint(start, trainable, optimizer, scheduler, ema)
+        accelerator.print(f"resuming from {start} (step {progress.step})")
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+    if t.gradient_checkpointing:
+        parts.pipeline.transformer.enable_gradient_checkpointing()
+    stop = _StopFlag()
+    bar = tqdm(total=steps, initial=progress.step, desc="training", unit="step",
+               disable=not (progress_bar and accelerator.is_main_process))
+    last_checkpoint = start
+    timer = time.perf_counter()
+    try:
+        while progress.step < steps and not stop.requested:
+            batches = epoch_batches(parts.store, parts.train_images, t.batch_size, cfg.seed, progress.epoch)
+            usable = len(batches) - len(batches) % per_step
+            if progress.batch >= usable:
+                progress.epoch, progress.batch = progress.epoch + 1, 0
+                continue
+            group = batches[progress.batch:progress.batch + per_step]
+            mine = group[accelerator.process_index::world]
+            terms = _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainable, parts, mine,
+                                    progress)
+            progress.step += 1
+            progress.batch += per_step
+            bar.update(1)
+            if accelerator.is_main_process and (progress.step % t.log_every == 0 or progress.step == steps):
+                elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+                terms.update(step=progress.step, epoch=progress.epoch, lr=scheduler.get_last_lr()[0],
+                             it_per_s=t.log_every / elapsed if elapsed > 0 else 0.0)
+                parts.log(terms)
+                bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            if progress.step % t.validate_every == 0 or progress.step == steps:
+                parts.validate(progress, ema, accelerator, list(trainable.values()))
+            if progress.step % t.checkpoint_every == 0 or progress.step == steps:
+                last_checkpoint = _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, scheduler,
+                                              ema, t.keep_checkpoints) or last_checkpoint
+        if stop.requested:
+            last_checkpoint = _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, scheduler, ema,
+                                          t.keep_checkpoints) or last_checkpoint
+            logger.warning("interrupted: saved %s; continue with --resume", last_checkpoint)
+    finally:
+        bar.close()
+        stop.restore()
+        parts.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        parts.finish(progress)
+    best = run_dir / "best_model.pt"
+    return TrainResult(run_dir, progress.step, best if best.exists() else None, last_checkpoint, stop.requested)
+
+
+def _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainable, parts, mine, progress) -> dict:
+    t = cfg.training
+    totals: dict[str, float] = {}
+    for micro, targets in enumerate(mine):
+        references = [draw_pair_references(parts.store, target, cfg.data.min_references, cfg.data.max_references,
+                                           cfg.seed, progress.epoch) for target in targets]
+        batch = make_batch(parts.store, targets, references)
+        generator = step_generator(cfg.seed, progress.step, micro, accelerator.process_index)
+        with accelerator.accumulate(module), accelerator.autocast():
+            out = compute_loss(module, batch, parts.store, t, parts.identity_loss, generator, accelerator.device,
+                               parts.guidance, parts.scheduler_config)
+            bad = accelerator.reduce((~torch.isfinite(out.loss.detach())).float().reshape(1), "sum")
+            if bad.item() > 0:  # any rank: all ranks stop together
+                raise TrainingDiverged(
+                    f"loss is {float(out.loss)} at step {progress.step + 1} (terms {out.terms}); stopped without "
+                    f"saving. The last good checkpoint is {latest_checkpoint(parts.run_dir) or 'none'}: lower "
+                    "training.learning_rate or raise training.warmup_steps, then resume from it."
+                )
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients:
+                if t.max_grad_norm is not None:
+                    norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
+                    totals["grad_norm"] = float(norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        for key, value in out.terms.items():
+            totals[key] = totals.get(key, 0.0) + value / len(mine)
+    if ema is not None:
+        ema.step(list(trainable.values()))
+    return totals
+
+
+def _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, scheduler, ema, keep):
+    path = None
+    if accelerator.is_main_process:
+        path = save_checkpoint(run_dir, progress, parts.model, trainable, optimizer, scheduler, ema, keep)
+        logger.info("checkpoint %s", path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _resume_point(run_dir: Path, resume) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise DtbackError(f"--resume {path}: not a checkpoint folder (no state.json)")
+    return path
+
+
+class _StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to save a checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread): no handler
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stop requested: finishing this step, then saving a checkpoint")
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

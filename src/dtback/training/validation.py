@@ -1,0 +1,149 @@
+"""Validation on held-out characters: generate with identity, without identity and with a shuffled reference, and
+measure identity similarity of each against the character's references.
+
+The identity encoders that fed training (face and body) score the generated images: a face that is not detected
+scores 0 (and lowers ``face_detected``). Extra scorers (the world's identity reader) add their own metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dtback.identity.resampler import IdentityInputs
+from dtback.model.identity_flux import IdentityPreservingFlux
+from dtback.training.batches import _masked_mean
+from dtback.training.features import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+CONDITIONS = ("id", "no_id", "shuffled")
+# A scorer gets the generated images of one condition and the character index of each, returns metric -> value.
+Scorer = Callable[[list[Image.Image], list[int]], dict[str, float]]
+
+
+@dataclass
+class ValidationSet:
+    """Fixed held-out examples: per character, reference images (store indices) and one target (its caption)."""
+
+    characters: list[int]
+    references: list[list[int]]
+    targets: list[int]
+
+
+def make_validation_set(store: FeatureStore, val_characters: Sequence[int], count: int, max_refs: int) -> ValidationSet:
+    """The first ``count`` held-out characters with 2+ images: the last image is the target, the others refs."""
+    chosen, refs, targets = [], [], []
+    for character in val_characters:
+        images = store.images_of(character)
+        if len(images) < 2:
+            continue
+        chosen.append(character)
+        refs.append(images[: min(max_refs, len(images) - 1)])
+        targets.append(images[-1])
+        if len(chosen) == count:
+            break
+    return ValidationSet(chosen, refs, targets)
+
+
+def identity_inputs(store: FeatureStore, references: list[list[int]]) -> IdentityInputs:
+    k = max(len(r) for r in references)
+    index = torch.tensor([r + [r[0]] * (k - len(r)) for r in references])
+    present = torch.tensor([[j < len(r) for j in range(k)] for r in references])
+    return IdentityInputs(
+        face_embeds=store.face_embeds[index] if store.face_embeds is not None else None,
+        face_mask=present & store.face_valid[index] if store.face_embeds is not None else None,
+        body_pooled=store.body_pooled[index] if store.body_pooled is not None else None,
+        body_tokens=store.body_tokens[index].float() if store.body_tokens is not None else None,
+        body_mask=present & store.body_valid[index] if store.body_pooled is not None else None,
+    )
+
+
+@torch.no_grad()
+def generate(pipeline, model: IdentityPreservingFlux, store: FeatureStore, val: ValidationSet, condition: str,
+             size: int, steps: int, guidance: float, seed: int) -> list[Image.Image]:
+    """Images of ``val``'s targets' captions under one condition (see :data:`CONDITIONS`)."""
+    references = val.references
+    if condition == "shuffled":  # each character gets the next character's references
+        references = references[1:] + references[:1]
+    if condition == "no_id":
+        model.set_identity(None)
+    else:
+        model.set_identity(model.encode_identity(identity_inputs(store, references)))
+    device = pipeline.transformer.device
+    caption = store.caption[torch.tensor(val.targets)]
+    kwargs = {}
+    if pipeline.transformer.config.guidance_embeds:
+        kwargs["guidance_scale"] = guidance
+    try:
+        output = pipeline(
+            prompt_embeds=store.prompt_embeds[caption].to(device, pipeline.transformer.dtype),
+            pooled_prompt_embeds=store.pooled_embeds[caption].to(device, pipeline.transformer.dtype),
+            height=size, width=size, num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs,
+        )
+    finally:
+        model.clear_identity()
+    return output.images
+
+
+def similarity_scorer(store: FeatureStore, val: ValidationSet, face_encoder, body_encoder) -> Scorer:
+    """Cosine similarity of each image's face / body embedding with its character's mean reference embedding."""
+    face_ref = body_ref = None
+    index = {c: i for i, c in enumerate(val.characters)}
+    if store.face_embeds is not None:
+        rows = [torch.tensor(r) for r in val.references]
+        face_ref = torch.stack([_masked_mean(store.face_embeds[r][None], store.face_valid[r][None])[0] for r in rows])
+    if store.body_pooled is not None:
+        body_ref = torch.stack([F.normalize(store.body_pooled[torch.tensor(r)].mean(0), dim=-1) for r in val.references])
+
+    def score(images: list[Image.Image], characters: list[int]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        face_sims, body_sims, detected = [], [], 0
+        for image, character in zip(images, characters):
+            row = index[character]
+            result = face_encoder.encode(np.asarray(image)) if face_encoder is not None else None
+            if face_ref is not None:
+                if result is not None:
+                    detected += 1
+                    face_sims.append(float(torch.dot(torch.from_numpy(result.embedding).float(), face_ref[row])))
+                else:
+                    face_sims.append(0.0)
+            if body_ref is not None and body_encoder is not None:
+                box = result.face.box if result is not None else None
+                pooled = body_encoder.encode(image, box).pooled[0].float().cpu()
+                body_sims.append(float(torch.dot(F.normalize(pooled, dim=-1), body_ref[row])))
+        if face_sims:
+            metrics["face_sim"] = float(np.mean(face_sims))
+            metrics["face_detected"] = detected / len(images)
+        if body_sims:
+            metrics["body_sim"] = float(np.mean(body_sims))
+        return metrics
+
+    return score
+
+
+def run_validation(pipeline, model, store, val: ValidationSet, scorers: Sequence[Scorer], size: int, steps: int,
+                   guidance: float, seed: int) -> tuple[dict[str, float], dict[str, list[Image.Image]]]:
+    """Metrics ``val/<metric>`` (with identity), ``val/<metric>_no_id``, ``val/<metric>_shuffled`` and the images."""
+    metrics: dict[str, float] = {}
+    images: dict[str, list[Image.Image]] = {}
+    for condition in CONDITIONS:
+        images[condition] = generate(pipeline, model, store, val, condition, size, steps, guidance, seed)
+        suffix = "" if condition == "id" else f"_{condition}"
+        for scorer in scorers:
+            for name, value in scorer(images[condition], val.characters).items():
+                metrics[f"val/{name}{suffix}"] = value
+    return metrics, images
+
+
+def selection_metric(metrics: dict[str, float]) -> float:
+    """What ``best_model`` maximises: mean of the with-identity face and body similarities that exist."""
+    values = [metrics[k] for k in ("val/face_sim", "val/body_sim") if k in metrics]
+    return float(np.mean(values)) if values else float("-inf")

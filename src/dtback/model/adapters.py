@@ -70,14 +70,15 @@ class IdentityCrossAttention(nn.Module):
     FLUX's own attention, which keeps bf16 training stable.
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, face: bool = True, body: bool = True):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.to_q = nn.Linear(dim, inner)
-        self.to_kv_face = nn.Linear(dim, 2 * inner)
-        self.to_kv_body = nn.Linear(dim, 2 * inner)
+        # A part the model has no encoder for gets no projection (DDP would find it unused at every step).
+        self.to_kv_face = nn.Linear(dim, 2 * inner) if face else None
+        self.to_kv_body = nn.Linear(dim, 2 * inner) if body else None
         self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
         self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
         self.to_out = nn.Linear(inner, dim)
@@ -98,7 +99,7 @@ class IdentityCrossAttention(nn.Module):
         mixed = None
         for tokens, kv_proj, scale in ((identity.face, self.to_kv_face, face_scale),
                                        (identity.body, self.to_kv_body, body_scale)):
-            if tokens is None:
+            if tokens is None or kv_proj is None:
                 continue
             out = self._branch(q, kv_proj, tokens) * scale.view(batch, 1, 1, 1).to(q.dtype)
             mixed = out if mixed is None else mixed + out

@@ -152,7 +152,8 @@ class IdentityPreservingFlux(nn.Module):
         width = spec.base["num_attention_heads"] * spec.base["attention_head_dim"]
         layout = AdapterLayout(spec.double_blocks, spec.single_blocks)
         self.adapters = nn.ModuleDict(
-            {name: IdentityCrossAttention(width, spec.heads, spec.head_dim) for name in layout.names()}
+            {name: IdentityCrossAttention(width, spec.heads, spec.head_dim, face=spec.resampler.face_dim > 0,
+                                          body=spec.resampler.body_dim > 0) for name in layout.names()}
         )
         self._handles: list[Any] = []
         self._transformer: list[nn.Module] = []  # a list, so the base is not registered as a submodule

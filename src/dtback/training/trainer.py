@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -67,6 +68,12 @@ def make_optimizer(cfg: Config, parts: RunParts) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=t.adam_betas, weight_decay=t.weight_decay)
 
 
+def _has_gpu() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
+
+
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return cfg.training.max_steps or cfg.training.num_epochs * steps_per_epoch
 
@@ -78,7 +85,12 @@ def train(cfg: Config, resume: str | Path | None = "auto", progress_bar: bool = 
     continues from that checkpoint, ``None`` starts at step 0.
     """
     t = cfg.training
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), gradient_accumulation_steps=t.gradient_accumulation_steps)
+    # On a machine without any GPU, accelerate only joins the processes torchrun starts (gloo) when told cpu=True.
+    # Adapters are skipped for samples without identity (dropout, no face), so some parameters get no gradient
+    # in some steps: DDP must look for them.
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), gradient_accumulation_steps=t.gradient_accumulation_steps,
+                              cpu=not _has_gpu(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed)
     parts = setup(cfg, accelerator, progress_bar)
     run_dir = parts.run_dir
@@ -142,6 +154,8 @@ def train(cfg: Config, resume: str | Path | None = "auto", progress_bar: bool = 
         stop.restore()
         parts.close()
     accelerator.wait_for_everyone()
+    logger.info("rank %d of %d: final trainable weights sha256 %s", accelerator.process_index, world,
+                weights_digest(trainable))
     if accelerator.is_main_process:
         parts.finish(progress)
     best = run_dir / "best_model.pt"
@@ -162,7 +176,7 @@ def _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainab
             bad = accelerator.reduce((~torch.isfinite(out.loss.detach())).float().reshape(1), "sum")
             if bad.item() > 0:  # any rank: all ranks stop together
                 raise TrainingDiverged(
-                    f"loss is {float(out.loss)} at step {progress.step + 1} (terms {out.terms}); stopped without "
+                    f"loss is {out.loss.item()} at step {progress.step + 1} (terms {out.terms}); stopped without "
                     f"saving. The last good checkpoint is {latest_checkpoint(parts.run_dir) or 'none'}: lower "
                     "training.learning_rate or raise training.warmup_steps, then resume from it."
                 )
@@ -179,6 +193,15 @@ def _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainab
     if ema is not None:
         ema.step(list(trainable.values()))
     return totals
+
+
+def weights_digest(trainable: dict[str, torch.Tensor]) -> str:
+    """Short sha256 of the trainable weights: equal on every rank of a healthy DDP run."""
+    digest = hashlib.sha256()
+    for name in sorted(trainable):
+        digest.update(name.encode())
+        digest.update(trainable[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, scheduler, ema, keep):

@@ -1,0 +1,158 @@
+"""The trainer end to end on a tiny dataset: outputs, SIGKILL + resume, NaN stop, Ctrl-C, two CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dtback.config import load_config
+from dtback.model.identity_flux import IdentityPreservingFlux
+from dtback.training import trainer as trainer_module
+from dtback.training.trainer import TrainingDiverged, train
+from helpers import REPO, make_dataset, save_tiny_dinov2
+
+SHIM = str(REPO / "train" / "run_training.py")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 10-character dataset of 32 px images, a tiny DINOv2 body model and a shared embedding cache."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_dataset(root / "data", {"b": {f"c{i}": 3 for i in range(10)}}, size=(32, 32))
+    body = save_tiny_dinov2(root / "dino")
+    return {"data": data, "body": body, "cache": root / "cache"}
+
+
+def overrides(tiny, run_dir: Path, **extra) -> list[str]:
+    settings = {
+        "data_dir": tiny["data"], "output_dir": run_dir, "input_size": 32, "batch_size": 2,
+        "data.world.generate_if_missing": "false", "identity.body_model": tiny["body"],
+        "identity.cache_dir": tiny["cache"], "identity.face_backend": "dlib", "face_weight": 0, "body_weight": 0.1,
+        "training.max_steps": 8, "training.checkpoint_every": 4, "training.validate_every": 1000,
+        "training.val_sampling_steps": 2, "training.num_val_characters": 1, "training.warmup_steps": 2,
+        "training.log_every": 2, **extra,
+    }
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def run_shim(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "300"}
+    return subprocess.run([sys.executable, SHIM, "--config", str(REPO / "train" / "config.yaml"), "--no-progress",
+                           *args], capture_output=True, text=True, timeout=600, env=env, **kwargs)
+
+
+def set_args(values: list[str]) -> list[str]:
+    return [part for value in values for part in ("--set", value)]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(sorted((run_dir / "checkpoints").iterdir())[-1] / "trainable.safetensors")
+
+
+def test_training_writes_checkpoints_model_grids_and_report(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_shim(set_args(overrides(tiny, run_dir)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-000004", "checkpoint-000008"] or \
+        sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000008"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8]
+    assert all(m["loss/flow"] > 0 and "lr" in m for m in metrics)
+    validation = json.loads((run_dir / "validation.jsonl").read_text().splitlines()[-1])
+    assert validation["step"] == 8 and {"val/body_sim", "val/body_sim_no_id", "val/body_sim_shuffled"} <= set(validation)
+    for name in ("report.html", "samples/step-000008.png", "curves/losses.png", "summary.json", "config.yaml",
+                 "split.json", "base/model_index.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").iterdir())
+    # The seed's inference file loads (tensors-only) into the trained base it names.
+    from diffusers import FluxTransformer2DModel
+
+    base = FluxTransformer2DModel.from_pretrained(run_dir / "base" / "transformer")
+    model = IdentityPreservingFlux.from_pretrained(run_dir / "best_model.pt", transformer=base)
+    assert model.spec.extra["base_model"] == "base"
+    assert "report written" in result.stderr or (run_dir / "report.html").stat().st_size > 500
+    # A second run resumes from the latest checkpoint: the run is complete, nothing more is trained.
+    again = run_shim(set_args(overrides(tiny, run_dir)))
+    assert again.returncode == 0 and "resuming from" in again.stdout + again.stderr
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_sigkill_then_resume_reaches_the_uninterrupted_weights(tiny, tmp_path):
+    settings = dict(**{"training.max_steps": 24, "training.checkpoint_every": 4})
+    straight = tmp_path / "straight"
+    assert run_shim(set_args(overrides(tiny, straight, **settings))).returncode == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, SHIM, "--config", str(REPO / "train" / "config.yaml"), "--no-progress",
+                                *set_args(overrides(tiny, killed, **settings))],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (killed / "checkpoints" / "checkpoint-000008").exists():
+            assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (killed / "checkpoints" / "checkpoint-000024").exists(), "killed too late to prove anything"
+    resumed = run_shim(["--resume", *set_args(overrides(tiny, killed, **settings))])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not list((killed / "checkpoints").glob(".tmp-*"))
+    a, b = final_weights(straight), final_weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    cfg = load_config(REPO / "train" / "config.yaml", overrides(tiny, tmp_path / "run", **{"training.checkpoint_every": 2}))
+    real = trainer_module.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 4:  # the 4th step's loss
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_module, "compute_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4 .* last good checkpoint is .*checkpoint-000002"):
+        train(cfg, resume=None, progress_bar=False)
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-000002"]
+    weights = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-000002" / "trainable.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nan_through_the_cli_exits_2_without_traceback(tiny, tmp_path):
+    result = run_shim(set_args(overrides(tiny, tmp_path / "run", learning_rate=1e20, **{"training.max_grad_norm": "null",
+                                                                                         "training.warmup_steps": 0})))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "loss is" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_cpu_ranks_end_with_identical_weights_and_one_writer(tiny, tmp_path):
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "COLUMNS": "300", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SHIM,
+         "--config", str(REPO / "train" / "config.yaml"), "--no-progress", *set_args(overrides(tiny, run_dir))],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    digests = dict(re.findall(r"rank (\d+) of 2: final trainable weights sha256 ([0-9a-f]{16})", output))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000008"]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]  # one writer: no line twice

@@ -201,7 +201,7 @@ def load_base(cfg: ModelConfig, output_dir: Path, seed: int = 0, device: str | t
         folder = simple_model_dir(cfg, output_dir)
         if not (folder / MODEL_INDEX).is_file():
             logger.info("building the simple FLUX model (seed %d) in %s", seed, folder)
-            save_pipeline_atomic(build_simple_pipeline(seed), folder)
+            save_pipeline_atomic(build_simple_pipeline(seed, vae=simple_vae(cfg)), folder)
         source = str(folder)
     else:
         source = cfg.pretrained_model
@@ -209,6 +209,20 @@ def load_base(cfg: ModelConfig, output_dir: Path, seed: int = 0, device: str | t
     for component in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
         component.requires_grad_(False).eval()
     return pipeline
+
+
+def simple_vae(cfg: ModelConfig) -> AutoencoderKL | None:
+    """The simple model's VAE as ``model.simple_vae`` says (None: random weights)."""
+    if cfg.simple_vae is None:
+        return None
+    if cfg.simple_vae == "world":
+        from dtback.model.world_vae import load_or_train_world_vae  # noqa: PLC0415
+
+        return load_or_train_world_vae()
+    folder = Path(cfg.simple_vae)
+    if not (folder / "config.json").is_file():
+        raise MissingModelError(f"model.simple_vae {folder} is not a diffusers AutoencoderKL folder (no config.json)")
+    return AutoencoderKL.from_pretrained(folder)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) -> FluxPipeline:

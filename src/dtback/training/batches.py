@@ -55,23 +55,30 @@ def draw_pair_references(store: FeatureStore, target: int, k_min: int, k_max: in
     return [images[i] for i in draw_references(len(images), images.index(target), k_min, k_max, rng)]
 
 
+def reference_inputs(store: FeatureStore, references: list[list[int]]):
+    """Resampler inputs of each sample's references, padded to the longest list: ``(IdentityInputs, index (B, K),
+    present (B, K))``; padding and references without a face / body are masked."""
+    k = max(len(refs) for refs in references)
+    index = torch.tensor([refs + [refs[0]] * (k - len(refs)) for refs in references])
+    present = torch.tensor([[j < len(refs) for j in range(k)] for refs in references])
+    identity = IdentityInputs(
+        face_embeds=store.face_embeds[index] if store.face_embeds is not None else None,
+        face_mask=present & store.face_valid[index] if store.face_embeds is not None else None,
+        body_pooled=store.body_pooled[index] if store.body_pooled is not None else None,
+        body_tokens=store.body_tokens[index].float() if store.body_tokens is not None else None,
+        body_mask=present & store.body_valid[index] if store.body_pooled is not None else None,
+    )
+    return identity, index, present
+
+
 def make_batch(store: FeatureStore, targets: list[int], references: list[list[int]]) -> Batch:
     """Stack targets and pad their reference lists to the longest (masked)."""
     latents = torch.stack([store.latents[i] for i in targets]).float()
     batch, channels, height, width = latents.shape
     packed = FluxPipeline._pack_latents(latents, batch, channels, height, width)
     image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", torch.float32)
-    k = max(len(refs) for refs in references)
-    ref_index = torch.tensor([refs + [refs[0]] * (k - len(refs)) for refs in references])  # (B, K), padded
-    present = torch.tensor([[j < len(refs) for j in range(k)] for refs in references])
+    identity, ref_index, present = reference_inputs(store, references)
     face_mask = present & store.face_valid[ref_index]
-    identity = IdentityInputs(
-        face_embeds=store.face_embeds[ref_index] if store.face_embeds is not None else None,
-        face_mask=face_mask if store.face_embeds is not None else None,
-        body_pooled=store.body_pooled[ref_index] if store.body_pooled is not None else None,
-        body_tokens=store.body_tokens[ref_index].float() if store.body_tokens is not None else None,
-        body_mask=present & store.body_valid[ref_index] if store.body_pooled is not None else None,
-    )
     face_reference = body_reference = None
     if store.face_embeds is not None:
         face_reference = _masked_mean(store.face_embeds[ref_index], face_mask)

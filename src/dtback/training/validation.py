@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dtback.identity.resampler import IdentityInputs
 from dtback.model.identity_flux import IdentityPreservingFlux
-from dtback.training.batches import _masked_mean
+from dtback.training.batches import _masked_mean, reference_inputs
 from dtback.training.features import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -52,19 +51,6 @@ def make_validation_set(store: FeatureStore, val_characters: Sequence[int], coun
     return ValidationSet(chosen, refs, targets)
 
 
-def identity_inputs(store: FeatureStore, references: list[list[int]]) -> IdentityInputs:
-    k = max(len(r) for r in references)
-    index = torch.tensor([r + [r[0]] * (k - len(r)) for r in references])
-    present = torch.tensor([[j < len(r) for j in range(k)] for r in references])
-    return IdentityInputs(
-        face_embeds=store.face_embeds[index] if store.face_embeds is not None else None,
-        face_mask=present & store.face_valid[index] if store.face_embeds is not None else None,
-        body_pooled=store.body_pooled[index] if store.body_pooled is not None else None,
-        body_tokens=store.body_tokens[index].float() if store.body_tokens is not None else None,
-        body_mask=present & store.body_valid[index] if store.body_pooled is not None else None,
-    )
-
-
 @torch.no_grad()
 def generate(pipeline, model: IdentityPreservingFlux, store: FeatureStore, val: ValidationSet, condition: str,
              size: int, steps: int, guidance: float, seed: int) -> list[Image.Image]:
@@ -75,7 +61,7 @@ def generate(pipeline, model: IdentityPreservingFlux, store: FeatureStore, val: 
     if condition == "no_id":
         model.set_identity(None)
     else:
-        model.set_identity(model.encode_identity(identity_inputs(store, references)))
+        model.set_identity(model.encode_identity(reference_inputs(store, references)[0]))
     device = pipeline.transformer.device
     caption = store.caption[torch.tensor(val.targets)]
     kwargs = {}

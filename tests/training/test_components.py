@@ -1,0 +1,158 @@
+"""Training pieces on their own: losses, ArcFace warp, batches, checkpoints (atomic, disk full, keep-last-K)."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import numpy as np
+import pytest
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from dtback.config import TrainingConfig
+from dtback.training import checkpoint as ckpt
+from dtback.training.batches import draw_pair_references, epoch_batches
+from dtback.training.identity_loss import ARCFACE_TEMPLATE, similarity_transform, warp_to_template
+from dtback.training.losses import flow_matching_loss, noisy_latents, predict_x0, sample_sigmas
+
+
+def test_sigmas_are_in_range_and_shift_up_with_resolution():
+    cfg = TrainingConfig()
+    small = sample_sigmas(cfg, 4096, 64, torch.Generator().manual_seed(0))
+    large = sample_sigmas(cfg, 4096, 4096, torch.Generator().manual_seed(0))
+    assert 0 < small.min() and small.max() < 1 and (large >= small).all() and large.mean() > small.mean() + 0.05
+    plain = sample_sigmas(TrainingConfig(resolution_shift=False, timestep_sampling="uniform"), 20000, 4096,
+                          torch.Generator().manual_seed(0))
+    assert abs(float(plain.mean()) - 0.5) < 0.01
+
+
+def test_flow_matching_identities():
+    g = torch.Generator().manual_seed(0)
+    x0, noise, sigma = torch.randn(3, 16, 8, generator=g), torch.randn(3, 16, 8, generator=g), torch.rand(3, generator=g)
+    noisy = noisy_latents(x0, noise, sigma)
+    velocity = noise - x0
+    assert torch.allclose(flow_matching_loss(velocity, x0, noise), torch.zeros(3))
+    assert torch.allclose(predict_x0(noisy, velocity, sigma), x0, atol=1e-6)
+    assert torch.allclose(flow_matching_loss(velocity + 1, x0, noise), torch.ones(3))
+
+
+def test_similarity_transform_recovers_a_known_warp():
+    angle, scale, shift = 0.3, 1.7, np.array([5.0, -3.0])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    src = ARCFACE_TEMPLATE
+    dst = (scale * rotation @ src.T).T + shift
+    matrix = similarity_transform(src, dst)
+    np.testing.assert_allclose(matrix[:, :2], scale * rotation, atol=1e-5)
+    np.testing.assert_allclose(matrix[:, 2], shift, atol=1e-4)
+
+
+def test_warp_to_template_is_identity_on_an_aligned_face_and_differentiable():
+    pixels = torch.rand(2, 3, 112, 112, requires_grad=True)
+    landmarks = torch.from_numpy(np.stack([ARCFACE_TEMPLATE] * 2))
+    out = warp_to_template(pixels, landmarks, 112)
+    assert torch.allclose(out[:, :, 2:-2, 2:-2], pixels[:, :, 2:-2, 2:-2], atol=1e-4)
+    out.sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    shifted = warp_to_template(pixels.detach(), landmarks + 10, 112)  # face 10 px right/down: content moves back
+    assert torch.allclose(shifted[:, :, 20:90, 20:90], pixels.detach()[:, :, 30:100, 30:100], atol=1e-4)
+
+
+class _Store:
+    def __init__(self):
+        self.bucket = torch.tensor([0, 0, 1, 1, 0, 1, 0, 0])
+        self.character = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+
+    def images_of(self, character):
+        return torch.nonzero(self.character == character).flatten().tolist()
+
+
+def test_epoch_batches_are_deterministic_single_bucket_and_cover_every_target():
+    store = _Store()
+    members = list(range(8))
+    first = epoch_batches(store, members, 2, seed=1, epoch=0)
+    assert first == epoch_batches(store, members, 2, seed=1, epoch=0)
+    assert first != epoch_batches(store, members, 2, seed=1, epoch=1)
+    assert sorted(i for batch in first for i in batch) == members
+    assert all(len({int(store.bucket[i]) for i in batch}) == 1 for batch in first)
+
+
+def test_references_are_other_images_of_the_same_character():
+    store = _Store()
+    for target in range(8):
+        refs = draw_pair_references(store, target, 1, 3, seed=0, epoch=0)
+        assert refs and target not in refs
+        assert {int(store.character[r]) for r in refs} == {int(store.character[target])}
+        assert refs == draw_pair_references(store, target, 1, 3, seed=0, epoch=0)
+
+
+class _Adapter:
+    def save_pretrained(self, path):
+        path.mkdir(parents=True)
+        (path / "adapter_config.json").write_text("{}")
+
+
+def _training_objects(seed=0):
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=20)
+    ema = EMAModel(list(layer.parameters()), decay=0.9)
+    return layer, optimizer, scheduler, ema
+
+
+def _train(layer, optimizer, scheduler, ema, steps):
+    for _ in range(steps):
+        layer(torch.randn(5, 4)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        ema.step(list(layer.parameters()))
+
+
+def test_checkpoint_round_trip_resumes_identically(tmp_path):
+    layer, optimizer, scheduler, ema = _training_objects()
+    torch.manual_seed(1)
+    _train(layer, optimizer, scheduler, ema, 3)
+    progress = ckpt.Progress(step=3, epoch=1, batch=4, best_metric=0.5, best_step=2)
+    folder = ckpt.save_checkpoint(tmp_path, progress, _Adapter(), dict(layer.named_parameters()), optimizer,
+                                  scheduler, ema, keep=2)
+    drawn_after_save = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    torch.manual_seed(7)
+    _train(layer, optimizer, scheduler, ema, 2)
+
+    other, optimizer2, scheduler2, ema2 = _training_objects(seed=5)  # different initial weights
+    assert ckpt.load_checkpoint(folder, dict(other.named_parameters()), optimizer2, scheduler2, ema2) == progress
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == drawn_after_save
+    torch.manual_seed(7)
+    _train(other, optimizer2, scheduler2, ema2, 2)
+    for a, b in zip(layer.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, ema2.shadow_params))
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_keep_last_k_and_latest(tmp_path):
+    layer, optimizer, scheduler, ema = _training_objects()
+    for step in (2, 4, 6, 8):
+        ckpt.save_checkpoint(tmp_path, ckpt.Progress(step=step), _Adapter(), dict(layer.named_parameters()),
+                             optimizer, scheduler, None, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-000006", "checkpoint-000008"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-000008"
+
+
+def test_disk_full_leaves_no_torn_checkpoint_and_names_the_last_good_one(tmp_path, monkeypatch):
+    layer, optimizer, scheduler, ema = _training_objects()
+    trainable = dict(layer.named_parameters())
+    good = ckpt.save_checkpoint(tmp_path, ckpt.Progress(step=1), _Adapter(), trainable, optimizer, scheduler, ema, 3)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(ckpt.CheckpointError, match=r"No space left on device.*last good checkpoint is .*checkpoint-000001"):
+        ckpt.save_checkpoint(tmp_path, ckpt.Progress(step=2), _Adapter(), trainable, optimizer, scheduler, ema, 3)
+    folder = tmp_path / ckpt.CHECKPOINTS
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-000001"]
+    assert (good / "state.json").is_file()

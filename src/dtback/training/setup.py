@@ -184,7 +184,12 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
         )
     torch.manual_seed(cfg.seed)
     model = IdentityPreservingFlux.from_config(cfg.model, cfg.identity, transformer.config, **dims)
-    model.spec.extra["base_model"] = TRAINED_BASE if cfg.model.use_simple_model else cfg.model.pretrained_model
+    # What inference needs to rebuild the run's setting from best_model.pt alone.
+    model.spec.extra.update(
+        base_model=TRAINED_BASE if cfg.model.use_simple_model else cfg.model.pretrained_model,
+        identity=cfg.identity.model_dump(mode="json"), input_size=cfg.data.input_size,
+        max_sequence_length=max_sequence_length(cfg.model),
+    )
     model.to(accelerator.device).attach(transformer)
     base_trainable = cfg.model.use_simple_model
     transformer.requires_grad_(base_trainable).train(base_trainable)

@@ -153,8 +153,10 @@ class IdentityConfig(_Section):
 
     num_face_latents: int = Field(8, ge=1, description="Face identity tokens produced by the face resampler.")
     num_body_latents: int = Field(8, ge=1, description="Body identity tokens produced by the body resampler.")
-    face_backend: Literal["dlib", "insightface"] = Field(
-        "dlib", description="dlib: offline, licence-clean models; insightface: ONNX pack from face_model_dir."
+    face_backend: Literal["world", "dlib", "insightface"] = Field(
+        "world",
+        description="world: the identity world's own encoder (world_models_dir); dlib: offline, licence-clean models; "
+        "insightface: ONNX pack from face_model_dir.",
     )
     face_model_dir: Path | None = Field(
         None, description="InsightFace pack folder (e.g. models/antelopev2) with detection + recognition ONNX files."
@@ -166,11 +168,16 @@ class IdentityConfig(_Section):
         "largest", description="Which face of an image is the character's when there are several."
     )
     body_model: str | None = Field(
-        "facebook/dinov2-small", description="Body backbone: local folder or hub id (cached); null skips body identity."
+        "world",
+        description="Body backbone: 'world' (the identity world's own encoder), a local folder or hub id (cached, "
+        "e.g. facebook/dinov2-small); null skips body identity.",
     )
     body_width_factor: float = Field(2.0, gt=0, description="Person crop: face centre +- this many face widths.")
     body_top_factor: float = Field(0.5, ge=0, description="Person crop: starts this many face heights above the face.")
     body_height_factor: float = Field(7.5, gt=0, description="Person crop: ends this many face heights below the face top.")
+    world_models_dir: Path | None = Field(
+        None, description="World components (VAE, encoders, reader); null: $DTBACK_WORLD_MODELS or the shipped folder."
+    )
     cache_dir: Path | None = Field(None, description="Embedding cache folder; null means <output_dir>/cache.")
     device: str = Field("auto", description="Device for the encoders: auto (cuda when available), cpu, cuda, cuda:1...")
 

@@ -37,7 +37,7 @@ def test_precompute_fills_caches_then_is_a_no_op(mixed_root, body_dir, tmp_path)
     index = scan_dataset(data, seed=0, progress=False)
     n_images = sum(len(c.images) for c in index.characters)
     assert n_images == 35
-    identity = IdentityConfig(body_model=str(body_dir), device="cpu")
+    identity = IdentityConfig(face_backend="dlib", body_model=str(body_dir), device="cpu")
     cache = tmp_path / "cache"
 
     first = IdentityPrecomputer(identity, cache, data.max_image_pixels).run(index, progress=False)
@@ -61,7 +61,7 @@ def test_cached_entries_hold_embeddings_boxes_and_tokens(mixed_root, body_dir, t
 
     data = DataConfig(data_dir=mixed_root, min_images_per_char=3)
     index = scan_dataset(data, seed=0, progress=False)
-    runner = IdentityPrecomputer(IdentityConfig(body_model=str(body_dir), device="cpu"), tmp_path / "c", 10**8)
+    runner = IdentityPrecomputer(IdentityConfig(face_backend="dlib", body_model=str(body_dir), device="cpu"), tmp_path / "c", 10**8)
     runner.run(index, progress=False)
     face_cache = EmbeddingCache(tmp_path / "c" / "face", runner.face.encoder_id, runner.face.settings())
     body_cache = EmbeddingCache(tmp_path / "c" / "body", runner.body.encoder_id, {"face": runner.face.encoder_id})
@@ -78,7 +78,8 @@ def test_cached_entries_hold_embeddings_boxes_and_tokens(mixed_root, body_dir, t
 def test_precompute_command(mixed_root, body_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = ["precompute", "--config", "train/config.yaml", "--no-progress", "--set", f"data_dir={mixed_root}",
-            "--set", f"output_dir={run_dir}", "--set", f"identity.body_model={body_dir}", "--set", "identity.device=cpu"]
+            "--set", f"output_dir={run_dir}", "--set", f"identity.body_model={body_dir}", "--set", "identity.device=cpu",
+            "--set", "identity.face_backend=dlib"]
     assert main(args) == 0
     report = json.loads((run_dir / "precompute_report.json").read_text())
     assert report["images"] == 35 and report["faces_found"] == 31 and len(report["no_face"]) == 4
@@ -92,5 +93,5 @@ def test_precompute_command(mixed_root, body_dir, tmp_path, capsys):
 def test_missing_body_model_is_a_clear_error(tmp_path):
     root = make_dataset(tmp_path / "d", {"b": {"a": 3}}, size=(32, 32))
     args = ["precompute", "--no-progress", "--set", f"data_dir={root}", "--set", f"output_dir={tmp_path / 'run'}",
-            "--set", f"identity.body_model={tmp_path / 'no_dinov2'}"]
+            "--set", f"identity.body_model={tmp_path / 'no_dinov2'}", "--set", "identity.face_backend=dlib"]
     assert main(args) == 2

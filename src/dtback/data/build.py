@@ -96,6 +96,10 @@ class DatasetBuilder:
         self.cfg = data.build
         self.progress = progress
         self.state_dir = self.root / BUILD_STATE_DIR
+        if identity.face_backend == "world":
+            # The identity world's encoder knows only drawn characters; photos and video need a photo backend.
+            log.info("identity.face_backend is world (the embedded default): building from photos with dlib")
+            identity = identity.model_copy(update={"face_backend": "dlib"})
         cluster_default, duplicate_default = DEFAULT_THRESHOLDS[identity.face_backend]
         self.threshold = self.cfg.cluster_threshold if self.cfg.cluster_threshold is not None else cluster_default
         dup = self.cfg.duplicate_face_distance

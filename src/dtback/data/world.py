@@ -36,16 +36,19 @@ HAIR_COLOURS: dict[str, Color] = {
     "grey": (168, 168, 168), "blue": (48, 92, 214), "pink": (238, 110, 172),
 }
 HAIR_STYLES = ("short", "long", "spiky", "bun", "mohawk")
-EYE_COLOURS: dict[str, Color] = {"brown": (92, 52, 18), "blue": (36, 108, 245), "green": (28, 172, 48), "amber": (238, 168, 0)}
+EYE_COLOURS: dict[str, Color] = {
+    "brown": (92, 52, 18), "blue": (36, 108, 245), "green": (28, 172, 48), "amber": (238, 168, 0),
+}
 FACE_WIDTHS: dict[str, float] = {"round": 0.92, "oval": 0.72, "square": 0.86}  # face width / face height
 TOP_COLOURS: dict[str, Color] = {
     "red": (208, 40, 40), "orange": (242, 140, 30), "yellow": (242, 216, 50), "green": (48, 160, 70),
     "blue": (44, 84, 204), "purple": (132, 58, 172), "white": (242, 242, 242), "black": (34, 34, 40),
+    "pink": (240, 128, 180), "teal": (20, 150, 150),
 }
-TOP_PATTERNS = ("plain", "stripes", "dots", "sash")
+TOP_PATTERNS = ("plain", "stripes", "dots", "sash", "split")
 TROUSER_COLOURS: dict[str, Color] = {
     "black": (30, 30, 35), "grey": (128, 128, 132), "khaki": (192, 172, 116), "denim": (56, 86, 148),
-    "brown": (104, 64, 34), "maroon": (118, 24, 46),
+    "brown": (104, 64, 34), "maroon": (118, 24, 46), "olive": (96, 106, 44),
 }
 BUILDS: dict[str, float] = {"slim": 0.78, "average": 1.0, "broad": 1.3}  # torso width factor
 SHOES: Color = (46, 36, 30)
@@ -154,7 +157,7 @@ def sample_characters(
 ) -> list[Character]:
     """``count`` distinct characters drawn from ``seed``.
 
-    No two share their face attributes, and while the world is small enough (at most a quarter of the body
+    No two share their face attributes, and while the world is small enough (at most half of the body
     combinations) no two share their body attributes either, so each is recognisable from the face alone and from
     the body alone. Characters whose face attributes (and, with ``exclude_bodies``, body attributes) equal those of
     a character in ``exclude`` are never drawn: held-out characters for an evaluation are made that way.
@@ -164,7 +167,7 @@ def sample_characters(
     banned_faces = {c.face_key for c in exclude}
     banned_bodies = {c.body_key for c in exclude} if exclude_bodies else set()
     n_bodies = int(np.prod([len(v) for v in BODY_ATTRIBUTES.values()]))
-    unique_bodies = count + len(banned_bodies) <= n_bodies // 4
+    unique_bodies = count + len(banned_bodies) <= n_bodies // 2
     faces, bodies, out = set(banned_faces), set(banned_bodies), []
     attempts = 0
     while len(out) < count:

@@ -120,6 +120,8 @@ def _torso(ops: list[Op], look: dict, top: float, bottom: float, width: float) -
                 x = (col - 1) * waist * 0.6
                 y = top + 0.28 + row * height * 0.28
                 ops.append(Op("ellipse", (x - 0.07, y - 0.07, x + 0.07, y + 0.07), accent))
+    elif pattern == "split":
+        ops.append(Op("polygon", (0, top + 0.05, half, top + 0.05, waist, bottom, 0, bottom), accent))
     elif pattern == "sash":
         ops.append(Op("polygon", (-half * 0.95, top + 0.1, -half * 0.55, top + 0.05, waist * 0.95, bottom - 0.3,
                                   waist * 0.95, bottom - 0.02), accent))
@@ -157,7 +159,8 @@ def _face(ops: list[Op], look: dict, face: Box, turn: float) -> None:
     for side in (-1, 1):
         ex = cx + side * eye_dx
         ops.append(Op("rect", (ex - eye_w * 0.55, eye_y - 0.19, ex + eye_w * 0.55, eye_y - 0.14), look["hair"]))
-        ops.append(Op("ellipse", (ex - eye_w / 2, eye_y - eye_h / 2, ex + eye_w / 2, eye_y + eye_h / 2), (250, 250, 250)))
+        white = (ex - eye_w / 2, eye_y - eye_h / 2, ex + eye_w / 2, eye_y + eye_h / 2)
+        ops.append(Op("ellipse", white, (250, 250, 250)))
         ix = ex + turn * 0.03
         ops.append(Op("ellipse", (ix - iris, eye_y - iris, ix + iris, eye_y + iris), look["eyes"]))
     if look["glasses"]:

@@ -11,6 +11,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from dtback.data.layout import DatasetIndex
 from dtback.identity.body import BodyCropRule, BodyEncoder
 from dtback.identity.cache import EmbeddingCache, content_hash
 from dtback.identity.face import DlibFaceEncoder, FaceEncoder, FaceResult, InsightFaceEncoder
+
+if TYPE_CHECKING:
+    from dtback.identity.world import WorldBodyEncoder
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,10 @@ def resolve_device(device: str) -> str:
 
 
 def build_face_encoder(cfg: IdentityConfig) -> FaceEncoder:
+    if cfg.face_backend == "world":
+        from dtback.identity.world import load_world_face_encoder
+
+        return load_world_face_encoder(cfg.world_models_dir, choice=cfg.face_choice).to(resolve_device(cfg.device))
     if cfg.face_backend == "insightface":
         return InsightFaceEncoder(
             cfg.face_model_dir, det_size=cfg.face_det_size, device=resolve_device(cfg.device), choice=cfg.face_choice
@@ -42,9 +50,13 @@ def build_face_encoder(cfg: IdentityConfig) -> FaceEncoder:
     return DlibFaceEncoder(detector=cfg.face_detector, upsample=cfg.face_upsample, choice=cfg.face_choice)
 
 
-def build_body_encoder(cfg: IdentityConfig) -> BodyEncoder | None:
+def build_body_encoder(cfg: IdentityConfig) -> BodyEncoder | WorldBodyEncoder | None:
     if cfg.body_model is None:
         return None
+    if cfg.body_model == "world":
+        from dtback.identity.world import load_world_body_encoder
+
+        return load_world_body_encoder(cfg.world_models_dir).to(resolve_device(cfg.device))
     rule = BodyCropRule(
         width_factor=cfg.body_width_factor, height_factor=cfg.body_height_factor, top_factor=cfg.body_top_factor
     )

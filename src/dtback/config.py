@@ -208,6 +208,11 @@ class ModelConfig(_Section):
     simple_model_dir: Path | None = Field(
         None, description="Where the simple model is saved in diffusers format; null means <output_dir>/simple_base."
     )
+    simple_vae: str | None = Field(
+        "world",
+        description="Simple model only: its VAE. world: the identity world's trained VAE; a diffusers AutoencoderKL "
+        "folder; null: random weights (tests).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Base weights dtype; auto: bfloat16 for real FLUX on a GPU, float32 otherwise."
     )
@@ -294,6 +299,9 @@ class TrainingConfig(_Section):
     logit_mean: float = Field(0.0, description="logit_normal: mean of the normal before the sigmoid.")
     logit_std: float = Field(1.0, gt=0, description="logit_normal: std of the normal before the sigmoid.")
     resolution_shift: bool = Field(True, description="Shift noise levels up for larger images, as FLUX samples.")
+    identity_loss_max_samples: int = Field(
+        4, ge=1, description="Identity losses on at most this many low-noise samples per micro-batch (VAE decode cost)."
+    )
     identity_loss_max_sigma: float = Field(
         0.6, ge=0.0, le=1.0, description="Identity losses only on samples with noise level sigma below this."
     )

@@ -149,12 +149,14 @@ def build_feature_store(
     rows: list[dict] = []
     skipped: dict[str, str] = {}
     images = [(c, char, entry) for c, char in enumerate(characters) for entry in char.images]
+    encoder = _LatentBatcher(vae, latent_cache)
     with latent_cache:
         for c, char, entry in tqdm(images, desc="latents", unit="img", disable=not progress):
-            row = _image_row(entry, char, c, data_cfg, buckets, vae, latent_cache, face_cache, body_cache,
+            row = _image_row(entry, char, c, data_cfg, buckets, encoder, latent_cache, face_cache, body_cache,
                              crop_rule, skipped)
             if row is not None:
                 rows.append(row)
+        encoder.flush()
     if not rows:
         raise ValueError("no usable training images: every image was skipped (see the log)")
     captions = [""] + sorted({row["caption"] for row in rows})
@@ -186,7 +188,34 @@ def build_feature_store(
     )
 
 
-def _image_row(entry, char, c, data_cfg, buckets, vae, latent_cache, face_cache, body_cache, crop_rule, skipped):
+class _LatentBatcher:
+    """Encodes images through the VAE in batches per bucket size; rows get their latent when their batch runs."""
+
+    def __init__(self, vae, cache: EmbeddingCache, batch_size: int = 32):
+        self.vae, self.cache, self.batch_size = vae, cache, batch_size
+        self.pending: dict[tuple[int, int], list[tuple[str, torch.Tensor, dict]]] = {}
+
+    def add(self, key: str, size: tuple[int, int], pixels: torch.Tensor, row: dict) -> None:
+        queue = self.pending.setdefault(size, [])
+        queue.append((key, pixels, row))
+        if len(queue) >= self.batch_size:
+            self._encode(size)
+
+    def flush(self) -> None:
+        for size in list(self.pending):
+            self._encode(size)
+
+    def _encode(self, size: tuple[int, int]) -> None:
+        queue = self.pending.pop(size, [])
+        if not queue:
+            return
+        latents = encode_latents(self.vae, torch.stack([pixels for _, pixels, _ in queue])).to("cpu", LATENT_DTYPE)
+        for (key, _, row), latent in zip(queue, latents):
+            row["latent"] = latent.clone()
+            self.cache.put(key, {"latent": row["latent"]})
+
+
+def _image_row(entry, char, c, data_cfg, buckets, encoder, latent_cache, face_cache, body_cache, crop_rule, skipped):
     rel = f"{char.key}/{entry.path.name}"
     key = content_hash(entry.path)
     bucket = assign_bucket(entry.width, entry.height, buckets)
@@ -196,7 +225,9 @@ def _image_row(entry, char, c, data_cfg, buckets, vae, latent_cache, face_cache,
     if face is None or (body_cache is not None and body is None):
         skipped[rel] = "no identity cache entry (unreadable when precomputed)"
         return None
-    cached = latent_cache.get(f"{key}-{size[0]}x{size[1]}")
+    latent_key = f"{key}-{size[0]}x{size[1]}"
+    cached = latent_cache.get(latent_key)
+    pixels = None
     if cached is None:
         try:
             image = load_rgb(entry.path, data_cfg.max_image_pixels)
@@ -204,18 +235,15 @@ def _image_row(entry, char, c, data_cfg, buckets, vae, latent_cache, face_cache,
             skipped[rel] = skip.reason.value
             logger.warning("%s: %s (%s); left out of training", rel, skip.reason.value, skip.detail)
             return None
-        latent = encode_latents(vae, to_tensor(resize_to_bucket(image, size))[None])[0].to("cpu", LATENT_DTYPE)
-        latent_cache.put(f"{key}-{size[0]}x{size[1]}", {"latent": latent})
-    else:
-        latent = cached["latent"]
+        pixels = to_tensor(resize_to_bucket(image, size))
     transform = bucket_transform(entry.width, entry.height, size)
     has_face = int(face["num_faces"]) > 0
     face_box = face["box"].numpy() if has_face else None
     body_box = np.array(person_box((entry.width, entry.height), face_box, crop_rule), dtype=np.float32)
     scale, left, top = transform
     landmarks = face["landmarks"].numpy() * scale - np.array([left, top]) if has_face else np.zeros((5, 2))
-    return {
-        "key": rel, "character": c, "bucket": bucket, "latent": latent,
+    row = {
+        "key": rel, "character": c, "bucket": bucket, "latent": cached["latent"] if cached is not None else None,
         "caption": caption_for(entry, char, data_cfg.caption_template),
         "face": face["embedding"].float() if has_face else None,
         "face_box": torch.from_numpy(_map_box(face_box, transform, size) if has_face else np.zeros(4, np.float32)),
@@ -224,6 +252,9 @@ def _image_row(entry, char, c, data_cfg, buckets, vae, latent_cache, face_cache,
         "body_pooled": body["pooled"].float() if body is not None else None,
         "body_tokens": body["tokens"] if body is not None else None,
     }
+    if pixels is not None:
+        encoder.add(latent_key, size, pixels, row)  # fills row["latent"] when its batch is encoded
+    return row
 
 
 def _cached_text(pipeline, captions: list[str], cache_dir: Path, max_sequence_length: int, progress: bool):

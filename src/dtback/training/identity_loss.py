@@ -118,6 +118,11 @@ class IdentityLoss:
         body_rows = low_noise if self.body_encoder is not None and batch.body_reference is not None else \
             torch.zeros_like(low_noise)
         rows = face_rows | body_rows
+        if int(rows.sum()) > self.cfg.identity_loss_max_samples:  # keep the lowest-noise ones: sharpest x0 estimates
+            order = torch.argsort(torch.where(rows, sigmas.to(device), torch.full_like(sigmas.to(device), 2.0)))
+            keep = torch.zeros_like(rows)
+            keep[order[: self.cfg.identity_loss_max_samples]] = True
+            face_rows, body_rows, rows = face_rows & keep, body_rows & keep, rows & keep
         face_loss, body_loss = zeros.clone(), zeros.clone()
         if rows.any():
             height, width = batch.latent_size

@@ -156,3 +156,26 @@ def test_two_cpu_ranks_end_with_identical_weights_and_one_writer(tiny, tmp_path)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000008"]
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]  # one writer: no line twice
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    args = set_args(overrides(tiny, run_dir, **{"training.max_steps": 100000, "training.checkpoint_every": 4}))
+    process = subprocess.Popen([sys.executable, SHIM, "--config", str(REPO / "train" / "config.yaml"), "--no-progress",
+                                *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "checkpoint-000004").exists():
+            assert process.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "continue with --resume" in stderr
+    saved = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").iterdir())
+    assert saved[-1] >= 4 and not list((run_dir / "checkpoints").glob(".tmp-*"))
+    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{saved[-1]:06d}" / "state.json").read_text())
+    assert state["progress"]["step"] == saved[-1]

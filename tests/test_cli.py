@@ -75,9 +75,9 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert not run_dir.exists()
 
 
-def test_other_shims_say_they_are_not_built():
+def test_generate_shim_names_a_missing_model_and_download_is_not_built():
     generate = run("inference/generate.py", "--model", "m.pt", "--reference", "r.jpg", "--prompt", "x", "--output", "o")
-    assert generate.returncode == EXIT_NOT_BUILT and "inference" in generate.stderr and "issue #7" in generate.stderr
+    assert generate.returncode == EXIT_BAD_INPUT and "--model m.pt does not exist" in generate.stderr
     download = run("scripts/download_models.py")
     assert download.returncode == EXIT_NOT_BUILT and "download" in download.stderr
 

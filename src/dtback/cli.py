@@ -82,8 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     keys = config.add_parser("keys", help="list every config key with its default and meaning")
     keys.set_defaults(func=cmd_config_keys)
 
-    generate = commands.add_parser("generate", help="generate images with a trained adapter (not built yet)")
-    generate.set_defaults(func=_not_built("inference (IdentityFluxPipeline and inference/generate.py)", 7), any_args=True)
+    generate = commands.add_parser(
+        "generate", help="generate images of a character with a trained adapter (the seed's inference/generate.py)",
+        description="References + prompts -> images in --output, with settings.json holding every setting "
+        "(feed it back with --settings to make the same images).",
+    )
+    from dtback.inference.generate import add_arguments  # noqa: PLC0415  (argparse only, no torch)
+
+    add_arguments(generate)
+    generate.set_defaults(func=cmd_generate)
     download = commands.add_parser("download", help="download FLUX, face and body models (not built yet)")
     download.set_defaults(func=_not_built("model download (scripts/download_models.py)", 7), any_args=True)
     return parser
@@ -117,6 +124,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     _say(f"trained {result.steps} steps -> {result.run_dir} (best model: {result.best_model}, "
          f"report: {result.run_dir / 'report.html'})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dtback.inference.generate import run_generate
+
+    out = run_generate(args)
+    _say(f"images and settings.json -> {out}")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Inference: IdentityFluxPipeline and the generate command."""

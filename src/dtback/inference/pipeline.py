@@ -1,0 +1,171 @@
+"""IdentityFluxPipeline: reference image(s) + prompt(s) → images, with a trained dtback adapter on a FLUX base.
+
+A thin layer over diffusers' ``FluxPipeline``: the adapter is attached to its transformer with hooks, the identity
+tokens of the references are set before sampling, and a step callback switches the identity on and off for the
+``identity_start``..``identity_end`` fraction of the steps. Everything else — schedulers, offloading, LoRAs loaded
+through diffusers — is the FluxPipeline's own.
+
+The checkpoint records the identity encoders it was trained with (face backend, body model), the base it was
+trained on (a relative ``base`` folder for the simple model, else a hub id or folder) and the prompt length, so
+``from_pretrained(adapter)`` alone rebuilds the setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from PIL import Image
+
+from dtback.config import IdentityConfig
+from dtback.errors import DtbackError, MissingModelError
+from dtback.identity.precompute import build_body_encoder, build_face_encoder
+from dtback.identity.resampler import IdentityInputs
+from dtback.model.flux import DTYPE_KWARG
+from dtback.model.identity_flux import IdentityPreservingFlux, read_adapter
+
+logger = logging.getLogger(__name__)
+
+
+class NoFaceError(DtbackError):
+    """A reference image has no detectable face and a face was required."""
+
+
+@dataclass
+class ReferenceReport:
+    """What the encoders found in the references: faces per image (0 = none) and which images were used."""
+
+    paths: list[str]
+    faces: list[int]
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_base(adapter: Path, recorded: str | None, override: str | None) -> str:
+    """The base to load: ``override``, else the recorded one (a relative folder is next to the checkpoint)."""
+    if override:
+        return override
+    if not recorded:
+        raise MissingModelError(f"{adapter} does not record its base model: pass --base (a FLUX folder or hub id)")
+    folder = (adapter.parent if adapter.is_file() else adapter) / recorded
+    return str(folder) if folder.is_dir() else recorded  # a folder next to the checkpoint, else a hub id / path
+
+
+class IdentityFluxPipeline:
+    """See the module docstring. Build with :meth:`from_pretrained`; call like a diffusers pipeline."""
+
+    def __init__(self, pipeline: FluxPipeline, model: IdentityPreservingFlux, face_encoder, body_encoder,
+                 max_sequence_length: int):
+        self.pipeline = pipeline
+        self.model = model
+        self.face_encoder = face_encoder
+        self.body_encoder = body_encoder
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def from_pretrained(cls, adapter: str | Path, base: str | None = None, device: str = "cpu",
+                        dtype: torch.dtype | None = None, local_files_only: bool = True) -> "IdentityFluxPipeline":
+        adapter = Path(adapter)
+        spec, _ = read_adapter(adapter)
+        source = resolve_base(adapter, spec.extra.get("base_model"), base)
+        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        try:
+            pipeline = FluxPipeline.from_pretrained(source, **{DTYPE_KWARG: dtype}, local_files_only=local_files_only)
+        except OSError as err:
+            raise MissingModelError(f"FLUX base {source!r} (for {adapter}) could not be loaded: {err}") from err
+        model = IdentityPreservingFlux.from_pretrained(adapter, transformer=pipeline.transformer)
+        identity = IdentityConfig(**{**spec.extra.get("identity", {}), "device": device})
+        face = build_face_encoder(identity) if spec.resampler.face_dim else None
+        body = build_body_encoder(identity) if spec.resampler.body_dim else None
+        pipeline.to(device)
+        model.to(device=device).eval()
+        return cls(pipeline, model, face, body, int(spec.extra.get("max_sequence_length", 512)))
+
+    def encode_references(self, images: Sequence[Image.Image], paths: Sequence[str] | None = None,
+                          require_face: bool = False) -> tuple[IdentityInputs, ReferenceReport]:
+        """Face and body features of the references (one character) → resampler inputs with ``B = 1``."""
+        paths = list(paths or [f"reference {i}" for i in range(len(images))])
+        report = ReferenceReport(paths=paths, faces=[])
+        face_vectors, face_mask, body_pooled, body_tokens = [], [], [], []
+        for image, path in zip(images, paths):
+            image = image.convert("RGB")
+            result = self.face_encoder.encode(np.asarray(image)) if self.face_encoder is not None else None
+            report.faces.append(0 if result is None else result.num_faces)
+            if self.face_encoder is not None:
+                if result is None:
+                    message = f"{path}: no face detected; it adds body identity only"
+                    if require_face:
+                        raise NoFaceError(f"{path}: no face detected (--require-face)")
+                    report.warnings.append(message)
+                    logger.warning(message)
+                dim = self.model.spec.resampler.face_dim
+                face_vectors.append(torch.from_numpy(result.embedding).float() if result is not None else torch.zeros(dim))
+                face_mask.append(result is not None)
+            if self.body_encoder is not None:
+                features = self.body_encoder.encode(image, result.face.box if result is not None else None)
+                body_pooled.append(features.pooled[0].float().cpu())
+                body_tokens.append(features.tokens[0].float().cpu())
+        inputs = IdentityInputs(
+            face_embeds=torch.stack(face_vectors)[None] if face_vectors else None,
+            face_mask=torch.tensor([face_mask]) if face_vectors else None,
+            body_pooled=torch.stack(body_pooled)[None] if body_pooled else None,
+            body_tokens=torch.stack(body_tokens)[None] if body_tokens else None,
+            body_mask=torch.ones(1, len(body_pooled), dtype=torch.bool) if body_pooled else None,
+        )
+        return inputs, report
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        references: IdentityInputs | None,
+        face_scale: float | None = None,
+        body_scale: float | None = None,
+        identity_start: float = 0.0,
+        identity_end: float = 1.0,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        height: int = 512,
+        width: int = 512,
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        **pipeline_kwargs: Any,
+    ) -> list[Image.Image]:
+        """Images for ``prompt`` (one or several) with the identity of ``references`` (None: the plain base)."""
+        if not 0.0 <= identity_start <= identity_end <= 1.0:
+            raise ValueError(f"need 0 <= identity_start <= identity_end <= 1, got {identity_start}, {identity_end}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("the prompt list is empty")
+        batch = len(prompts) * num_images_per_prompt
+        tokens = None
+        if references is not None:
+            single = self.model.encode_identity(references)
+            tokens = type(single)(*(None if t is None else t.expand(batch, *t.shape[1:]) for t in
+                                    (single.face, single.face_valid, single.body, single.body_valid)))
+        face = self.model.spec.face_scale if face_scale is None else face_scale
+        body = self.model.spec.body_scale if body_scale is None else body_scale
+
+        def set_for_step(step: int) -> None:
+            active = tokens is not None and identity_start <= step / num_inference_steps < identity_end
+            self.model.set_identity(tokens if active else None, face, body)
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            set_for_step(step + 1)
+            return callback_kwargs
+
+        set_for_step(0)
+        try:
+            output = self.pipeline(
+                prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+                generator=torch.Generator().manual_seed(seed), max_sequence_length=self.max_sequence_length,
+                callback_on_step_end=on_step_end, output_type="pil", **pipeline_kwargs,
+            )
+        finally:
+            self.model.clear_identity()
+        return output.images

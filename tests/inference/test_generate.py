@@ -1,0 +1,112 @@
+"""IdentityFluxPipeline and `dtback generate` on a tiny simple model saved in diffusers format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from dtback.cli import EXIT_BAD_INPUT, main
+from dtback.config import IdentityConfig, ModelConfig
+from dtback.inference.pipeline import IdentityFluxPipeline
+from dtback.model.flux import build_simple_pipeline, save_pipeline_atomic
+from dtback.model.identity_flux import IdentityPreservingFlux
+from flux_helpers import randomise_outputs
+from helpers import save_tiny_dinov2, write_image
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder as training leaves it: base/ (diffusers) + best_model.pt recording base and encoders."""
+    root = tmp_path_factory.mktemp("run")
+    pipeline = build_simple_pipeline(seed=0)
+    save_pipeline_atomic(pipeline, root / "base")
+    body = save_tiny_dinov2(root / "dino")
+    identity = IdentityConfig(face_backend="dlib", body_model=str(body))
+    torch.manual_seed(0)
+    model = IdentityPreservingFlux.from_config(ModelConfig(), identity, pipeline.transformer.config, face_dim=128,
+                                               body_dim=32, body_token_dim=32)
+    randomise_outputs(model, seed=3)
+    with torch.no_grad():
+        for adapter in model.adapters.values():
+            adapter.to_out.weight.mul_(20)
+    model.spec.extra.update(base_model="base", identity=identity.model_dump(mode="json"), input_size=64,
+                            max_sequence_length=16)
+    model.save_pretrained(root / "best_model.pt")
+    Image.fromarray(skdata.astronaut()).save(root / "face.png")
+    Image.fromarray(skdata.astronaut()[::-1, ::-1].copy()).resize((256, 256)).save(root / "other.png")
+    write_image(root / "noface.png", size=(96, 96), color=(30, 120, 200))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(run_dir):
+    return IdentityFluxPipeline.from_pretrained(run_dir / "best_model.pt")
+
+
+def sample(pipe, references, seed=0, **kwargs):
+    images = pipe("a person standing in a park", references, num_inference_steps=2, height=64, width=64, seed=seed,
+                  **kwargs)
+    return np.asarray(images[0], dtype=np.int16)
+
+
+def test_scales_zero_equal_the_base_and_identity_changes_the_image(pipe, run_dir):
+    refs, report = pipe.encode_references([Image.open(run_dir / "face.png")], ["face.png"])
+    assert report.faces[0] >= 1  # dlib also reports a weak second detection here
+    base = sample(pipe, None)
+    assert np.array_equal(sample(pipe, refs, face_scale=0.0, body_scale=0.0), base)
+    assert np.abs(sample(pipe, refs) - base).max() > 0
+    assert np.array_equal(sample(pipe, refs, identity_start=1.0, identity_end=1.0), base)  # never active
+    plain = pipe.pipeline("a person standing in a park", num_inference_steps=2, height=64, width=64,
+                          generator=torch.Generator().manual_seed(0), max_sequence_length=16).images[0]
+    assert np.array_equal(np.asarray(plain, dtype=np.int16), base)
+
+
+def test_several_references_and_one_without_a_face(pipe, run_dir):
+    images = [Image.open(run_dir / name) for name in ("face.png", "other.png", "noface.png")]
+    refs, report = pipe.encode_references(images, ["face.png", "other.png", "noface.png"])
+    assert report.faces[2] == 0 and "noface.png: no face detected" in report.warnings[-1]
+    assert refs.face_embeds.shape[:2] == (1, 3) and refs.face_mask[0, 2].item() is False
+    one, _ = pipe.encode_references(images[:1])
+    assert not np.array_equal(sample(pipe, refs), sample(pipe, one))
+
+
+def test_generate_cli_writes_images_and_settings_that_reproduce_them(run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(run_dir / "best_model.pt"), "--reference", str(run_dir / "face.png"),
+                 "--prompt", "a person in a city", "--prompt", "a person on a beach", "--steps", "2",
+                 "--seed", "5", "--output", str(out), "--no-progress"]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["images"] == ["000_00.png", "001_00.png"] and settings["reference_faces"][0] >= 1
+    assert (settings["height"], settings["seed"], settings["steps"]) == (64, 5, 2)
+    again = tmp_path / "again"
+    assert main(["generate", "--settings", str(out / "settings.json"), "--output", str(again), "--no-progress"]) == 0
+    for name in settings["images"]:
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(again / name)))
+
+
+def test_bad_inputs_get_their_messages(run_dir, tmp_path, capsys):
+    model = str(run_dir / "best_model.pt")
+    common = ["--steps", "1", "--output", str(tmp_path / "o"), "--no-progress"]
+    assert main(["generate", "--model", model, "--reference", str(run_dir / "noface.png"), "--prompt", "x",
+                 "--require-face", *common]) == EXIT_BAD_INPUT
+    assert "noface.png: no face detected (--require-face)" in capsys.readouterr().err
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    assert main(["generate", "--model", model, "--reference", str(broken), "--prompt", "x", *common]) == EXIT_BAD_INPUT
+    assert f"--reference {broken}" in capsys.readouterr().err
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    assert main(["generate", "--model", model, "--reference", str(run_dir / "face.png"), "--prompts-file", str(empty),
+                 *common]) == EXIT_BAD_INPUT
+    assert "no prompt" in capsys.readouterr().err
+    other = build_simple_pipeline(seed=1)
+    other.transformer = type(other.transformer)(**{**dict(other.transformer.config), "num_single_layers": 2})
+    save_pipeline_atomic(other, tmp_path / "other_base")
+    assert main(["generate", "--model", model, "--base", str(tmp_path / "other_base"), "--reference",
+                 str(run_dir / "face.png"), "--prompt", "x", *common]) == EXIT_BAD_INPUT
+    assert "num_single_layers: 4 vs 2" in capsys.readouterr().err

@@ -118,6 +118,10 @@ class FaceEncoder(ABC):
         embedding = self.embed([aligned])[0]
         return FaceResult(face=face, aligned=aligned, embedding=embedding, num_faces=len(faces))
 
+    def encode_batch(self, images: Sequence[np.ndarray]) -> list[FaceResult | None]:
+        """:meth:`encode` of each image; backends that can run a batch at once override this."""
+        return [self.encode(image) for image in images]
+
 
 def _as_rgb_array(image: Any) -> np.ndarray:
     array = np.asarray(image)

@@ -11,7 +11,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ class IdentityPrecomputer:
             # The person crop comes from the face box, so body entries depend on the face encoder too.
             self.body_cache = EmbeddingCache(cache_dir / "body", self.body.encoder_id, {"face": self.face.encoder_id})
 
-    def run(self, index: DatasetIndex, progress: bool = True) -> PrecomputeReport:
+    def run(self, index: DatasetIndex, progress: bool = True, batch_size: int = 64) -> PrecomputeReport:
         report = PrecomputeReport(face_cache=str(self.face_cache.folder))
         report.body_cache = str(self.body_cache.folder) if self.body_cache is not None else None
         paths = [entry.path for character in index.characters for entry in character.images]
@@ -120,44 +120,63 @@ class IdentityPrecomputer:
             for cache in (self.face_cache, self.body_cache):
                 if cache is not None:
                     caches.enter_context(cache)
-            for path in tqdm(paths, desc="identity embeddings", unit="img", disable=not progress):
-                self._one(path, index.root, report)
+            bar = tqdm(total=len(paths), desc="identity embeddings", unit="img", disable=not progress)
+            for first in range(0, len(paths), batch_size):
+                chunk = paths[first:first + batch_size]
+                self._chunk(chunk, index.root, report)
+                bar.update(len(chunk))
+            bar.close()
         report.seconds = time.perf_counter() - start
         return report
 
-    def _one(self, path: Path, root: Path, report: PrecomputeReport) -> None:
-        rel = path.relative_to(root).as_posix()
-        key = content_hash(path)
-        report.images += 1
-        image = None
-        face = self.face_cache.get(key)
-        if face is None:
-            image = self._load(path, rel, report)
-            if image is None:
-                return
-            face = face_entry(self.face.encode(np.asarray(image)))
-            report.face_encoder_calls += 1
-            self.face_cache.put(key, face)
-        else:
-            report.face_cache_hits += 1
-        if int(face["num_faces"]) > 0:
-            report.faces_found += 1
-        else:
-            report.no_face.append(rel)
+    def _chunk(self, paths: list[Path], root: Path, report: PrecomputeReport) -> None:
+        """Encode the images of ``paths`` that are not cached yet, in one batch per encoder when it can."""
+        items = [(path, path.relative_to(root).as_posix(), content_hash(path)) for path in paths]
+        report.images += len(items)
+        images: dict[str, Any] = {}
+
+        def image_of(path: Path, rel: str, key: str):
+            if key not in images:
+                images[key] = self._load(path, rel, report)
+            return images[key]
+
+        todo = _first_per_key(item for item in items if item[2] not in self.face_cache)
+        report.face_cache_hits += len(items) - len(todo)  # a copy of an image in the same batch is a hit too
+        todo = [item for item in todo if image_of(*item) is not None]
+        if todo:
+            results = self.face.encode_batch([np.asarray(images[key]) for _, _, key in todo])
+            report.face_encoder_calls += len(todo)
+            for (_, _, key), result in zip(todo, results):
+                self.face_cache.put(key, face_entry(result))
+        faces = {}
+        for path, rel, key in items:
+            face = self.face_cache.get(key)
+            if face is None:
+                continue  # unreadable: counted by _load
+            faces[key] = face
+            if int(face["num_faces"]) > 0:
+                report.faces_found += 1
+            else:
+                report.no_face.append(rel)
         if self.body_cache is None:
             return
-        if key in self.body_cache:
-            report.body_cache_hits += 1
+        todo = _first_per_key(item for item in items if item[2] in faces and item[2] not in self.body_cache)
+        report.body_cache_hits += sum(1 for item in items if item[2] in faces) - len(todo)
+        todo = [item for item in todo if image_of(*item) is not None]
+        if not todo:
             return
-        image = image if image is not None else self._load(path, rel, report)
-        if image is None:
-            return
-        box = face["box"].numpy() if "box" in face else None
-        features = self.body.encode(image, box)
-        report.body_encoder_calls += 1
-        self.body_cache.put(
-            key, {"pooled": features.pooled[0].float().cpu(), "tokens": features.tokens[0].to(BODY_TOKEN_DTYPE).cpu()}
-        )
+        boxes = [faces[key]["box"].numpy() if "box" in faces[key] else None for _, _, key in todo]
+        batch = [images[key] for _, _, key in todo]
+        if hasattr(self.body, "encode_batch"):
+            features = self.body.encode_batch(batch, boxes)
+            pooled, tokens = features.pooled, features.tokens
+        else:
+            parts = [self.body.encode(image, box) for image, box in zip(batch, boxes)]
+            pooled = torch.cat([p.pooled for p in parts])
+            tokens = torch.cat([p.tokens for p in parts])
+        report.body_encoder_calls += len(todo)
+        for i, (_, _, key) in enumerate(todo):
+            self.body_cache.put(key, {"pooled": pooled[i].float().cpu(), "tokens": tokens[i].to(BODY_TOKEN_DTYPE).cpu()})
 
     def _load(self, path: Path, rel: str, report: PrecomputeReport):
         try:
@@ -166,3 +185,11 @@ class IdentityPrecomputer:
             log.warning("%s: %s (%s); no embedding", rel, skip.reason.value, skip.detail)
             report.unreadable.append(rel)
             return None
+
+
+def _first_per_key(items) -> list[tuple[Path, str, str]]:
+    """``(path, rel, key)`` items with each content key once (the first), so identical files are encoded once."""
+    seen: dict[str, tuple[Path, str, str]] = {}
+    for item in items:
+        seen.setdefault(item[2], item)
+    return list(seen.values())

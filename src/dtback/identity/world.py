@@ -26,7 +26,7 @@ from PIL import Image
 from dtback.data.world import WORLD_VERSION
 from dtback.data.world_files import world_models_dir
 from dtback.identity.body import BodyCropRule, BodyFeatures, pil_to_pixels
-from dtback.identity.face import Face, FaceChoice, FaceEncoder, _as_rgb_array, file_digest, l2_normalise
+from dtback.identity.face import Face, FaceChoice, FaceEncoder, FaceResult, _as_rgb_array, choose_face, file_digest, l2_normalise
 from dtback.identity.world_nets import (
     BODY_BOTTOM, BODY_HALF_WIDTH, BODY_TOP, Embedder, FaceDetectorNet, Net, body_crop_boxes, crop_square,
     face_crop_boxes, load_net,
@@ -41,7 +41,7 @@ LANDMARK_FRACTIONS = np.array([[0.28, 0.47], [0.72, 0.47], [0.5, 0.62], [0.38, 0
 
 def component_digest(folder: Path, name: str) -> str:
     """Short hash of a component's weights: part of encoder ids, so retrained weights never reuse cached embeddings."""
-    return file_digest(folder / f"{name}.safetensors")
+    return file_digest(Path(folder) / f"{name}.safetensors")
 
 
 def load_component(folder: Path, name: str, cls: type[Net]) -> tuple[Net, str]:
@@ -116,6 +116,31 @@ class WorldFaceEncoder(FaceEncoder):
             found.append(faces)
         return found
 
+    def encode_batch(self, images: Sequence[np.ndarray]) -> list[FaceResult | None]:
+        """One detector pass and one embedder pass for images of one size (else image by image)."""
+        arrays = [_as_rgb_array(image) for image in images]
+        if len({a.shape for a in arrays}) != 1:
+            return [self.encode(a) for a in arrays]
+        pixels = torch.cat([image_pixels(a) for a in arrays])
+        detections = self.detect_pixels(pixels)
+        chosen = [choose_face(faces, (a.shape[1], a.shape[0]), self.choice) if faces else None
+                  for a, faces in zip(arrays, detections)]
+        rows = [i for i, face in enumerate(chosen) if face is not None]
+        results: list[FaceResult | None] = [None] * len(arrays)
+        if rows:
+            boxes = torch.from_numpy(np.stack([chosen[i].box for i in rows]))
+            crops = crop_square(pixels[rows], face_crop_boxes(boxes), self.aligned_size)
+            # Through uint8 like align() + embed(), so batched and one-by-one embeddings agree.
+            aligned = (crops.permute(0, 2, 3, 1).clamp(0, 1) * 255 + 0.5).byte()
+            with torch.no_grad():
+                quantised = aligned.permute(0, 3, 1, 2).float() / 255.0
+                embeddings = l2_normalise(self.embedder(quantised.to(_device(self.embedder))).cpu().numpy())
+            aligned = aligned.numpy()
+            for j, i in enumerate(rows):
+                results[i] = FaceResult(face=chosen[i], aligned=aligned[j], embedding=embeddings[j],
+                                        num_faces=len(detections[i]))
+        return results
+
     def align(self, image: np.ndarray, face: Face) -> np.ndarray:
         pixels = image_pixels(image)
         crop = crop_square(pixels, face_crop_boxes(torch.from_numpy(face.box)[None]), self.aligned_size)[0]
@@ -189,6 +214,21 @@ class WorldBodyEncoder(torch.nn.Module):
         return self(crop_square(pixels, body_crop_boxes(face_boxes), self.input_size))
 
     @torch.no_grad()
+    def encode_batch(self, images: Sequence[Image.Image], face_boxes: Sequence[np.ndarray | None]) -> BodyFeatures:
+        """Person-crop features of several PIL images (one batch when they share a size) -> ``B = len(images)``."""
+        if len({image.size for image in images}) != 1:
+            parts = [self.encode(image, box) for image, box in zip(images, face_boxes)]
+            return BodyFeatures(torch.cat([p.pooled for p in parts]), torch.cat([p.tokens for p in parts]))
+        pixels = torch.cat([pil_to_pixels(image) for image in images]).to(_device(self.embedder))
+        width, height = images[0].size
+        boxes = torch.stack([
+            torch.tensor([0.0, 0.0, float(width), float(height)]) if box is None
+            else body_crop_boxes(torch.as_tensor(np.asarray(box, np.float32)).reshape(1, 4))[0]
+            for box in face_boxes
+        ])
+        return self(crop_square(pixels, boxes, self.input_size))
+
+    @torch.no_grad()
     def encode(self, image: Image.Image, face_box: np.ndarray | None = None) -> BodyFeatures:
         """One PIL RGB image -> :class:`BodyFeatures` with B = 1 of its person crop (the whole image without face)."""
         pixels = pil_to_pixels(image).to(_device(self.embedder))
@@ -232,7 +272,8 @@ def load_world_face_encoder(folder: Path | None = None, threshold: float = 0.4, 
     if train_if_missing and not all((folder / f"{n}.safetensors").is_file() for n in (DETECTOR, FACE)):
         from dtback.identity.world_build import build_face_components
 
-        log.info("world face encoder not found in %s: training it (a few minutes on one core) ...", folder)
+        log.info("world face encoder not found in %s: training it (a few minutes on one core; without the VAE "
+                 "round trips that `dtback world-components --only face` adds) ...", folder)
         build_face_components(folder, progress=progress)
     return WorldFaceEncoder.from_folder(folder, threshold=threshold, choice=choice)
 
@@ -244,6 +285,7 @@ def load_world_body_encoder(folder: Path | None = None, train_if_missing: bool =
     if train_if_missing and not (folder / f"{BODY}.safetensors").is_file():
         from dtback.identity.world_build import build_body_component
 
-        log.info("world body encoder not found in %s: training it (a few minutes on one core) ...", folder)
+        log.info("world body encoder not found in %s: training it (a few minutes on one core; without the VAE "
+                 "round trips that `dtback world-components --only body` adds) ...", folder)
         build_body_component(folder, progress=progress)
     return WorldBodyEncoder.from_folder(folder)

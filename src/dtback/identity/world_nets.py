@@ -53,13 +53,17 @@ def crop_square(pixels: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     gy = ys / height * 2 - 1
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
     # Area-average when shrinking a lot, so small features survive: blur the source by the zoom factor first.
-    zoom = float((half.max() * 2 / size).item())
+    # The kernel is chosen per sample, so a crop does not depend on the other crops of its batch.
     source = pixels.float() - CROP_FILL
-    if zoom > 1.5:
-        k = int(zoom) | 1
-        source = F.avg_pool2d(source, k, stride=1, padding=k // 2, count_include_pad=False)
-    out = F.grid_sample(source, grid.to(source.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out + CROP_FILL
+    kernels = [int(z) | 1 if z > 1.5 else 1 for z in (half.flatten() * 2 / size).tolist()]
+    outs = []
+    for i, k in enumerate(kernels):
+        sample = source[i:i + 1]
+        if k > 1:
+            sample = F.avg_pool2d(sample, k, stride=1, padding=k // 2, count_include_pad=False)
+        outs.append(F.grid_sample(sample, grid[i:i + 1].to(sample.dtype), mode="bilinear", padding_mode="zeros",
+                                  align_corners=False))
+    return torch.cat(outs) + CROP_FILL
 
 
 def face_crop_boxes(face_boxes: torch.Tensor) -> torch.Tensor:

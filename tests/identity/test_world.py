@@ -3,6 +3,8 @@ differentiable, plug into the precompute factory, and their training code runs a
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,15 @@ def test_face_encoder_separates_held_out_characters(face_encoder, held_out):
 def test_body_encoder_separates_held_out_characters(body_encoder, held_out):
     figures = evaluate_body_encoder(body_encoder, held_out)
     assert figures["auc"] >= 0.95, figures
+
+
+def test_encoders_hold_on_vae_round_trips(face_encoder, body_encoder, held_out):
+    """The identity loss sees decoded latents: both encoders still separate characters after the world VAE."""
+    from dtback.model.world_vae import load_or_train_world_vae, round_trip
+
+    decoded = dataclasses.replace(held_out, images=round_trip(load_or_train_world_vae(progress=False), held_out.images))
+    face, body = evaluate_face_encoder(face_encoder, decoded), evaluate_body_encoder(body_encoder, decoded)
+    assert face["auc"] >= 0.95 and face["detection_rate"] >= 0.95 and body["auc"] >= 0.95, (face, body)
 
 
 def test_face_encoder_interface(face_encoder, held_out):
@@ -117,9 +128,12 @@ def test_precompute_factory_builds_world_encoders(tmp_path):
 def test_training_code_runs_and_round_trips(tmp_path):
     recipe = EncoderRecipe(characters=6, images_per_character=3, detector_steps=2, face_steps=2, body_steps=2,
                            batch=8, eval_characters=3, eval_images=2)
-    face_figures = build_face_components(tmp_path, recipe, progress=False)
+    darker = lambda images: (images.float() * 0.9).to(torch.uint8)  # stands in for a VAE round trip  # noqa: E731
+    face_figures = build_face_components(tmp_path, recipe, progress=False, round_trip=darker)
     body_figures = build_body_component(tmp_path, recipe, progress=False)
-    assert set(face_figures["held_out"]) == {"auc", "detection_rate", "mean_iou"} and "auc" in body_figures["held_out"]
+    assert set(face_figures["held_out"]) == {"render", "decoded"}
+    assert set(face_figures["held_out"]["decoded"]) == {"auc", "detection_rate", "mean_iou"}
+    assert set(body_figures["held_out"]) == {"render"} and "auc" in body_figures["held_out"]["render"]
     face = WorldFaceEncoder.from_folder(tmp_path)
     body = WorldBodyEncoder.from_folder(tmp_path)
     crops = torch.rand(2, 3, 48, 48)

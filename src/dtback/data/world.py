@@ -23,7 +23,7 @@ from PIL import Image
 from dtback.data.world_render import SUPERSAMPLE, apply_lighting, draw_figure, draw_scene, layout_person, mix, shade
 
 # Bump when drawing or attribute tables change: stored world components record the version they were trained on.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 Color = tuple[int, int, int]
 
@@ -39,7 +39,7 @@ HAIR_STYLES = ("short", "long", "spiky", "bun", "mohawk")
 EYE_COLOURS: dict[str, Color] = {
     "brown": (92, 52, 18), "blue": (36, 108, 245), "green": (28, 172, 48), "amber": (238, 168, 0),
 }
-FACE_WIDTHS: dict[str, float] = {"round": 0.92, "oval": 0.72, "square": 0.86}  # face width / face height
+FACE_WIDTHS: dict[str, float] = {"round": 0.96, "oval": 0.72, "square": 0.88}  # face width / face height
 TOP_COLOURS: dict[str, Color] = {
     "red": (208, 40, 40), "orange": (242, 140, 30), "yellow": (242, 216, 50), "green": (48, 160, 70),
     "blue": (44, 84, 204), "purple": (132, 58, 172), "white": (242, 242, 242), "black": (34, 34, 40),

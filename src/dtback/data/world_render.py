@@ -147,7 +147,7 @@ def _face(ops: list[Op], look: dict, face: Box, turn: float) -> None:
     width = x2 - x1
     skin = look["skin"]
     if look["face_shape"] == "square":
-        ops.append(Op("rrect", face, skin, width=0.2))
+        ops.append(Op("rrect", face, skin, width=0.1))  # corner radius: a square jaw
     else:
         ops.append(Op("ellipse", face, skin))
     cx = (x1 + x2) / 2 + turn * 0.12 * width

@@ -13,11 +13,12 @@ attributes from the person crop (``(B, n_values)`` logits each).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -134,7 +135,10 @@ class ReaderRecipe:
     size: int = 128
     seed: int = 3001
     detector_steps: int = 400
-    steps: int = 900
+    steps: int = 1500
+    # Share of training images taken from their VAE round trips. 0: the reader learns the world as drawn; mixing
+    # in round trips (0.3) raised accuracy on decoded images by ~0.1 but cost clean accuracy (top pattern 0.93).
+    decoded_share: float = 0.0
     batch: int = 48
     lr: float = 3e-3
     eval_characters: int = 100
@@ -161,7 +165,7 @@ def train_reader(world: WorldSet, config: ReaderConfig, recipe: ReaderRecipe,
     net.train()
     for _ in tqdm(range(recipe.steps), desc="world identity reader", unit="step", disable=not progress):
         index = torch.randint(len(world), (recipe.batch,), generator=gen)
-        pixels = photometric(world.pixels(index), gen, flip=False)  # boxes stay where the faces are
+        pixels = photometric(world.pixels(index, gen, recipe.decoded_share), gen, flip=False)  # boxes stay put
         logits = net.read_crops(pixels, jitter_boxes(world.face_boxes[index], gen))
         loss = sum(F.cross_entropy(logits[name], labels[index, a]) for a, name in enumerate(net.heads))
         losses.append(optimizer_step(loss, opt, sched))
@@ -190,12 +194,19 @@ def reader_held_out_set(recipe: ReaderRecipe) -> WorldSet:
     return render_world_set(held, recipe.eval_images, recipe.size, recipe.eval_seed)
 
 
-def build_reader(folder: Path, recipe: ReaderRecipe = ReaderRecipe(), progress: bool = True) -> dict[str, Any]:
-    """Train the reader on its own renders, measure it on held-out characters, save it into ``folder``."""
+def build_reader(folder: Path, recipe: ReaderRecipe = ReaderRecipe(), progress: bool = True,
+                 round_trip: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train the reader on its own renders (``recipe.decoded_share`` of them through ``round_trip``, the VAE), measure
+    it on held-out characters, as rendered and (with ``round_trip``) decoded, and save it into ``folder``."""
     world = render_world_set(sample_characters(recipe.characters, recipe.seed), recipe.images_per_character,
                              recipe.size, recipe.seed)
+    held = {"render": reader_held_out_set(recipe)}
+    if round_trip is not None:
+        if recipe.decoded_share > 0:
+            world.decoded = round_trip(world.images)
+        held["decoded"] = dataclasses.replace(held["render"], images=round_trip(held["render"].images))
     net, history = train_reader(world, ReaderConfig(), recipe, progress=progress)
-    accuracy = evaluate_reader(IdentityReader(net, "unsaved"), reader_held_out_set(recipe))
+    accuracy = {name: evaluate_reader(IdentityReader(net, "unsaved"), images) for name, images in held.items()}
     save_net(net, folder, READER, {"world_version": WORLD_VERSION, "recipe": asdict(recipe), "history": history,
                                    "held_out_accuracy": accuracy, "rebuild": "dtback world-components --out <folder>"})
     log.info("world identity reader -> %s: held-out accuracy %s; trained in %.0f s", folder, accuracy,

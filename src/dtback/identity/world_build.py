@@ -7,10 +7,12 @@ version, the recipe, the training history and the held-out figures.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -87,25 +89,40 @@ def evaluate_body_encoder(encoder: WorldBodyEncoder, world: WorldSet, batch: int
     return {"auc": round(roc_auc_same_vs_different(torch.cat(embeddings), world.labels), 4)}
 
 
+RoundTrip = Callable[[torch.Tensor], torch.Tensor]
+
+
 def _info(recipe: EncoderRecipe, history: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     return {"world_version": WORLD_VERSION, "recipe": asdict(recipe), "history": history, "held_out": metrics,
             "rebuild": "dtback world-components --out <folder>"}
 
 
-def build_face_components(folder: Path, recipe: EncoderRecipe = EncoderRecipe(), progress: bool = True,
-                          world: WorldSet | None = None) -> dict[str, Any]:
-    """Train the face detector and face encoder on ``world`` (default: renders of the recipe's training characters),
-    evaluate them on held-out characters and save both into ``folder``. Returns the figures."""
+@functools.lru_cache(maxsize=1)
+def training_sets(recipe: EncoderRecipe, round_trip: RoundTrip | None) -> tuple[WorldSet, dict[str, WorldSet]]:
+    """The training renders (with their VAE round trips when ``round_trip`` maps uint8 ``(N, 3, S, S)`` images to
+    decoded ones) and the held-out sets to measure on: ``render``, and ``decoded`` with a round trip. Cached for
+    the last (recipe, round trip): the face and body builds of one run share them (read-only)."""
     characters = training_characters(recipe)
-    world = world if world is not None else render_world_set(characters, recipe.images_per_character, recipe.size,
-                                                             recipe.seed)
+    world = render_world_set(characters, recipe.images_per_character, recipe.size, recipe.seed)
+    held = {"render": held_out_set(recipe, characters)}
+    if round_trip is not None:
+        world.decoded = round_trip(world.images)
+        held["decoded"] = dataclasses.replace(held["render"], images=round_trip(held["render"].images))
+    return world, held
+
+
+def build_face_components(folder: Path, recipe: EncoderRecipe = EncoderRecipe(), progress: bool = True,
+                          round_trip: RoundTrip | None = None) -> dict[str, Any]:
+    """Train the face detector and face encoder on renders of the recipe's training characters (half of them
+    through ``round_trip``, the VAE, when given), measure them on held-out characters, save both into ``folder``."""
+    world, held = training_sets(recipe, round_trip)
     detector, det_history = train_detector(world, DETECTOR_CONFIG, recipe.detector_steps, seed=recipe.seed,
                                            progress=progress)
     embedder, face_history = train_embedder("face", world, FACE_CONFIG, recipe.face_steps, recipe.batch,
                                             seed=recipe.seed, progress=progress)
     encoder = WorldFaceEncoder(detector, embedder, name="unsaved")
-    metrics = evaluate_face_encoder(encoder, held_out_set(recipe, characters))
-    detection = {k: metrics[k] for k in ("detection_rate", "mean_iou")}
+    metrics = {name: evaluate_face_encoder(encoder, images) for name, images in held.items()}
+    detection = {name: {k: m[k] for k in ("detection_rate", "mean_iou")} for name, m in metrics.items()}
     save_net(detector, folder, DETECTOR, _info(recipe, det_history, detection))
     save_net(embedder, folder, FACE, _info(recipe, face_history, metrics))
     log.info("world face encoder -> %s: held-out %s; trained in %.0f s + %.0f s", folder, metrics,
@@ -114,14 +131,13 @@ def build_face_components(folder: Path, recipe: EncoderRecipe = EncoderRecipe(),
 
 
 def build_body_component(folder: Path, recipe: EncoderRecipe = EncoderRecipe(), progress: bool = True,
-                         world: WorldSet | None = None) -> dict[str, Any]:
-    """Train the body encoder, evaluate it on held-out characters and save it into ``folder``."""
-    characters = training_characters(recipe)
-    world = world if world is not None else render_world_set(characters, recipe.images_per_character, recipe.size,
-                                                             recipe.seed)
+                         round_trip: RoundTrip | None = None) -> dict[str, Any]:
+    """Train the body encoder (as the face encoder), measure it on held-out characters, save it into ``folder``."""
+    world, held = training_sets(recipe, round_trip)
     embedder, history = train_embedder("body", world, BODY_CONFIG, recipe.body_steps, recipe.batch, seed=recipe.seed,
                                        progress=progress)
-    metrics = evaluate_body_encoder(WorldBodyEncoder(embedder, name="unsaved"), held_out_set(recipe, characters))
+    encoder = WorldBodyEncoder(embedder, name="unsaved")
+    metrics = {name: evaluate_body_encoder(encoder, images) for name, images in held.items()}
     save_net(embedder, folder, BODY, _info(recipe, history, metrics))
     log.info("world body encoder -> %s: held-out %s; trained in %.0f s", folder, metrics, history["seconds"])
     return {"body": history, "held_out": metrics}

@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class WorldSet:
     """Renders in memory: ``images (N, 3, S, S)`` uint8, ``face_boxes``/``body_boxes (N, 4)`` float pixels,
-    ``labels (N,)`` character index within ``characters``, and the per-image metadata."""
+    ``labels (N,)`` character index within ``characters``, and the per-image metadata.
+
+    ``decoded`` optionally holds the same images after a VAE round trip (uint8, same shape): training draws from
+    them too, so that encoders and reader also work on decoded latents, which is what the identity loss and the
+    evaluation of generated images see."""
 
     images: torch.Tensor
     face_boxes: torch.Tensor
@@ -40,13 +44,20 @@ class WorldSet:
     labels: torch.Tensor
     characters: list[Character]
     metas: list[dict[str, Any]]
+    decoded: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def pixels(self, index: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, S, S)`` float in [0, 1] for the given image indices."""
-        return self.images[index].float() / 255.0
+    def pixels(self, index: torch.Tensor, gen: torch.Generator | None = None,
+               decoded_share: float = 0.5) -> torch.Tensor:
+        """``(B, 3, S, S)`` float in [0, 1] for the given image indices. With ``gen`` and :attr:`decoded`, each
+        image is its VAE round trip with probability ``decoded_share``."""
+        images = self.images[index]
+        if gen is not None and self.decoded is not None:
+            pick = torch.rand(len(index), generator=gen) < decoded_share
+            images = torch.where(pick[:, None, None, None], self.decoded[index], images)
+        return images.float() / 255.0
 
 
 def render_world_set(characters: Sequence[Character], per_character: int, size: int, seed: int) -> WorldSet:
@@ -102,7 +113,8 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: float = 0.05) 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> float:
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler) -> float:
     """One step: backward, optimizer and scheduler; returns the loss value."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -164,7 +176,7 @@ def train_embedder(kind: str, world: WorldSet, config: EmbedderConfig, steps: in
     for _ in tqdm(range(steps), desc=f"world {kind} encoder", unit="step", disable=not progress):
         index = sample_batch(world.labels, max(2, batch // per_class), per_class, gen)
         boxes = CROP_BOXES[kind](jitter_boxes(world.face_boxes[index], gen))
-        crops = photometric(crop_square(world.pixels(index), boxes, config.size), gen)
+        crops = photometric(crop_square(world.pixels(index, gen), boxes, config.size), gen)
         loss = F.cross_entropy(cosface_logits(net(crops), weight, world.labels[index]), world.labels[index])
         losses.append(optimizer_step(loss, opt, sched))
     history = training_history(losses, start, cpu_start, steps=steps, batch=batch)
@@ -215,7 +227,7 @@ def train_detector(world: WorldSet, config: DetectorConfig, steps: int, batch: i
     net.train()
     for _ in tqdm(range(steps), desc="world face detector", unit="step", disable=not progress):
         index = torch.randint(len(world), (batch,), generator=gen)
-        pixels = world.pixels(index)
+        pixels = world.pixels(index, gen)
         boxes = world.face_boxes[index].clone()
         flip = torch.rand(batch, generator=gen) < 0.5
         width = pixels.shape[-1]

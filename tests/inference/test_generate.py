@@ -110,3 +110,45 @@ def test_bad_inputs_get_their_messages(run_dir, tmp_path, capsys):
     assert main(["generate", "--model", model, "--base", str(tmp_path / "other_base"), "--reference",
                  str(run_dir / "face.png"), "--prompt", "x", *common]) == EXIT_BAD_INPUT
     assert "num_single_layers: 4 vs 2" in capsys.readouterr().err
+
+
+def test_true_cfg_scale_one_equals_the_plain_call(pipe, run_dir):
+    refs, _ = pipe.encode_references([Image.open(run_dir / "face.png")])
+    assert np.array_equal(sample(pipe, refs, true_cfg_scale=1.0, negative_prompt="blurry"), sample(pipe, refs))
+
+
+def test_true_cfg_with_a_no_identity_negative_differs_and_is_deterministic(pipe, run_dir):
+    refs, _ = pipe.encode_references([Image.open(run_dir / "face.png")])
+    plain = sample(pipe, refs)
+    guided = sample(pipe, refs, true_cfg_scale=3.0)
+    assert np.array_equal(sample(pipe, refs, true_cfg_scale=3.0), guided)
+    assert np.abs(guided - plain).max() > 0
+    assert not np.array_equal(sample(pipe, refs, true_cfg_scale=3.0, seed=1), guided)
+    # Without references both branches are the same call, so the guidance cancels exactly: only identity differs.
+    assert np.array_equal(sample(pipe, None, true_cfg_scale=3.0), sample(pipe, None))
+    with pytest.raises(ValueError, match="true_cfg_scale must be >= 1"):
+        sample(pipe, refs, true_cfg_scale=0.5)
+
+
+def test_true_cfg_with_scales_zero_equals_the_base_pipeline(pipe, run_dir):
+    refs, _ = pipe.encode_references([Image.open(run_dir / "face.png")])
+    ours = sample(pipe, refs, face_scale=0.0, body_scale=0.0, true_cfg_scale=2.5, negative_prompt="a blurry photo")
+    base = pipe.pipeline("a person standing in a park", negative_prompt="a blurry photo", true_cfg_scale=2.5,
+                         num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0),
+                         max_sequence_length=16).images[0]
+    assert np.array_equal(np.asarray(base, dtype=np.int16), ours)
+    assert not np.array_equal(ours, sample(pipe, refs, face_scale=0.0, body_scale=0.0))
+
+
+def test_generate_cli_true_cfg_settings_reproduce_the_image(run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(run_dir / "best_model.pt"), "--reference", str(run_dir / "face.png"),
+                 "--prompt", "a person in a city", "--steps", "2", "--true-cfg", "2.0", "--negative-prompt", "blurry",
+                 "--output", str(out), "--no-progress"]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert (settings["true_cfg"], settings["negative_prompt"]) == (2.0, "blurry")
+    again = tmp_path / "again"
+    assert main(["generate", "--settings", str(out / "settings.json"), "--output", str(again), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "000_00.png")), np.asarray(Image.open(again / "000_00.png")))
+    assert main(["generate", "--settings", str(out / "settings.json"), "--true-cfg", "0.5",
+                 "--output", str(tmp_path / "bad"), "--no-progress"]) == EXIT_BAD_INPUT

@@ -24,7 +24,8 @@ MAX_REFERENCE_PIXELS = 50_000_000
 DEFAULTS: dict[str, Any] = {
     "base": None, "reference": [], "prompt": [], "prompts_file": None, "seed": 0, "face_scale": None,
     "body_scale": None, "identity_start": 0.0, "identity_end": 1.0, "steps": None, "guidance": 3.5, "height": None,
-    "width": None, "num_images": 1, "require_face": False, "no_identity": False, "device": "auto",
+    "width": None, "num_images": 1, "require_face": False, "no_identity": False, "device": "auto", "true_cfg": 1.0,
+    "negative_prompt": None,
 }
 
 
@@ -42,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity-end", type=float, help="fraction of the steps after which identity stops (1)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: 28, or 20 for the simple model)")
     parser.add_argument("--guidance", type=float, help="guidance (distilled for FLUX.1-dev)")
+    parser.add_argument("--true-cfg", type=float,
+                        help="true classifier-free guidance scale; > 1 adds a negative branch without identity and "
+                        "doubles the transformer calls (default 1: off)")
+    parser.add_argument("--negative-prompt",
+                        help="prompt of the true-CFG negative branch (default: the prompt itself, so the guidance is "
+                        "on identity alone)")
     parser.add_argument("--height", type=int, help="pixels, multiple of 16 (default: the training size)")
     parser.add_argument("--width", type=int, help="pixels, multiple of 16 (default: the training size)")
     parser.add_argument("--num-images", type=int, help="images per prompt")
@@ -62,7 +69,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         except (OSError, json.JSONDecodeError) as err:
             raise DtbackError(f"--settings {args.settings}: unreadable ({err})") from err
     for key in ("model", "base", "seed", "face_scale", "body_scale", "identity_start", "identity_end", "steps",
-                "guidance", "height", "width", "num_images", "require_face", "no_identity", "device"):
+                "guidance", "height", "width", "num_images", "require_face", "no_identity", "device", "true_cfg",
+                "negative_prompt"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = str(value) if isinstance(value, Path) else value
@@ -89,6 +97,8 @@ def _check(settings: dict[str, Any]) -> None:
         raise DtbackError("no prompt: give --prompt TEXT (repeatable) or a non-empty --prompts-file")
     if not settings["reference"] and not settings["no_identity"]:
         raise DtbackError("no reference image: give --reference IMAGE (repeatable), or --no-identity")
+    if settings["true_cfg"] < 1:
+        raise DtbackError(f"--true-cfg {settings['true_cfg']} must be >= 1 (1 = off)")
     for side in ("height", "width"):
         if settings[side] is not None and (settings[side] <= 0 or settings[side] % 16):
             raise DtbackError(f"--{side} {settings[side]} must be a positive multiple of 16")
@@ -134,7 +144,8 @@ def run_generate(args: argparse.Namespace) -> Path:
                       identity_start=settings["identity_start"], identity_end=settings["identity_end"],
                       num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                       height=settings["height"], width=settings["width"],
-                      num_images_per_prompt=settings["num_images"], seed=settings["seed"] + p)
+                      num_images_per_prompt=settings["num_images"], seed=settings["seed"] + p,
+                      true_cfg_scale=settings["true_cfg"], negative_prompt=settings["negative_prompt"])
         for i, image in enumerate(images):
             path = out / f"{p:03d}_{i:02d}.png"
             image.save(path)

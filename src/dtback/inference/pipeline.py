@@ -1,9 +1,14 @@
 """IdentityFluxPipeline: reference image(s) + prompt(s) → images, with a trained dtback adapter on a FLUX base.
 
-A thin layer over diffusers' ``FluxPipeline``: the adapter is attached to its transformer with hooks, the identity
-tokens of the references are set before sampling, and a step callback switches the identity on and off for the
-``identity_start``..``identity_end`` fraction of the steps. Everything else — schedulers, offloading, LoRAs loaded
-through diffusers — is the FluxPipeline's own.
+A thin layer over diffusers' ``FluxPipeline``: the adapter is attached to its transformer with hooks, and a forward
+pre-hook on the transformer sets the identity tokens before every transformer call: on for the
+``identity_start``..``identity_end`` fraction of the steps, and off for the negative branch of true CFG. Everything
+else — schedulers, offloading, LoRAs loaded through diffusers — is the FluxPipeline's own.
+
+True CFG (``true_cfg_scale > 1``): FluxPipeline calls the transformer twice per step, the prompt first and the
+negative prompt second, and mixes ``neg + scale · (pos − neg)``. The negative branch here runs without identity, so
+the guidance pushes towards the identity as well as away from the negative prompt (the positive prompt itself when
+no negative prompt is given: then the guidance is on identity alone).
 
 The checkpoint records the identity encoders it was trained with (face backend, body model), the base it was
 trained on (a relative ``base`` folder for the simple model, else a hub id or folder) and the prompt length, so
@@ -133,11 +138,19 @@ class IdentityFluxPipeline:
         width: int = 512,
         num_images_per_prompt: int = 1,
         seed: int = 0,
+        true_cfg_scale: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
         **pipeline_kwargs: Any,
     ) -> list[Image.Image]:
-        """Images for ``prompt`` (one or several) with the identity of ``references`` (None: the plain base)."""
+        """Images for ``prompt`` (one or several) with the identity of ``references`` (None: the plain base).
+
+        ``true_cfg_scale > 1`` adds a negative branch without identity, with ``negative_prompt`` (default: the
+        prompt itself); it costs a second transformer call per step.
+        """
         if not 0.0 <= identity_start <= identity_end <= 1.0:
             raise ValueError(f"need 0 <= identity_start <= identity_end <= 1, got {identity_start}, {identity_end}")
+        if true_cfg_scale < 1.0:
+            raise ValueError(f"true_cfg_scale must be >= 1 (1 = off), got {true_cfg_scale}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("the prompt list is empty")
@@ -149,23 +162,34 @@ class IdentityFluxPipeline:
                                     (single.face, single.face_valid, single.body, single.body_valid)))
         face = self.model.spec.face_scale if face_scale is None else face_scale
         body = self.model.spec.body_scale if body_scale is None else body_scale
+        true_cfg = true_cfg_scale > 1.0
+        if true_cfg:
+            pipeline_kwargs.update(true_cfg_scale=true_cfg_scale,
+                                   negative_prompt=prompts if negative_prompt is None else negative_prompt)
+        branches = 2 if true_cfg else 1
+        calls = 0
 
-        def set_for_step(step: int) -> None:
-            active = tokens is not None and identity_start <= step / num_inference_steps < identity_end
+        def before_transformer(module, args, kwargs):
+            # FluxPipeline's order per step: the prompt's call, then (true CFG) the negative prompt's call.
+            nonlocal calls
+            step, branch = divmod(calls, branches)
+            calls += 1
+            active = tokens is not None and branch == 0 and identity_start <= step / num_inference_steps < identity_end
             self.model.set_identity(tokens if active else None, face, body)
 
-        def on_step_end(pipe, step, timestep, callback_kwargs):
-            set_for_step(step + 1)
-            return callback_kwargs
-
-        set_for_step(0)
+        handle = self.pipeline.transformer.register_forward_pre_hook(before_transformer, with_kwargs=True)
         try:
             output = self.pipeline(
                 prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                 height=height, width=width, num_images_per_prompt=num_images_per_prompt,
                 generator=torch.Generator().manual_seed(seed), max_sequence_length=self.max_sequence_length,
-                callback_on_step_end=on_step_end, output_type="pil", **pipeline_kwargs,
+                output_type="pil", **pipeline_kwargs,
             )
         finally:
+            handle.remove()
             self.model.clear_identity()
+        if calls != branches * num_inference_steps:
+            # The identity schedule counts transformer calls: a pipeline that calls it otherwise would be misread.
+            raise RuntimeError(f"expected {branches * num_inference_steps} transformer calls "
+                               f"({num_inference_steps} steps x {branches} branches), FluxPipeline made {calls}")
         return output.images

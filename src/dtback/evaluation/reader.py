@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from dtback.data.world import ATTRIBUTES, BODY_ATTRIBUTES, FACE_ATTRIBUTES, WORLD_VERSION, sample_characters
 from dtback.data.world_files import world_models_dir
+from dtback.evaluation.metrics import attribute_accuracy
 from dtback.identity.world import image_pixels, load_component
 from dtback.identity.world_nets import (
     ConvTrunk, DetectorConfig, FaceDetectorNet, body_crop_boxes, crop_square, face_crop_boxes, save_net,
@@ -246,8 +247,9 @@ def validation_scorer(cfg: Any, store: Any, val_set: Any):
             truth = roster.get(name) if key_bundle == bundle else None
             if truth is None:
                 continue
-            face.append(np.mean([values[a] == truth["face"][a] for a in FACE_ATTRIBUTES]))
-            body.append(np.mean([values[a] == truth["body"][a] for a in BODY_ATTRIBUTES]))
+            face_accuracy, body_accuracy = attribute_accuracy(values, truth)
+            face.append(face_accuracy)
+            body.append(body_accuracy)
         if not face:
             return {}
         return {"reader_face": float(np.mean(face)), "reader_body": float(np.mean(body))}

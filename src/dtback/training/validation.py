@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dtback.evaluation.metrics import body_similarity, face_similarity
 from dtback.model.identity_flux import IdentityPreservingFlux
 from dtback.training.batches import _masked_mean, reference_inputs
 from dtback.training.features import FeatureStore
@@ -91,25 +92,16 @@ def similarity_scorer(store: FeatureStore, val: ValidationSet, face_encoder, bod
 
     def score(images: list[Image.Image], characters: list[int]) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        face_sims, body_sims, detected = [], [], 0
-        for image, character in zip(images, characters):
-            row = index[character]
-            result = face_encoder.encode(np.asarray(image)) if face_encoder is not None else None
+        rows = [index[character] for character in characters]
+        boxes: list = [None] * len(images)
+        if face_encoder is not None:
+            faces = face_similarity(face_encoder, images, [None if face_ref is None else face_ref[r] for r in rows])
+            boxes = faces.boxes
             if face_ref is not None:
-                if result is not None:
-                    detected += 1
-                    face_sims.append(float(torch.dot(torch.from_numpy(result.embedding).float(), face_ref[row])))
-                else:
-                    face_sims.append(0.0)
-            if body_ref is not None and body_encoder is not None:
-                box = result.face.box if result is not None else None
-                pooled = body_encoder.encode(image, box).pooled[0].float().cpu()
-                body_sims.append(float(torch.dot(F.normalize(pooled, dim=-1), body_ref[row])))
-        if face_sims:
-            metrics["face_sim"] = float(np.mean(face_sims))
-            metrics["face_detected"] = detected / len(images)
-        if body_sims:
-            metrics["body_sim"] = float(np.mean(body_sims))
+                metrics["face_sim"] = float(np.mean(faces.sims))
+                metrics["face_detected"] = float(np.mean(faces.detected))
+        if body_ref is not None and body_encoder is not None:
+            metrics["body_sim"] = float(np.mean(body_similarity(body_encoder, images, boxes, [body_ref[r] for r in rows])))
         return metrics
 
     return score

@@ -1,8 +1,8 @@
 """The ``dtback`` command line. The seed's scripts (``train/run_training.py``, ``inference/generate.py``,
 ``scripts/download_models.py``) are thin shims over :func:`main`.
 
-Exit status: 0 done, 2 bad input (config, dataset, arguments; the message says what and where), 3 a stage of the
-pipeline that is not built yet.
+Exit status: 0 done, 1 models missing (``dtback download``), 2 bad input (config, dataset, arguments; the message
+says what and where), 3 a stage of the pipeline that is not built yet.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dtback.errors import DatasetError, DtbackError, NotBuiltError
 log = logging.getLogger("dtback")
 console = Console(stderr=True)
 
+EXIT_MISSING = 1
 EXIT_BAD_INPUT = 2
 EXIT_NOT_BUILT = 3
 EXIT_INTERRUPTED = 130
@@ -91,8 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(generate)
     generate.set_defaults(func=cmd_generate)
-    download = commands.add_parser("download", help="download FLUX, face and body models (not built yet)")
-    download.set_defaults(func=_not_built("model download (scripts/download_models.py)", 7), any_args=True)
+    download = commands.add_parser(
+        "download", help="download FLUX, the face pack and the body backbone into a models folder",
+        description="Fetch FLUX.1-dev or schnell (diffusers layout), the InsightFace antelopev2 pack and the body "
+        "backbone through huggingface_hub into --models-dir, resuming partial files, then verify them against the "
+        "hub's sizes. FLUX.1-dev is gated: accept its licence on the model page and log in (huggingface-cli login or "
+        "HF_TOKEN). --check reports what is there without network. Exit 1 when something is missing.",
+    )
+    from dtback.download import add_arguments as add_download_arguments  # noqa: PLC0415  (no hub import yet)
+
+    add_download_arguments(download)
+    download.set_defaults(func=cmd_download)
     return parser
 
 
@@ -132,6 +142,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     out = run_generate(args)
     _say(f"images and settings.json -> {out}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from dtback.download import run_download
+
+    reports = run_download(args)
+    table = Table("target", "repo", "folder", "files", "verified", "status")
+    for report in reports:
+        status = "complete" if report.complete else f"{len(report.problems())} problem(s)"
+        table.add_row(report.target.name, escape(report.target.repo_id), escape(str(report.path)), str(report.files),
+                      report.verified, status, style=None if report.complete else "red")
+    console.print(table)
+    for report in reports:
+        for problem in report.problems():
+            _say(f"{report.target.name}: {problem} (in {report.path})", "red")
+    if not all(report.complete for report in reports):
+        _say("something is missing: run `dtback download` (without --check) to fetch or resume it", "yellow")
+        return EXIT_MISSING
+    for report in reports:
+        _say(f"{report.target.name}: " + " ".join(f"--set {setting}" for setting in report.settings()))
     return 0
 
 

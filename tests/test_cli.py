@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dtback.cli import EXIT_BAD_INPUT, EXIT_NOT_BUILT, main
+from dtback.cli import EXIT_BAD_INPUT, EXIT_MISSING, main
 from helpers import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,11 +75,11 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert not run_dir.exists()
 
 
-def test_generate_shim_names_a_missing_model_and_download_is_not_built():
+def test_generate_shim_names_a_missing_model_and_download_check_names_missing_files(tmp_path):
     generate = run("inference/generate.py", "--model", "m.pt", "--reference", "r.jpg", "--prompt", "x", "--output", "o")
     assert generate.returncode == EXIT_BAD_INPUT and "--model m.pt does not exist" in generate.stderr
-    download = run("scripts/download_models.py")
-    assert download.returncode == EXIT_NOT_BUILT and "download" in download.stderr
+    download = run("scripts/download_models.py", "--check", "--models-dir", str(tmp_path), "--only", "body")
+    assert download.returncode == EXIT_MISSING and "body: missing model.safetensors" in download.stderr
 
 
 def test_config_commands(capsys):

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     precompute.set_defaults(func=cmd_precompute)
 
     _add_world_parser(commands)
+    _add_evaluate_parser(commands)
 
     config = commands.add_parser("config", help="configuration tools").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="validate a config (with overrides) and print the resolved YAML")
@@ -302,6 +303,48 @@ def cmd_world_components(args: argparse.Namespace) -> int:
     for name in only:
         _say(f"{name}: {json.dumps(summary['components'][name])}")
     _say(f"world components in {folder} (figures: {folder / 'components.json'})")
+    return 0
+
+
+def _add_evaluate_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="measure a trained adapter on held-out characters: with / without / shuffled identity",
+        description="For each held-out character x prompt, generate with its reference, without identity and with "
+        "another held-out character's reference; score face identity with two recognizers, body identity, prompt "
+        "adherence (CLIP) and a copy-paste score. Writes OUT/results.json, OUT/results.md, OUT/grid.png, OUT/images/.",
+    )
+    evaluate.add_argument("--model", type=Path, required=True, help="trained adapter, e.g. <run>/best_model.pt")
+    evaluate.add_argument("--data-dir", type=Path, help="dataset folder (default: the run's config.yaml data_dir)")
+    evaluate.add_argument("--config", type=Path, help="the run's config (default: config.yaml next to --model)")
+    evaluate.add_argument("--characters", action="append", default=[], metavar="BUNDLE/CHARACTER",
+                          help="held-out characters (repeatable; default: the run's split.json val characters)")
+    evaluate.add_argument("--num-characters", type=int, help="evaluate the first N held-out characters (default all)")
+    evaluate.add_argument("--prompts-file", type=Path, help="one prompt per line (default: a built-in set for the data)")
+    evaluate.add_argument("--images-per-prompt", type=int, default=1)
+    evaluate.add_argument("--steps", type=int, help="sampling steps (default: 28, or 20 for the simple model)")
+    evaluate.add_argument("--guidance", type=float, default=3.5, help="guidance (distilled for FLUX.1-dev)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--clip-model", type=Path, help="local transformers CLIP folder for prompt adherence")
+    evaluate.add_argument("--base", help="FLUX base folder or hub id (default: the one the adapter records)")
+    evaluate.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    evaluate.add_argument("--out", type=Path, help="output folder (default: <run>/evaluation)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dtback.evaluation.benchmark import RESULTS_MD, EvaluateSettings, evaluate
+
+    out = args.out or args.model.parent / "evaluation"
+    evaluate(EvaluateSettings(
+        model=args.model, out=out, data_dir=args.data_dir, config=args.config, characters=args.characters,
+        num_characters=args.num_characters, prompts_file=args.prompts_file, images_per_prompt=args.images_per_prompt,
+        steps=args.steps, guidance=args.guidance, seed=args.seed, clip_model=args.clip_model, base=args.base,
+        device=args.device, progress=not args.no_progress,
+    ))
+    sys.stdout.write((out / RESULTS_MD).read_text(encoding="utf-8"))
+    _say(f"results.json, results.md, grid.png and images/ -> {out}")
     return 0
 
 

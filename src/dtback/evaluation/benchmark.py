@@ -1,0 +1,347 @@
+"""``dtback evaluate``: generate held-out characters in new scenes with a trained adapter and measure identity.
+
+For every held-out character (see :mod:`dtback.evaluation.heldout`) and every prompt, three conditions with the
+same seed, so that they differ only in the identity given:
+
+- ``with_identity``: the character's reference image;
+- ``no_identity``: no identity (the plain base, as with scales 0);
+- ``shuffled``: the reference of the next held-out character, scored against *this* character.
+
+Scores (:mod:`dtback.evaluation.metrics`), each against the character's gallery (its images other than the
+reference): face similarity with two independent recognizers (the checkpoint's face encoder — the training one —
+and, on the identity world, the world identity reader's attribute accuracy, face and body separately; on other data
+dlib, or InsightFace when dlib is the training encoder), body similarity (the checkpoint's body encoder), prompt
+adherence (CLIP, when ``--clip-model`` is given) and the copy-paste score against the reference that was given.
+
+Writes ``results.json`` (every number, per condition and per character, settings), ``results.md`` (the table),
+``grid.png`` (reference | with | without | shuffled, first prompt) and every image under ``images/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dtback.config import IdentityConfig
+from dtback.errors import ConfigError, DtbackError
+from dtback.evaluation.heldout import HeldOut, load_held_out, read_prompts, run_config
+from dtback.evaluation.metrics import (
+    ClipScorer, attribute_accuracy, body_embedding, body_similarity, copy_paste_score, face_similarity, unit_mean,
+)
+
+logger = logging.getLogger(__name__)
+
+CONDITIONS = {"with_identity": "with identity", "no_identity": "no identity", "shuffled": "shuffled reference"}
+RESULTS_JSON, RESULTS_MD, GRID_PNG = "results.json", "results.md", "grid.png"
+
+
+@dataclass
+class EvaluateSettings:
+    """Everything ``dtback evaluate`` takes; ``None`` means: from the checkpoint / run folder."""
+
+    model: Path
+    out: Path
+    data_dir: Path | None = None
+    config: Path | None = None
+    characters: list[str] = field(default_factory=list)
+    num_characters: int | None = None
+    prompts_file: Path | None = None
+    images_per_prompt: int = 1
+    steps: int | None = None
+    guidance: float = 3.5
+    seed: int = 0
+    clip_model: Path | None = None
+    base: str | None = None
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class Generated:
+    """One generated image: its condition, target character (row), the character whose reference it was given
+    (``source``, None without identity), prompt index and image index."""
+
+    condition: str
+    row: int
+    source: int | None
+    prompt: int
+    index: int
+    image: Image.Image
+    path: str
+    scores: dict[str, float | None] = field(default_factory=dict)
+
+
+def check_settings(settings: EvaluateSettings) -> None:
+    if not settings.model.exists():
+        raise DtbackError(f"--model {settings.model} does not exist (train first, or point at a run's best_model.pt)")
+    for name in ("images_per_prompt", "num_characters", "steps"):
+        value = getattr(settings, name)
+        if value is not None and value < (2 if name == "num_characters" else 1):
+            raise DtbackError(f"--{name.replace('_', '-')} {value} is too small "
+                              f"(at least {2 if name == 'num_characters' else 1})")
+
+
+def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
+    """Run the evaluation (see the module docstring) and write its outputs into ``settings.out``; returns the JSON."""
+    from dtback.inference.pipeline import IdentityFluxPipeline  # noqa: PLC0415
+
+    check_settings(settings)
+    run_dir = settings.model.parent
+    cfg = run_config(run_dir, settings.config)
+    held = load_held_out(run_dir, cfg, settings.data_dir, settings.characters, settings.num_characters)
+    prompts = read_prompts(settings.prompts_file, held.is_world)
+    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = IdentityFluxPipeline.from_pretrained(settings.model, base=settings.base, device=device)
+    pipe.pipeline.set_progress_bar_config(disable=True)
+    extra = pipe.model.spec.extra
+    size = int(extra.get("input_size", 512))
+    steps = settings.steps or (20 if extra.get("base_model") == "base" else 28)
+    identity = IdentityConfig(**{**extra.get("identity", {}), "device": device})
+    clip = ClipScorer.from_pretrained(settings.clip_model, device) if settings.clip_model is not None else None
+
+    generated = generate_all(pipe, held, prompts, settings, size, steps)
+    scorer = Scorer(pipe, held, identity, clip, prompts)
+    scorer.score(generated)
+    results = summarise(generated, held, prompts, scorer, settings, {"size": size, "steps": steps, "device": device})
+    write_outputs(settings.out, results, generated, held, prompts)
+    return results
+
+
+def generate_all(pipe, held: HeldOut, prompts: list[str], settings: EvaluateSettings, size: int,
+                 steps: int) -> list[Generated]:
+    """Every (character, condition, prompt) image; image files under ``<out>/images/<condition>/<character>/``."""
+    references = [pipe.encode_references([c.reference], [str(c.reference_path)])[0] for c in held.characters]
+    count = len(held.characters)
+    out: list[Generated] = []
+    bar = tqdm(total=count * len(CONDITIONS) * len(prompts), desc="evaluate", unit="prompt",
+               disable=not settings.progress)
+    for row, character in enumerate(held.characters):
+        for condition in CONDITIONS:
+            source = {"with_identity": row, "no_identity": None, "shuffled": (row + 1) % count}[condition]
+            inputs = None if source is None else references[source]
+            folder = settings.out / "images" / condition / character.key
+            folder.mkdir(parents=True, exist_ok=True)
+            for p, prompt in enumerate(prompts):
+                # One seed per (character, prompt): the three conditions start from the same noise.
+                images = pipe(prompt, inputs, num_inference_steps=steps, guidance_scale=settings.guidance,
+                              height=size, width=size, num_images_per_prompt=settings.images_per_prompt,
+                              seed=settings.seed + 1000 * row + p)
+                for i, image in enumerate(images):
+                    path = folder / f"p{p:02d}_{i:02d}.png"
+                    image.save(path)
+                    out.append(Generated(condition, row, source, p, i, image,
+                                         path.relative_to(settings.out).as_posix()))
+                bar.update(1)
+    bar.close()
+    return out
+
+
+class Scorer:
+    """The recognizers of one evaluation and each character's gallery embeddings (see the module docstring)."""
+
+    def __init__(self, pipe, held: HeldOut, identity: IdentityConfig, clip: ClipScorer | None, prompts: list[str]):
+        self.held = held
+        self.prompts = prompts
+        self.face = pipe.face_encoder
+        self.body = pipe.body_encoder
+        self.clip = clip
+        self.unavailable: dict[str, str] = {}
+        self.recognizers: dict[str, str | None] = {
+            "face_sim": self.face.encoder_id if self.face is not None else None,
+            "body_sim": self.body.encoder_id if self.body is not None else None,
+            "prompt_adherence": clip.name if clip is not None else None,
+            "copy_paste": "Pearson correlation of 32x32 RGB pixels of the output and the reference it was given",
+        }
+        self.face_names = {"face_sim": identity.face_backend}
+        self.reader = self.second = None
+        if held.is_world:
+            from dtback.evaluation.reader import load_reader  # noqa: PLC0415
+
+            self.reader = load_reader(identity.world_models_dir, progress=False)
+            self.recognizers["reader"] = self.reader.name
+        else:
+            self.second, name, reason = second_recognizer(identity)
+            self.face_names["face_sim_2"] = name
+            self.recognizers["face_sim_2"] = self.second.encoder_id if self.second is not None else None
+            if self.second is None:
+                self.unavailable["face_sim_2"] = reason
+        if self.face is None:
+            self.unavailable["face_sim"] = "n/a (the checkpoint has no face branch)"
+        if self.body is None:
+            self.unavailable["body_sim"] = "n/a (the checkpoint has no body branch)"
+        if clip is None:
+            self.unavailable["prompt_adherence"] = "n/a (no CLIP model)"
+        if not held.is_world:
+            for key in ("reader_face", "reader_body", "reader_mean"):
+                self.unavailable[key] = "n/a (not an identity world: no attribute metadata)"
+        self.face_refs, boxes = self._face_references(self.face)
+        self.second_refs, _ = self._face_references(self.second)
+        self.body_refs = [None] * len(held.characters)
+        if self.body is not None:
+            self.body_refs = [unit_mean(torch.stack([body_embedding(self.body, image, box)
+                                                     for image, box in zip(c.gallery, character_boxes)]))
+                              for c, character_boxes in zip(held.characters, boxes)]
+
+    def _face_references(self, encoder) -> tuple[list[torch.Tensor | None], list[list[np.ndarray | None]]]:
+        """Per character: unit mean face embedding of its gallery (None when no face is found) and the face boxes."""
+        refs, boxes = [], []
+        for character in self.held.characters:
+            if encoder is None:
+                refs.append(None)
+                boxes.append([None] * len(character.gallery))
+                continue
+            results = [encoder.encode(np.asarray(image)) for image in character.gallery]
+            found = [torch.from_numpy(r.embedding).float() for r in results if r is not None]
+            refs.append(unit_mean(torch.stack(found)) if found else None)
+            boxes.append([None if r is None else r.face.box for r in results])
+        return refs, boxes
+
+    def score(self, generated: list[Generated]) -> None:
+        """Fill ``scores`` of every generated image."""
+        images = [g.image for g in generated]
+        rows = [g.row for g in generated]
+        boxes: list = [None] * len(images)
+        if self.face is not None:
+            faces = face_similarity(self.face, images, [self.face_refs[r] for r in rows])
+            boxes = faces.boxes
+            for g, sim, found in zip(generated, faces.sims, faces.detected):
+                g.scores.update(face_sim=sim, face_detected=float(found))
+        if self.second is not None:
+            for g, sim in zip(generated, face_similarity(self.second, images, [self.second_refs[r] for r in rows]).sims):
+                g.scores["face_sim_2"] = sim
+        if self.body is not None:
+            for g, sim in zip(generated, body_similarity(self.body, images, boxes, [self.body_refs[r] for r in rows])):
+                g.scores["body_sim"] = sim
+        if self.reader is not None:
+            for g, values in zip(generated, self.reader.read([np.asarray(image) for image in images])):
+                face, body = attribute_accuracy(values, self.held.characters[g.row].truth)
+                g.scores.update(reader_face=face, reader_body=body, reader_mean=(face + body) / 2)
+        if self.clip is not None:
+            sims = self.clip.similarity(images, [self.prompts[g.prompt] for g in generated])
+            for g, sim in zip(generated, sims):
+                g.scores["prompt_adherence"] = sim
+        for g in generated:
+            given = self.held.characters[g.row if g.source is None else g.source].reference
+            g.scores["copy_paste"] = copy_paste_score(g.image, given)
+
+    def columns(self) -> list[tuple[str, str]]:
+        """(metric, table header) in table order."""
+        second = ("reader_face", "face reader acc") if self.reader is not None else \
+            ("face_sim_2", f"face sim ({self.face_names['face_sim_2']})")
+        return [("face_sim", f"face sim ({self.face_names['face_sim']})"), second, ("body_sim", "body sim"),
+                ("reader_body", "body reader acc"), ("reader_mean", "mean reader acc"),
+                ("prompt_adherence", "prompt adherence (CLIP)"), ("copy_paste", "copy-paste")]
+
+
+def second_recognizer(identity: IdentityConfig):
+    """The second face recognizer on real data: dlib, or InsightFace when dlib is the training one.
+    Returns (encoder or None, name, why it is missing)."""
+    from dtback.identity.precompute import build_face_encoder  # noqa: PLC0415
+
+    backend = "dlib" if identity.face_backend != "dlib" else "insightface"
+    if backend == "insightface" and identity.face_model_dir is None:
+        return None, backend, "n/a (skipped: insightface needs identity.face_model_dir; dlib is the training encoder)"
+    try:
+        return build_face_encoder(identity.model_copy(update={"face_backend": backend})), backend, ""
+    except (ImportError, ConfigError, FileNotFoundError) as err:
+        return None, backend, f"n/a (skipped: {backend} not available: {err})"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def summarise(generated: list[Generated], held: HeldOut, prompts: list[str], scorer: Scorer,
+              settings: EvaluateSettings, run: dict[str, Any]) -> dict[str, Any]:
+    """The ``results.json`` payload: mean of every metric per condition (and per character), deltas to baselines."""
+    keys = [key for key, _ in scorer.columns()] + ["face_detected"]
+    table: dict[str, dict[str, float | None]] = {}
+    per_character: dict[str, dict[str, dict[str, float | None]]] = {}
+    for condition in CONDITIONS:
+        mine = [g for g in generated if g.condition == condition]
+        table[condition] = {key: _mean([g.scores.get(key) for g in mine]) for key in keys}
+        for row, character in enumerate(held.characters):
+            per_character.setdefault(character.key, {})[condition] = {
+                key: _mean([g.scores.get(key) for g in mine if g.row == row]) for key in keys}
+    deltas = {
+        f"with_identity_minus_{base}": {key: None if table["with_identity"][key] is None or table[base][key] is None
+                                        else table["with_identity"][key] - table[base][key] for key in keys}
+        for base in ("no_identity", "shuffled")
+    }
+    return {
+        "model": str(settings.model),
+        "data_dir": str(held.data_dir),
+        "held_out_source": held.source,
+        "characters": [{"key": c.key, "reference": str(c.reference_path), "gallery": [str(p) for p in c.gallery_paths]}
+                       for c in held.characters],
+        "skipped": held.skipped,
+        "prompts": prompts,
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}, **run},
+        "recognizers": scorer.recognizers,
+        "columns": [{"metric": key, "header": header} for key, header in scorer.columns()],
+        "conditions": table,
+        "deltas": deltas,
+        "unavailable": scorer.unavailable,
+        "per_character": per_character,
+        "images": [{"condition": g.condition, "character": held.characters[g.row].key,
+                    "reference_of": None if g.source is None else held.characters[g.source].key,
+                    "prompt": g.prompt, "index": g.index, "path": g.path, "scores": g.scores} for g in generated],
+    }
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """``results.md``: the table (rows: conditions) and what its columns mean."""
+    columns = results["columns"]
+    lines = ["| condition | " + " | ".join(c["header"] for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for condition, label in CONDITIONS.items():
+        cells = []
+        for column in columns:
+            value = results["conditions"][condition][column["metric"]]
+            cells.append(f"{value:.3f}" if value is not None and math.isfinite(value) else
+                         results["unavailable"].get(column["metric"], "n/a"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    settings = results["settings"]
+    notes = [
+        f"{len(results['characters'])} held-out characters ({results['held_out_source']}) x {len(results['prompts'])} "
+        f"prompts x {settings['images_per_prompt']} image(s), {settings['steps']} steps, {settings['size']} px, "
+        f"seed {settings['seed']}; model `{results['model']}`.",
+        "Similarities are cosines to the mean embedding of the character's gallery (its images other than the "
+        "reference); a generated image without a detected face scores 0 face similarity. Reader accuracies are the "
+        "fractions of face / body attributes the world identity reader reads as the character's true ones. "
+        "The shuffled row gives each character another held-out character's reference and scores against its own.",
+        "Copy-paste: Pearson correlation of the 32x32 RGB pixels of the output and the reference it was given "
+        "(high = the output copies the reference picture instead of following the prompt).",
+        f"Recognizers: {', '.join(f'{k}: {v}' for k, v in results['recognizers'].items() if v)}.",
+    ]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def write_outputs(out: Path, results: dict[str, Any], generated: list[Generated], held: HeldOut,
+                  prompts: list[str]) -> None:
+    from dtback.viz.grid import make_grid  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / RESULTS_MD).write_text(markdown_table(results), encoding="utf-8")
+    first = {(g.condition, g.row): g.image for g in generated if g.prompt == 0 and g.index == 0}
+    rows = [[c.reference] + [first[(condition, row)] for condition in CONDITIONS]
+            for row, c in enumerate(held.characters)]
+    grid = make_grid(rows, [c.key for c in held.characters], ["reference", *CONDITIONS.values()],
+                     cell=grid_cell(results["settings"]["size"]), title=f"prompt: {prompts[0]}")
+    grid.save(out / GRID_PNG)
+
+
+def grid_cell(size: int) -> int:
+    """Grid cell side for ``size``-px images: the images' size within 128..256 px."""
+    return max(128, min(256, size))

@@ -1,0 +1,191 @@
+"""What ``dtback evaluate`` evaluates on: the held-out characters of a training run, their images, and the prompts.
+
+Held-out characters are found as training split them, in this order: ``--characters`` when given; the run folder's
+``split.json`` (written by training, see :mod:`dtback.data.split`); else the run's config: ``data.val_characters``,
+or ``data.val_fraction`` applied again by :func:`~dtback.data.split.split_characters` (same seed, same split).
+
+Per character the first readable image (sorted by name) is the **reference** the adapter is given; the other images
+are its **gallery**: the character's identity embedding for scoring is the mean over the gallery, so an output that
+copies the reference does not get a perfect score for free. On the identity world each image has a ``.json`` sidecar
+holding the character's true face and body attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from dtback.config import Config, load_config
+from dtback.data.images import ImageSkip, load_rgb
+from dtback.data.layout import CONTACT_SHEET, SIDECAR_SUFFIXES, scan_dataset
+from dtback.data.split import SPLIT_FILE, read_split, split_characters
+from dtback.data.world import caption_for
+from dtback.errors import DatasetError, DtbackError
+
+logger = logging.getLogger(__name__)
+
+MAX_PIXELS = 50_000_000
+
+# Scene captions in the world's own words (data.world.caption_for): scenes, poses and lights of the world's captions.
+WORLD_SHOTS = (
+    ("beach", "standing", "up", "front", "daylight"),
+    ("forest", "walking", "down", "left", "warm"),
+    ("city", "standing", "wave", "front", "cool"),
+    ("snow", "walking", "out", "right", "bright"),
+)
+WORLD_PROMPTS = tuple(
+    caption_for({"scene": scene, "lighting": light, "side_light": 0.0,
+                 "pose": {"stance": stance, "arms": arms, "facing": facing}})
+    for scene, stance, arms, facing, light in WORLD_SHOTS
+)
+PHOTO_PROMPTS = (
+    "a photo of a person in a park",
+    "a photo of a person on a city street at night",
+    "a photo of a person sitting in a cafe",
+    "a photo of a person standing on a beach at sunset",
+)
+
+
+@dataclass
+class HeldOutCharacter:
+    """A held-out character: its reference image (given to the adapter), its gallery (scored against) and, on the
+    identity world, its true attributes ``{"face": {...}, "body": {...}}``."""
+
+    key: str
+    reference_path: Path
+    reference: Image.Image
+    gallery_paths: list[Path]
+    gallery: list[Image.Image]
+    truth: dict[str, dict[str, str]] | None
+
+
+@dataclass
+class HeldOut:
+    """The characters to evaluate, where they came from, and what was left out (with reasons)."""
+
+    data_dir: Path
+    characters: list[HeldOutCharacter]
+    source: str
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def is_world(self) -> bool:
+        return all(c.truth is not None for c in self.characters)
+
+
+def run_config(run_dir: Path, config: Path | None) -> Config | None:
+    """The run's resolved config (``<run>/config.yaml``, written by training) or ``config``; None when neither."""
+    path = config if config is not None else run_dir / "config.yaml"
+    if config is None and not path.is_file():
+        return None
+    if not path.is_file():
+        raise DtbackError(f"--config {path} does not exist")
+    return load_config(path)
+
+
+def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: list[str]) -> tuple[list[str], str]:
+    """``bundle/character`` keys of the held-out characters and where they came from (see the module docstring)."""
+    if explicit:
+        return list(explicit), "--characters"
+    split_path = run_dir / SPLIT_FILE
+    if split_path.is_file():
+        return list(read_split(split_path).val), str(split_path)
+    if cfg is None:
+        raise DtbackError(
+            f"no held-out characters: {run_dir} has neither {SPLIT_FILE} nor config.yaml; pass --characters "
+            "bundle/character (repeatable) or --config with the training config"
+        )
+    if cfg.data.val_characters:
+        return list(cfg.data.val_characters), "config data.val_characters"
+    data_cfg = cfg.data.model_copy(update={"data_dir": data_dir})
+    split = split_characters(scan_dataset(data_cfg, cfg.seed, progress=False), data_cfg, cfg.seed)
+    return list(split.val), f"config data.val_fraction={cfg.data.val_fraction} (seed {cfg.seed})"
+
+
+def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, explicit: list[str],
+                  limit: int | None) -> HeldOut:
+    """Resolve and read the held-out characters; at least 2 with 2+ readable images are needed (the shuffled
+    baseline gives each character another one's reference)."""
+    if data_dir is None:
+        if cfg is None:
+            raise DtbackError(f"--data-dir is needed: {run_dir / 'config.yaml'} (the run's config) does not exist")
+        data_dir = Path(cfg.data.data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(f"dataset folder {data_dir} does not exist (pass --data-dir)")
+    keys, source = held_out_keys(run_dir, cfg, data_dir, explicit)
+    if not keys:
+        raise DtbackError(
+            f"no held-out characters in {source} (was the run trained with data.val_fraction: 0?); pass "
+            "--characters bundle/character (repeatable)"
+        )
+    held = HeldOut(data_dir=data_dir, characters=[], source=source)
+    for key in keys:
+        if limit is not None and len(held.characters) >= limit:
+            break
+        character = read_character(data_dir, key, held.skipped)
+        if character is not None:
+            held.characters.append(character)
+    if len(held.characters) < 2:
+        raise DtbackError(
+            f"need at least 2 held-out characters with 2+ readable images in {data_dir} (from {source}), found "
+            f"{len(held.characters)}; skipped: {held.skipped or 'none'}"
+        )
+    return held
+
+
+def read_character(data_dir: Path, key: str, skipped: list[dict[str, str]]) -> HeldOutCharacter | None:
+    """Read one character folder; unreadable images and characters with fewer than 2 images are recorded in
+    ``skipped`` and left out."""
+    folder = data_dir / key
+    if not folder.is_dir():
+        raise DatasetError(f"held-out character {key}: no folder {folder} (does --data-dir match the run?)")
+    images: list[tuple[Path, Image.Image]] = []
+    for path in sorted(folder.iterdir()):
+        if (not path.is_file() or path.name.startswith(".") or path.suffix.lower() in SIDECAR_SUFFIXES
+                or path.name == CONTACT_SHEET):
+            continue
+        try:
+            images.append((path, load_rgb(path, MAX_PIXELS)))
+        except ImageSkip as skip:
+            skipped.append({"path": str(path), "reason": skip.reason.value, "detail": skip.detail})
+    if len(images) < 2:
+        skipped.append({"path": str(folder), "reason": "too_few_images",
+                        "detail": f"{len(images)} readable image(s); a reference and a gallery image are needed"})
+        return None
+    return HeldOutCharacter(
+        key=key, reference_path=images[0][0], reference=images[0][1], gallery_paths=[p for p, _ in images[1:]],
+        gallery=[image for _, image in images[1:]], truth=world_truth(images[0][0]),
+    )
+
+
+def world_truth(image_path: Path) -> dict[str, dict[str, str]] | None:
+    """The true attributes in the identity world's sidecar ``<image>.json``; None for other datasets."""
+    sidecar = image_path.with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        attributes: Any = json.loads(sidecar.read_text(encoding="utf-8")).get("attributes")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise DatasetError(f"{sidecar}: unreadable world metadata ({type(err).__name__}: {err})") from None
+    if not isinstance(attributes, dict) or not {"face", "body"} <= set(attributes):
+        return None
+    return attributes
+
+
+def read_prompts(prompts_file: Path | None, is_world: bool) -> list[str]:
+    """One prompt per non-empty line of ``prompts_file``; without one, the built-in set for the kind of data."""
+    if prompts_file is None:
+        return list(WORLD_PROMPTS if is_world else PHOTO_PROMPTS)
+    try:
+        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DtbackError(f"--prompts-file {prompts_file}: unreadable ({err})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise DtbackError(f"--prompts-file {prompts_file} holds no prompt (one prompt per line)")
+    return prompts

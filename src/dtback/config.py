@@ -252,6 +252,14 @@ class ModelConfig(_Section):
     lora_targets: list[str] = Field(
         ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="Module names LoRA wraps in the transformer."
     )
+    base_quantization: Literal["int8"] | None = Field(
+        None, description="Memory mode: int8 stores the frozen base's block weights in 8 bits (torchao, halves them); "
+        "null: the base dtype. Real FLUX only (see dtback.model.memory)."
+    )
+    offload_after_cache: bool = Field(
+        False, description="Memory mode: move the text encoders and the VAE encoder off the training device once the "
+        "latent and text caches are built."
+    )
 
     @model_validator(mode="after")
     def _check_blocks(self) -> "ModelConfig":
@@ -259,6 +267,16 @@ class ModelConfig(_Section):
             blocks = getattr(self, key)
             if blocks is not None and (any(b < 0 for b in blocks) or len(set(blocks)) != len(blocks)):
                 raise ValueError(f"{key} must hold distinct block indices >= 0 (got {blocks})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> "ModelConfig":
+        if self.base_quantization is not None and self.use_simple_model:
+            raise ValueError(f"base_quantization={self.base_quantization} needs a frozen base, but the simple model's "
+                             "transformer is trained: set use_simple_model: false or base_quantization: null")
+        if self.base_quantization is not None and self.lora_rank > 0:
+            raise ValueError(f"base_quantization={self.base_quantization} with lora_rank={self.lora_rank}: LoRA on a "
+                             "quantized base is not supported; set one of them off")
         return self
 
 
@@ -278,7 +296,9 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, no mixed precision on a CPU."
     )
-    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs bitsandbytes (GPU).")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit: AdamW moments in 8 bits through bitsandbytes (GPU or CPU; a memory mode)."
+    )
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     lr_scheduler: Literal["cosine", "constant"] = Field("cosine", description="After warmup: cosine decay or constant.")
     warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warmup steps.")
@@ -289,6 +309,10 @@ class TrainingConfig(_Section):
         0.999, ge=0.0, lt=1.0, description="EMA of the trainable weights (validation and best_model use it); null: off."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute transformer blocks in backward to save memory.")
+    gradient_checkpointing_every: int = Field(
+        1, ge=1, description="With gradient_checkpointing: recompute every k-th transformer block (1: all; fewer "
+        "saves less memory and less time)."
+    )
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Train with an empty caption this often (CFG).")
     identity_dropout: float = Field(
         0.1, ge=0.0, le=1.0, description="Train without identity this often, so sampling without identity works."

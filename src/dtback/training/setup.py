@@ -25,6 +25,7 @@ from dtback.identity.body import BodyCropRule
 from dtback.identity.precompute import IdentityPrecomputer
 from dtback.model.flux import load_base, max_sequence_length, save_pipeline_atomic
 from dtback.model.identity_flux import IdentityPreservingFlux
+from dtback.model.memory import finish_caching, place_for_caching, quantize_base
 from dtback.training.checkpoint import Progress
 from dtback.training.features import FeatureStore, build_feature_store
 from dtback.training.identity_loss import IdentityLoss
@@ -168,11 +169,13 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
         subset = _Subset(prepared.index.root, characters)
         precomputer.run(subset, progress=show)
         pipeline = load_base(cfg.model, run_dir, seed=cfg.seed, device=accelerator.device)
-        pipeline.to(accelerator.device)
+        quantize_base(pipeline.transformer, cfg.model.base_quantization)  # memory modes: dtback.model.memory
+        place_for_caching(pipeline, accelerator.device, cfg.model)
         pipeline.set_progress_bar_config(disable=True)  # validation sampling: the training bar is enough
         crop_rule = getattr(precomputer.body, "crop_rule", BodyCropRule())
         store = build_feature_store(pipeline, characters, cfg.data, precomputer.face_cache, precomputer.body_cache,
                                     cache_dir, max_sequence_length(cfg.model), crop_rule, progress=show)
+        finish_caching(pipeline, accelerator.device, cfg.model)
     transformer = pipeline.transformer
     dims = {"face_dim": store.face_embeds.shape[1] if store.face_embeds is not None else 0,
             "body_dim": store.body_pooled.shape[1] if store.body_pooled is not None else 0,

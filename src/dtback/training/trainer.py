@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dtback.config import Config
 from dtback.errors import DtbackError
+from dtback.model.memory import apply_checkpointing, make_adamw
 from dtback.training.batches import draw_pair_references, epoch_batches, make_batch
 from dtback.training.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from dtback.training.setup import RunParts, setup
@@ -59,13 +60,7 @@ def make_optimizer(cfg: Config, parts: RunParts) -> torch.optim.Optimizer:
     if parts.base_trainable:
         groups.append({"params": [p for p in parts.pipeline.transformer.parameters() if p.requires_grad],
                        "lr": t.base_learning_rate or t.learning_rate})
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb  # noqa: PLC0415
-        except ImportError as err:
-            raise DtbackError("training.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
-        return bnb.optim.AdamW8bit(groups, betas=t.adam_betas, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(groups, betas=t.adam_betas, weight_decay=t.weight_decay)
+    return make_adamw(groups, t)
 
 
 def _has_gpu() -> bool:
@@ -113,8 +108,7 @@ def train(cfg: Config, resume: str | Path | None = "auto", progress_bar: bool = 
     module, optimizer = accelerator.prepare(module, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
-    if t.gradient_checkpointing:
-        parts.pipeline.transformer.enable_gradient_checkpointing()
+    apply_checkpointing(parts.pipeline.transformer, t)
     stop = _StopFlag()
     bar = tqdm(total=steps, initial=progress.step, desc="training", unit="step",
                disable=not (progress_bar and accelerator.is_main_process))

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 CONDITIONS = {"with_identity": "with identity", "no_identity": "no identity", "shuffled": "shuffled reference"}
 RESULTS_JSON, RESULTS_MD, GRID_PNG = "results.json", "results.md", "grid.png"
+FACE_NAMES = {"world": "world face encoder"}
 
 
 @dataclass
@@ -88,6 +89,10 @@ def check_settings(settings: EvaluateSettings) -> None:
         if value is not None and value < (2 if name == "num_characters" else 1):
             raise DtbackError(f"--{name.replace('_', '-')} {value} is too small "
                               f"(at least {2 if name == 'num_characters' else 1})")
+    if settings.clip_model is not None and not (settings.clip_model / "config.json").is_file():
+        raise DtbackError(f"--clip-model {settings.clip_model}: not a transformers CLIP folder (no config.json)")
+    if settings.prompts_file is not None and not settings.prompts_file.is_file():
+        raise DtbackError(f"--prompts-file {settings.prompts_file} does not exist")
 
 
 def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
@@ -161,7 +166,7 @@ class Scorer:
             "prompt_adherence": clip.name if clip is not None else None,
             "copy_paste": "Pearson correlation of 32x32 RGB pixels of the output and the reference it was given",
         }
-        self.face_names = {"face_sim": identity.face_backend}
+        self.face_names = {"face_sim": FACE_NAMES.get(identity.face_backend, identity.face_backend)}
         self.reader = self.second = None
         if held.is_world:
             from dtback.evaluation.reader import load_reader  # noqa: PLC0415

@@ -1,0 +1,127 @@
+"""`dtback evaluate` on a run trained for two steps on a tiny identity world: table, JSON, grid, real numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dtback.cli import EXIT_BAD_INPUT, main
+from dtback.data.world import BODY_ATTRIBUTES, FACE_ATTRIBUTES
+from dtback.evaluation.benchmark import CONDITIONS, grid_cell
+from dtback.evaluation.heldout import WORLD_PROMPTS
+from dtback.evaluation.reader import load_reader
+from dtback.viz.grid import grid_layout
+
+RANGES = {"reader_face": (0, 1), "reader_body": (0, 1), "reader_mean": (0, 1), "face_detected": (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def evaluated(world_run, tiny_clip, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation")
+    code = main(["evaluate", "--model", str(world_run / "best_model.pt"), "--steps", "2", "--seed", "3",
+                 "--clip-model", str(tiny_clip), "--out", str(out), "--no-progress"])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_three_rows_with_every_metric_finite_and_in_range(evaluated, world_run):
+    out, results = evaluated
+    held_out = json.loads((world_run / "split.json").read_text())["val"]
+    assert [c["key"] for c in results["characters"]] == held_out and len(held_out) == 2
+    assert results["held_out_source"].endswith("split.json") and results["prompts"] == list(WORLD_PROMPTS)
+    assert list(results["conditions"]) == list(CONDITIONS) and results["unavailable"] == {}
+    metrics = [c["metric"] for c in results["columns"]]
+    assert metrics == ["face_sim", "reader_face", "body_sim", "reader_body", "reader_mean", "prompt_adherence",
+                       "copy_paste"]
+    for condition, row in results["conditions"].items():
+        for metric in [*metrics, "face_detected"]:
+            value = row[metric]
+            low, high = RANGES.get(metric, (-1, 1))
+            assert value is not None and math.isfinite(value) and low - 1e-6 <= value <= high + 1e-6, \
+                (condition, metric, value)
+        assert row["reader_mean"] == pytest.approx((row["reader_face"] + row["reader_body"]) / 2)
+    delta = results["deltas"]["with_identity_minus_no_identity"]["body_sim"]
+    rows = results["conditions"]
+    assert delta == pytest.approx(rows["with_identity"]["body_sim"] - rows["no_identity"]["body_sim"])
+    images = results["images"]
+    assert len(images) == 3 * 2 * len(WORLD_PROMPTS)
+    assert all((out / image["path"]).is_file() for image in images)
+    shuffled = [image for image in images if image["condition"] == "shuffled"]
+    assert all(image["reference_of"] != image["character"] for image in shuffled)
+
+
+def test_markdown_table_lists_the_three_rows(evaluated):
+    out, results = evaluated
+    table = (out / "results.md").read_text()
+    header = table.splitlines()[0]
+    for column in ("face sim (world face encoder)", "face reader acc", "body sim", "body reader acc",
+                   "mean reader acc", "prompt adherence (CLIP)", "copy-paste"):
+        assert column in header
+    for label, condition in (("with identity", "with_identity"), ("no identity", "no_identity"),
+                             ("shuffled reference", "shuffled")):
+        line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[1] == f"{results['conditions'][condition]['face_sim']:.3f}"
+        assert len(cells) == 8
+
+
+def test_grid_has_a_row_per_character_and_four_columns(evaluated):
+    out, results = evaluated
+    keys = [c["key"] for c in results["characters"]]
+    layout = grid_layout(keys, ["reference", *CONDITIONS.values()], 4, grid_cell(results["settings"]["size"]),
+                         f"prompt: {results['prompts'][0]}")
+    grid = Image.open(out / "grid.png")
+    assert grid.size == layout.size and layout.rows == 2
+
+
+def test_no_identity_reader_accuracy_is_what_the_reader_reads(evaluated, world_run):
+    """Recompute the no-identity row from the saved images, the reader and the world's metadata sidecars."""
+    out, results = evaluated
+    reader = load_reader(train_if_missing=False)
+    data_dir = results["data_dir"]
+    face, body = [], []
+    for image in (i for i in results["images"] if i["condition"] == "no_identity"):
+        truth = json.loads(open(f"{data_dir}/{image['character']}/000.json").read())["attributes"]
+        read = reader.read([np.asarray(Image.open(out / image["path"]).convert("RGB"))])[0]
+        face.append(np.mean([read[name] == truth["face"][name] for name in FACE_ATTRIBUTES]))
+        body.append(np.mean([read[name] == truth["body"][name] for name in BODY_ATTRIBUTES]))
+    row = results["conditions"]["no_identity"]
+    assert row["reader_face"] == pytest.approx(np.mean(face), abs=1e-9)
+    assert row["reader_body"] == pytest.approx(np.mean(body), abs=1e-9)
+    assert row["reader_mean"] == pytest.approx((np.mean(face) + np.mean(body)) / 2, abs=1e-9)
+
+
+def test_bad_inputs_get_clear_messages(world_run, tmp_path, capsys):
+    model = str(world_run / "best_model.pt")
+    common = ["--steps", "1", "--out", str(tmp_path / "o"), "--no-progress"]
+
+    assert main(["evaluate", "--model", str(tmp_path / "missing.pt"), *common]) == EXIT_BAD_INPUT
+    assert f"--model {tmp_path / 'missing.pt'} does not exist" in capsys.readouterr().err
+
+    run = tmp_path / "run"  # a run folder whose split holds nothing out
+    run.mkdir()
+    shutil.copy(world_run / "best_model.pt", run / "best_model.pt")
+    shutil.copy(world_run / "config.yaml", run / "config.yaml")
+    (run / "split.json").write_text(json.dumps({"method": "explicit", "train": ["world/c0000"], "val": []}))
+    assert main(["evaluate", "--model", str(run / "best_model.pt"), *common]) == EXIT_BAD_INPUT
+    assert "no held-out characters" in capsys.readouterr().err
+
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n   \n")
+    assert main(["evaluate", "--model", model, "--prompts-file", str(empty), *common]) == EXIT_BAD_INPUT
+    assert f"--prompts-file {empty} holds no prompt" in capsys.readouterr().err
+
+    held_out = json.loads((world_run / "split.json").read_text())["val"]
+    assert main(["evaluate", "--model", model, "--characters", held_out[0], *common]) == EXIT_BAD_INPUT
+    assert "need at least 2 held-out characters" in capsys.readouterr().err
+
+    assert main(["evaluate", "--model", model, "--characters", "world/nobody", *common]) == EXIT_BAD_INPUT
+    assert "held-out character world/nobody: no folder" in capsys.readouterr().err
+
+    assert main(["evaluate", "--model", model, "--clip-model", str(tmp_path), *common]) == EXIT_BAD_INPUT
+    assert "not a transformers CLIP folder" in capsys.readouterr().err

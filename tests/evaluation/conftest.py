@@ -13,7 +13,7 @@ from helpers import REPO
 def world_run(tmp_path_factory) -> Path:
     """A run folder as training leaves it (best_model.pt, base/, config.yaml, split.json) after 2 steps on a
     6-character world of 128 px images; 2 characters are held out. About 10 s on one core."""
-    from dtback.config import WorldConfig, load_config
+    from dtback.config import ModelConfig, WorldConfig, load_config
     from dtback.data.world_files import write_world
     from dtback.training.trainer import train
 
@@ -25,6 +25,8 @@ def world_run(tmp_path_factory) -> Path:
         "training.checkpoint_every": 1000, "training.validate_every": 1000, "training.val_sampling_steps": 1,
         "training.num_val_characters": 1, "training.warmup_steps": 1, "training.log_every": 1,
     }
+    if "simple_base" in ModelConfig.model_fields:  # start from random weights, not the pretrained world base
+        settings["model.simple_base"] = "null"
     cfg = load_config(REPO / "train" / "config.yaml", [f"{key}={value}" for key, value in settings.items()])
     result = train(cfg, resume=None, progress_bar=False)
     assert result.best_model is not None

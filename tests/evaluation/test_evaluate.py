@@ -125,3 +125,61 @@ def test_bad_inputs_get_clear_messages(world_run, tmp_path, capsys):
 
     assert main(["evaluate", "--model", model, "--clip-model", str(tmp_path), *common]) == EXIT_BAD_INPUT
     assert "not a transformers CLIP folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ photos: InsightFace + dlib
+
+
+@pytest.fixture(scope="module")
+def photo_run(tmp_path_factory):
+    """A run trained (in spirit) on photos: InsightFace (a tiny pack: magenta squares are faces) as the training
+    face encoder, a tiny DINOv2 body model, random adapters on a saved simple base; two characters of photos."""
+    import torch
+    from skimage import data as skdata
+
+    from dtback.config import IdentityConfig, ModelConfig
+    from dtback.model.flux import build_simple_pipeline, save_pipeline_atomic
+    from dtback.model.identity_flux import IdentityPreservingFlux
+    from flux_helpers import randomise_outputs
+    from helpers import MAGENTA, export_tiny_insightface_pack, save_tiny_dinov2
+
+    root = tmp_path_factory.mktemp("photo_run")
+    pipeline = build_simple_pipeline(seed=0)
+    save_pipeline_atomic(pipeline, root / "run" / "base")
+    identity = IdentityConfig(face_backend="insightface", face_model_dir=export_tiny_insightface_pack(root / "pack"),
+                              face_det_size=320, body_model=str(save_tiny_dinov2(root / "dino")))
+    torch.manual_seed(0)
+    model = IdentityPreservingFlux.from_config(ModelConfig(), identity, pipeline.transformer.config, face_dim=64,
+                                               body_dim=32, body_token_dim=32)
+    randomise_outputs(model, seed=3)
+    model.spec.extra.update(base_model="base", identity=identity.model_dump(mode="json"), input_size=64,
+                            max_sequence_length=16)
+    model.save_pretrained(root / "run" / "best_model.pt")
+    astronaut = Image.fromarray(skdata.astronaut()).resize((320, 320))
+    for name, picture in (("alice", astronaut), ("bob", astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT))):
+        for i, corner in enumerate(((16, 16), (288, 16))):
+            image = picture.copy()
+            image.paste(MAGENTA, (*corner, corner[0] + 16, corner[1] + 16))
+            (root / "photos" / "set" / name).mkdir(parents=True, exist_ok=True)
+            image.save(root / "photos" / "set" / name / f"{i}.png")
+    return root
+
+
+def test_photos_use_insightface_and_dlib_and_say_what_is_not_available(photo_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(photo_run / "run" / "best_model.pt"), "--data-dir",
+                 str(photo_run / "photos"), "--characters", "set/alice", "--characters", "set/bob", "--steps", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["recognizers"]["face_sim"].startswith("insightface") and \
+        results["recognizers"]["face_sim_2"].startswith("dlib")
+    assert [c["header"] for c in results["columns"]][:2] == ["face sim (insightface)", "face sim (dlib)"]
+    assert results["unavailable"]["prompt_adherence"] == "n/a (no CLIP model)"
+    assert results["unavailable"]["reader_mean"] == "n/a (no world metadata)"
+    for row in results["conditions"].values():
+        for metric in ("face_sim", "face_sim_2", "body_sim", "copy_paste"):
+            assert -1 <= row[metric] <= 1
+        assert row["reader_body"] is None and row["prompt_adherence"] is None
+    table = (out / "results.md").read_text()
+    assert table.count("n/a (no CLIP model)") == 3 and "| shuffled reference |" in table
+    assert "face sim (dlib)" in capsys.readouterr().out

@@ -187,9 +187,12 @@ class Scorer:
             self.unavailable["prompt_adherence"] = "n/a (no CLIP model)"
         if not held.is_world:
             for key in ("reader_face", "reader_body", "reader_mean"):
-                self.unavailable[key] = "n/a (not an identity world: no attribute metadata)"
+                self.unavailable[key] = "n/a (no world metadata)"
         self.face_refs, boxes = self._face_references(self.face)
         self.second_refs, _ = self._face_references(self.second)
+        for key, encoder, refs in (("face_sim", self.face, self.face_refs), ("face_sim_2", self.second, self.second_refs)):
+            if encoder is not None and all(ref is None for ref in refs):
+                self.unavailable[key] = f"n/a ({encoder.encoder_id} found no face in any gallery image)"
         self.body_refs = [None] * len(held.characters)
         if self.body is not None:
             self.body_refs = [unit_mean(torch.stack([body_embedding(self.body, image, box)

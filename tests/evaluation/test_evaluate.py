@@ -183,3 +183,16 @@ def test_photos_use_insightface_and_dlib_and_say_what_is_not_available(photo_run
     table = (out / "results.md").read_text()
     assert table.count("n/a (no CLIP model)") == 3 and "| shuffled reference |" in table
     assert "face sim (dlib)" in capsys.readouterr().out
+
+
+def test_without_split_file_the_config_gives_the_same_held_out_characters(world_run, tmp_path):
+    """A run folder without split.json: data.val_fraction of its config.yaml, applied again, gives the same split."""
+    from dtback.evaluation.heldout import held_out_keys, run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(world_run / "config.yaml", run / "config.yaml")
+    cfg = run_config(run, None)
+    keys, source = held_out_keys(run, cfg, cfg.data.data_dir, [])
+    assert keys == json.loads((world_run / "split.json").read_text())["val"]
+    assert source.startswith("config data.val_fraction=0.25")

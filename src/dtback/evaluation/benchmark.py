@@ -326,7 +326,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"seed {settings['seed']}; model `{results['model']}`.",
         "Similarities are cosines to the mean embedding of the character's gallery (its images other than the "
         "reference); a generated image without a detected face scores 0 face similarity. Reader accuracies are the "
-        "fractions of face / body attributes the world identity reader reads as the character's true ones. "
+        "fractions of face / body attributes the world identity reader reads as the character's true ones (mean: their "
+        "average per image). "
         "The shuffled row gives each character another held-out character's reference and scores against its own.",
         "Copy-paste: Pearson correlation of the 32x32 RGB pixels of the output and the reference it was given "
         "(high = the output copies the reference picture instead of following the prompt).",

@@ -83,7 +83,8 @@ def cpu_name() -> str:
     model = platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
         model = names[0] if names else model
     return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
@@ -174,15 +175,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(fn, steps: int, device: torch.device) -> list[float]:
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+def time_step(fn, device: torch.device) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds of one call (on a shared CPU the latter ignores the waits)."""
+    synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def run_mode(transformer, model, mode: str, size: int, args, device, dtype, flops: dict) -> dict:
@@ -210,8 +209,8 @@ def run_mode(transformer, model, mode: str, size: int, args, device, dtype, flop
         for _ in range(max(1, args.warmup)):
             runner.base_step()
         for _ in range(args.steps):  # interleaved, so drift in the machine's speed hits both alike
-            adapter_times += time_steps(runner.adapter_step, 1, device)
-            base_times += time_steps(runner.base_step, 1, device)
+            adapter_times.append(time_step(runner.adapter_step, device))
+            base_times.append(time_step(runner.base_step, device))
     except torch.cuda.OutOfMemoryError as err:
         row.update(status="out of memory", error=str(err).splitlines()[0])
         return row
@@ -221,14 +220,19 @@ def run_mode(transformer, model, mode: str, size: int, args, device, dtype, flop
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    seconds, base_seconds = statistics.median(adapter_times), statistics.median(base_times)
+    seconds, base_seconds = (statistics.median(wall for wall, _ in times) for times in (adapter_times, base_times))
+    if device.type == "cpu":
+        row["cpu_seconds"], row["base_cpu_seconds"] = (statistics.median(cpu for _, cpu in times)
+                                                       for times in (adapter_times, base_times))
     step_tflop = flops["adapter_train"] * args.batch
     achieved = step_tflop / seconds
     row.update(
-        status="ok", seconds=seconds, seconds_all=adapter_times, samples_per_s=args.batch / seconds,
+        status="ok", seconds=seconds, seconds_all=[wall for wall, _ in adapter_times],
+        samples_per_s=args.batch / seconds,
         step_tflop=step_tflop, achieved_tflops=achieved,
         mfu=achieved / args.peak_tflops if args.peak_tflops else None,
-        base_seconds=base_seconds, base_seconds_all=base_times, base_step_tflop=flops["base_train"] * args.batch,
+        base_seconds=base_seconds, base_seconds_all=[wall for wall, _ in base_times],
+        base_step_tflop=flops["base_train"] * args.batch,
         adapter_overhead=seconds / base_seconds - 1,
     )
     return row
@@ -318,16 +322,18 @@ def format_row(row: dict) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| px | mode | s/step | samples/s | peak GPU GB | TFLOP/step | TFLOP/s | MFU | base-only s | "
-             "adapter step / base step |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "adapter step / base step | CPU s: adapter / base step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if row.get("status") != "ok":
-            lines.append(f"| {row['size']} | {row['mode']} | {row.get('status')} | | | | | | | |")
+            lines.append(f"| {row['size']} | {row['mode']} | {row.get('status')} | | | | | | | | |")
             continue
         memory = f"{row['peak_memory_gb']:.1f}" if row["peak_memory_gb"] is not None else "-"
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        cpu = (f"{row['cpu_seconds']:.3f} / {row['base_cpu_seconds']:.3f} = "
+               f"{row['cpu_seconds'] / row['base_cpu_seconds']:.3f}" if "cpu_seconds" in row else "-")
         lines.append(f"| {row['size']} | {row['mode']} | {row['seconds']:.3f} | {row['samples_per_s']:.2f} | {memory} | "
                      f"{row['step_tflop']:.3f} | {row['achieved_tflops']:.3f} | {mfu} | {row['base_seconds']:.3f} | "
-                     f"{row['seconds'] / row['base_seconds']:.3f} |")
+                     f"{row['seconds'] / row['base_seconds']:.3f} | {cpu} |")
     return "\n".join(lines)
 
 

@@ -3,16 +3,18 @@
 One config key each; a run combines them freely. Bytes are for FLUX.1-dev and the default adapters (439 M
 trainable parameters):
 
-| key | what it saves | what it costs |
-|---|---|---|
-| ``training.gradient_checkpointing`` + ``training.gradient_checkpointing_every: k`` | the activations inside every k-th block (1: all 57) | their forward runs again in backward |
-| ``model.base_quantization: int8`` | half the base weights: 24 -> 12 GB (torchao int8 weight-only, per-channel scales) | a dequantise per matmul; outputs drift slightly (tested) |
-| ``training.optimizer: adamw8bit`` | AdamW moments in 8 bits (bitsandbytes): 3.5 -> 0.9 GB | - |
-| ``model.offload_after_cache: true`` | the text encoders (T5-XXL: 9.5 GB bf16) and the VAE encoder leave the device once the caches are built; the transformer arrives after they leave | nothing: training reads cached text and latents |
-| several GPUs: ``accelerate launch --config_file train/accelerate/fsdp.yaml`` | shards the base block by block | communication |
+- ``training.gradient_checkpointing`` (+ ``training.gradient_checkpointing_every: k``): the activations inside
+  every k-th block (1: all 57) are not kept; their forward runs again in backward.
+- ``model.base_quantization: int8``: the block weights in int8 with one scale per output channel (torchao
+  weight-only), 24 -> 12 GB; a dequantise per matmul, and outputs drift slightly (tested).
+- ``training.optimizer: adamw8bit``: AdamW moments in 8 bits (bitsandbytes), 3.5 -> 0.9 GB.
+- ``model.offload_after_cache: true``: the text encoders (T5-XXL: 9.5 GB in bf16) and the VAE encoder leave the
+  device once the latent and text caches are built, and the transformer arrives only then; training reads the
+  caches. The VAE decoder stays: the identity loss and validation decode with it.
+- several GPUs: ``accelerate launch --config_file train/accelerate/fsdp.yaml`` shards the base block by block.
 
-The VAE decoder stays on the device: the identity loss and validation decode with it. Functions here take the
-modules they change and leave the rest alone; :mod:`dtback.training.setup` and the trainer call them.
+Functions here change the modules they are given and nothing else; :mod:`dtback.training.setup` and the trainer
+call them.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ INSTALL_HINT = "pip install 'dtback[memory]'"
 
 
 def quantize_base(transformer: nn.Module, mode: str | None) -> int:
-    """Quantize the ``nn.Linear`` weights inside the transformer blocks in place (``mode``: ``model.base_quantization``);
+    """Quantize the ``nn.Linear`` weights in the transformer blocks in place (``mode``: ``model.base_quantization``);
     returns how many layers were quantized (0 for ``None``). The base must be frozen: int8 weights take no gradient,
     but gradients still flow through them to the adapters' inputs."""
     if mode is None:
@@ -48,11 +50,13 @@ def quantize_base(transformer: nn.Module, mode: str | None) -> int:
         raise ConfigError(f"model.base_quantization: unknown mode {mode!r}; expected null or int8")
     trainable = [name for name, p in transformer.named_parameters() if p.requires_grad]
     if trainable:
-        raise DtbackError(f"model.base_quantization={mode} needs a frozen base; trainable: {', '.join(trainable[:3])}")
+        raise DtbackError(f"model.base_quantization={mode} needs a frozen base; trainable: "
+                          f"{', '.join(trainable[:3])}")
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: PLC0415
     except ImportError as err:
-        raise DtbackError(f"model.base_quantization=int8 needs torchao: {INSTALL_HINT} (or pip install torchao)") from err
+        raise DtbackError(f"model.base_quantization=int8 needs torchao: {INSTALL_HINT} "
+                          "(or pip install torchao)") from err
     count = 0
     for name in BLOCK_LISTS:
         blocks = getattr(transformer, name)
@@ -84,7 +88,8 @@ def _inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def transformer_blocks(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, block)`` for the double blocks, then the single blocks, in execution order."""
-    return [(f"{name}.{index}", block) for name in BLOCK_LISTS for index, block in enumerate(getattr(transformer, name))]
+    return [(f"{name}.{index}", block)
+            for name in BLOCK_LISTS for index, block in enumerate(getattr(transformer, name))]
 
 
 def enable_checkpointing(transformer: nn.Module, every: int = 1) -> list[str]:

@@ -190,7 +190,8 @@ class Scorer:
                 self.unavailable[key] = "n/a (no world metadata)"
         self.face_refs, boxes = self._face_references(self.face)
         self.second_refs, _ = self._face_references(self.second)
-        for key, encoder, refs in (("face_sim", self.face, self.face_refs), ("face_sim_2", self.second, self.second_refs)):
+        recognizers = (("face_sim", self.face, self.face_refs), ("face_sim_2", self.second, self.second_refs))
+        for key, encoder, refs in recognizers:
             if encoder is not None and all(ref is None for ref in refs):
                 self.unavailable[key] = f"n/a ({encoder.encoder_id} found no face in any gallery image)"
         self.body_refs = [None] * len(held.characters)
@@ -224,7 +225,8 @@ class Scorer:
             for g, sim, found in zip(generated, faces.sims, faces.detected):
                 g.scores.update(face_sim=sim, face_detected=float(found))
         if self.second is not None:
-            for g, sim in zip(generated, face_similarity(self.second, images, [self.second_refs[r] for r in rows]).sims):
+            second = face_similarity(self.second, images, [self.second_refs[r] for r in rows])
+            for g, sim in zip(generated, second.sims):
                 g.scores["face_sim_2"] = sim
         if self.body is not None:
             for g, sim in zip(generated, body_similarity(self.body, images, boxes, [self.body_refs[r] for r in rows])):

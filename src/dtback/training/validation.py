@@ -101,7 +101,8 @@ def similarity_scorer(store: FeatureStore, val: ValidationSet, face_encoder, bod
                 metrics["face_sim"] = float(np.mean(faces.sims))
                 metrics["face_detected"] = float(np.mean(faces.detected))
         if body_ref is not None and body_encoder is not None:
-            metrics["body_sim"] = float(np.mean(body_similarity(body_encoder, images, boxes, [body_ref[r] for r in rows])))
+            sims = body_similarity(body_encoder, images, boxes, [body_ref[r] for r in rows])
+            metrics["body_sim"] = float(np.mean(sims))
         return metrics
 
     return score

@@ -5,7 +5,7 @@ Each target is one hub repository mirrored (the files dtback reads, by pattern) 
 
 | target | default repo | folder | config key to point at it |
 |---|---|---|---|
-| flux | ``black-forest-labs/FLUX.1-dev`` (``--flux schnell``: FLUX.1-schnell) | ``FLUX.1-dev`` | ``model.pretrained_model`` |
+| flux | ``black-forest-labs/FLUX.1-dev`` (or ``--flux schnell``) | ``FLUX.1-dev`` | ``model.pretrained_model`` |
 | face | ``DIAMONIK7777/antelopev2`` (the pack PuLID fetches) | ``antelopev2`` | ``identity.face_model_dir`` |
 | body | ``facebook/dinov2-small`` | ``dinov2-small`` | ``identity.body_model`` |
 
@@ -254,7 +254,8 @@ def gated_message(repo_id: str, endpoint: str = "https://huggingface.co") -> str
     return (f"{repo_id} is a gated model: the hub refused it without an accepted licence. 1) Log in at "
             f"{endpoint}/{repo_id} and accept the licence on the model page; 2) give this machine a token with read "
             "access: `huggingface-cli login` (or `hf auth login`), or HF_TOKEN=hf_... in the environment; 3) run the "
-            "command again. FLUX.1-dev's licence is non-commercial; `--flux schnell` fetches FLUX.1-schnell (Apache-2.0).")
+            "command again. FLUX.1-dev's licence is non-commercial; `--flux schnell` fetches FLUX.1-schnell "
+            "(Apache-2.0).")
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -275,7 +276,8 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="where the models go (default: models/)")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"),
+                        help="where the models go (default: models/)")
     parser.add_argument("--only", default=",".join(TARGET_NAMES), help="comma-separated subset of flux,face,body")
     parser.add_argument("--flux", choices=sorted(FLUX_REPOS), default="dev",
                         help="FLUX.1-dev (gated, non-commercial licence) or FLUX.1-schnell (default: dev)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -139,9 +140,12 @@ def test_adamw8bit_keeps_8bit_moments_that_round_trip_through_a_checkpoint(tmp_p
     assert moments and all(v.dtype == torch.uint8 for v in moments.values())  # 1 byte per moment, not 4
     assert relative(p8.detach(), p32.detach()) < 0.01
 
-    # The trainer's checkpoint format (tensors in safetensors + scalars in JSON) holds the 8-bit state.
+    # The trainer's checkpoint format (tensors in safetensors + scalars in JSON) holds the 8-bit state, which
+    # bitsandbytes nests in a dict of its own.
     tensors, meta = _optimizer_tensors(opt8.state_dict())
+    assert sum(v.dtype == torch.uint8 for v in tensors.values()) == 2
     save_file(tensors, tmp_path / "optimizer.safetensors")
+    meta = json.loads(json.dumps(meta))
     resumed = torch.nn.Parameter(p8.detach().clone())
     opt_resumed = make_adamw([{"params": [resumed], "lr": 1e-2}], cfg8)
     opt_resumed.load_state_dict(_optimizer_state(load_file(tmp_path / "optimizer.safetensors"), meta))

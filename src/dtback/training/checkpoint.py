@@ -73,19 +73,33 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+        for name, value in _flat_items(values):
+            if isinstance(value, torch.Tensor):  # a copy: safetensors refuses tensors that share memory (bnb's qmaps)
+                tensors[f"{index}.{name}"] = value.detach().to("cpu", copy=True).contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _flat_items(values: dict, prefix: str = ""):
+    """``(path, value)`` of a parameter's optimiser state; nested dicts (bitsandbytes' 8-bit AdamW keeps its
+    quantized moments in one) become ``outer/inner`` paths."""
+    for name, value in values.items():
+        if isinstance(value, dict):
+            yield from _flat_items(value, f"{prefix}{name}/")
+        else:
+            yield f"{prefix}{name}", value
 
 
 def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        node = state.setdefault(int(index), {})
+        *parents, leaf = name.split("/")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -32,7 +32,8 @@ def test_train_step_benchmark_runs_every_memory_mode_on_the_tiny_config(train_st
     result = json.loads(out.read_text())
     assert result["preset"] == "tiny" and result["base_dtype"] == "float32" and result["torch"]
     assert result["peak_tflops"] is None  # no peak for a CPU: no MFU, achieved TFLOP/s instead
-    assert result["base_weight_gb_int8"] < result["base_weight_gb"]
+    if importlib.util.find_spec("torchao") is not None:
+        assert result["base_weight_gb_int8"] < result["base_weight_gb"]
     rows = {row["mode"]: row for row in result["rows"]}
     assert list(rows) == ["base", "checkpointing", "int8", "int8_adamw8bit"]
     needs = {"int8": "torchao", "int8_adamw8bit": "bitsandbytes"}

@@ -2,7 +2,7 @@
 ``scripts/download_models.py``) are thin shims over :func:`main`.
 
 Exit status: 0 done, 1 models missing (``dtback download``), 2 bad input (config, dataset, arguments; the message
-says what and where), 3 a stage of the pipeline that is not built yet.
+says what and where), 130 interrupted by Ctrl-C (training saves a checkpoint first).
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from rich.table import Table
 
 from dtback import __version__
 from dtback.config import Config, describe_keys, load_config
-from dtback.errors import DatasetError, DtbackError, NotBuiltError
+from dtback.errors import DatasetError, DtbackError
 
 log = logging.getLogger("dtback")
 console = Console(stderr=True)
 
 EXIT_MISSING = 1
 EXIT_BAD_INPUT = 2
-EXIT_NOT_BUILT = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -324,6 +323,8 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--images-per-prompt", type=int, default=1)
     evaluate.add_argument("--steps", type=int, help="sampling steps (default: 28, or 20 for the simple model)")
     evaluate.add_argument("--guidance", type=float, default=3.5, help="guidance (distilled for FLUX.1-dev)")
+    evaluate.add_argument("--true-cfg", type=float, default=1.0,
+                          help="true CFG scale of the images with identity, against no identity (1 = off)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--clip-model", type=Path, help="local transformers CLIP folder for prompt adherence")
     evaluate.add_argument("--base", help="FLUX base folder or hub id (default: the one the adapter records)")
@@ -340,7 +341,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     evaluate(EvaluateSettings(
         model=args.model, out=out, data_dir=args.data_dir, config=args.config, characters=args.characters,
         num_characters=args.num_characters, prompts_file=args.prompts_file, images_per_prompt=args.images_per_prompt,
-        steps=args.steps, guidance=args.guidance, seed=args.seed, clip_model=args.clip_model, base=args.base,
+        steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg, seed=args.seed, clip_model=args.clip_model, base=args.base,
         device=args.device, progress=not args.no_progress,
     ))
     sys.stdout.write((out / RESULTS_MD).read_text(encoding="utf-8"))
@@ -360,13 +361,6 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
         table.add_row(key, default, description)
     Console().print(table)
     return 0
-
-
-def _not_built(what: str, issue: int):
-    def run(args: argparse.Namespace) -> int:
-        raise NotBuiltError(f"{what} is not built yet (issue #{issue})")
-
-    return run
 
 
 def _say(text: str, style: str | None = None) -> None:
@@ -416,9 +410,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except NotBuiltError as err:
-        _say(f"not built yet: {err}", "yellow")
-        return EXIT_NOT_BUILT
     except DtbackError as err:
         _say(f"error: {err}", "red")
         return EXIT_BAD_INPUT

@@ -213,6 +213,12 @@ class ModelConfig(_Section):
         description="Simple model only: its VAE. world: the identity world's trained VAE; a diffusers AutoencoderKL "
         "folder; null: random weights (tests).",
     )
+    simple_base: str | None = Field(
+        "world",
+        description="Simple model only: its starting weights. world: pretrained on the identity world without identity "
+        "(like FLUX.1-dev for real photos; needs simple_vae: world); a diffusers FluxPipeline folder; null: random "
+        "weights by seed.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Base weights dtype; auto: bfloat16 for real FLUX on a GPU, float32 otherwise."
     )
@@ -270,6 +276,13 @@ class ModelConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_simple_base(self) -> "ModelConfig":
+        if self.use_simple_model and self.simple_base == "world" and self.simple_vae != "world":
+            raise ValueError(f"simple_base=world was pretrained on the world VAE's latents, but simple_vae="
+                             f"{self.simple_vae}: set simple_vae: world, or simple_base: null (random weights)")
+        return self
+
+    @model_validator(mode="after")
     def _check_quantization(self) -> "ModelConfig":
         if self.base_quantization is not None and self.use_simple_model:
             raise ValueError(f"base_quantization={self.base_quantization} needs a frozen base, but the simple model's "
@@ -323,6 +336,10 @@ class TrainingConfig(_Section):
     logit_mean: float = Field(0.0, description="logit_normal: mean of the normal before the sigmoid.")
     logit_std: float = Field(1.0, gt=0, description="logit_normal: std of the normal before the sigmoid.")
     resolution_shift: bool = Field(True, description="Shift noise levels up for larger images, as FLUX samples.")
+    person_loss_weight: float = Field(
+        1.0, ge=1.0, description="Flow-matching loss weight of the latent patches inside the target's person box "
+        "(1 elsewhere): where identity lives. 1 weighs every patch alike."
+    )
     identity_loss_max_samples: int = Field(
         4, ge=1, description="Identity losses on at most this many low-noise samples per micro-batch (VAE decode cost)."
     )
@@ -335,6 +352,10 @@ class TrainingConfig(_Section):
     num_val_characters: int = Field(4, ge=1, description="Held-out characters in the validation grid and metrics.")
     val_sampling_steps: int = Field(20, ge=1, description="Sampling steps for validation images.")
     val_guidance: float = Field(3.5, ge=0.0, description="Guidance for validation images (distilled for FLUX.1-dev).")
+    val_true_cfg: float = Field(
+        1.0, ge=1.0, description="True CFG scale of validation images with identity, against the same prompt without "
+        "identity (amplifies what the adapters add; 1 = off, one transformer call per step)."
+    )
     log_every: int = Field(10, ge=1, description="Log losses every N optimiser steps.")
 
     @model_validator(mode="after")

@@ -13,9 +13,5 @@ class DatasetError(DtbackError):
     """The dataset cannot be used (missing folder, nothing usable left, unknown validation character, ...)."""
 
 
-class NotBuiltError(DtbackError):
-    """A stage of the pipeline that has not been built yet was asked for."""
-
-
 class MissingModelError(DtbackError, FileNotFoundError):
     """A model folder or hub id is not available locally; the message says how to download it."""

@@ -9,10 +9,13 @@ vae        ``vae/`` (diffusers) + ``vae/world_vae.json`` the simple model's late
 face       ``face_detector.*``, ``face_encoder.*``     ``identity.face_backend: world`` (``identity.world``)
 body       ``body_encoder.*``                          ``identity.body_model: world``
 reader     ``reader.*``                                evaluation only (``dtback.evaluation.reader``)
+base       ``base/`` (diffusers, no VAE)               ``model.simple_base: world`` (``model.world_base``)
 =========  ==========================================  ================================================
 
 Encoders and reader are trained on renders and on their VAE round trips (half each), because the identity loss and
-the evaluation of generated images see decoded latents: rebuild them after the VAE. The folder defaults to the one
+the evaluation of generated images see decoded latents: rebuild them after the VAE. The base (the simple model
+pretrained on world images without identity, by the project's trainer) trains on the VAE's latents and is scored
+with the face encoder and the reader: rebuild it last. The folder defaults to the one
 shipped in the package (``src/dtback/assets/world``); ``components.json`` there records what each build measured
 (seconds, held-out PSNR / AUC / accuracy, on renders and on their VAE round trips).
 """
@@ -33,13 +36,14 @@ from dtback.errors import DtbackError
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("vae", "face", "body", "reader")
+COMPONENTS = ("vae", "face", "body", "reader", "base")
 SUMMARY = "components.json"
 
 
 def _builders() -> dict[str, Callable[[Path, bool], dict[str, Any]]]:
     from dtback.evaluation.reader import build_reader
     from dtback.identity.world_build import build_body_component, build_face_components
+    from dtback.model.world_base import BASE_FOLDER, build_world_base
     from dtback.model.world_vae import VAE_FOLDER, build_world_vae, load_or_train_world_vae, round_trip
 
     made: dict[Path, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -61,6 +65,7 @@ def _builders() -> dict[str, Callable[[Path, bool], dict[str, Any]]]:
                                                               round_trip=through_vae(folder, progress)),
         "reader": lambda folder, progress: build_reader(folder, progress=progress,
                                                         round_trip=through_vae(folder, progress)),
+        "base": lambda folder, progress: build_world_base(folder / BASE_FOLDER, progress=progress),
     }
 
 

@@ -32,7 +32,7 @@ def simple_dir(tmp_path_factory):
 
 
 def test_simple_model_saves_reloads_and_generates(simple_dir):
-    cfg = ModelConfig(simple_model_dir=simple_dir, simple_vae=None)
+    cfg = ModelConfig(simple_model_dir=simple_dir, simple_vae=None, simple_base=None)
     first = load_base(cfg, output_dir=simple_dir.parent, seed=3)
     assert (simple_dir / "model_index.json").is_file() and (simple_dir / "transformer" / "config.json").is_file()
     assert not [p for p in simple_dir.parent.iterdir() if p.name.startswith(".simple_base")]
@@ -48,7 +48,7 @@ def test_simple_model_saves_reloads_and_generates(simple_dir):
 
 
 def test_identity_adapters_run_inside_the_diffusers_pipeline(simple_dir):
-    pipeline = load_base(ModelConfig(simple_model_dir=simple_dir, simple_vae=None), output_dir=simple_dir.parent)
+    pipeline = load_base(ModelConfig(simple_model_dir=simple_dir, simple_vae=None, simple_base=None), output_dir=simple_dir.parent)
     base_image = generate(pipeline)
     torch.manual_seed(0)
     model = IdentityPreservingFlux.from_config(ModelConfig(), IdentityConfig(), pipeline.transformer.config,

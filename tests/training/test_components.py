@@ -15,7 +15,7 @@ from dtback.config import TrainingConfig
 from dtback.training import checkpoint as ckpt
 from dtback.training.batches import draw_pair_references, epoch_batches
 from dtback.training.identity_loss import ARCFACE_TEMPLATE, similarity_transform, warp_to_template
-from dtback.training.losses import flow_matching_loss, noisy_latents, predict_x0, sample_sigmas
+from dtback.training.losses import flow_matching_loss, noisy_latents, person_weights, predict_x0, sample_sigmas
 
 
 def test_sigmas_are_in_range_and_shift_up_with_resolution():
@@ -36,6 +36,27 @@ def test_flow_matching_identities():
     assert torch.allclose(flow_matching_loss(velocity, x0, noise), torch.zeros(3))
     assert torch.allclose(predict_x0(noisy, velocity, sigma), x0, atol=1e-6)
     assert torch.allclose(flow_matching_loss(velocity + 1, x0, noise), torch.ones(3))
+
+
+def test_person_weights_cover_the_box_patches_and_keep_the_loss_scale():
+    # 64 px image: 8 x 8 latent, 4 x 4 packed tokens of 16 px. Box over pixels x 16..40, y 0..20 -> columns 1-2, rows 0-1.
+    boxes = torch.tensor([[16.0, 0.0, 40.0, 20.0], [0.0, 0.0, 64.0, 64.0]])
+    weights = person_weights(boxes, (8, 8), 5.0)
+    assert weights.shape == (2, 16)
+    grid = weights[0].view(4, 4)
+    inside = torch.zeros(4, 4, dtype=torch.bool)
+    inside[0:2, 1:3] = True
+    assert torch.allclose(grid[inside], grid[inside][0]) and torch.allclose(grid[~inside], grid[~inside][0])
+    assert torch.allclose(grid[inside][0] / grid[~inside][0], torch.tensor(5.0))
+    assert torch.allclose(weights.mean(dim=1), torch.ones(2))  # a box over everything: uniform weights
+    assert torch.allclose(weights[1], torch.ones(16))
+    # An error only outside the person counts less than the same error only inside.
+    x0, noise = torch.zeros(1, 16, 4), torch.zeros(1, 16, 4)
+    outside_error, inside_error = torch.zeros(1, 16, 4), torch.zeros(1, 16, 4)
+    outside_error[0, ~inside.flatten()] = 1.0
+    inside_error[0, inside.flatten()] = 1.0
+    w = weights[:1]
+    assert flow_matching_loss(outside_error, x0, noise, w) < flow_matching_loss(inside_error, x0, noise, w)
 
 
 def test_similarity_transform_recovers_a_known_warp():

@@ -37,7 +37,7 @@ def overrides(tiny, run_dir: Path, **extra) -> list[str]:
     settings = {
         "data_dir": tiny["data"], "output_dir": run_dir, "input_size": 32, "batch_size": 2,
         "data.world.generate_if_missing": "false", "identity.body_model": tiny["body"],
-        "identity.cache_dir": tiny["cache"], "identity.face_backend": "dlib", "model.simple_vae": "null", "face_weight": 0, "body_weight": 0.1,
+        "identity.cache_dir": tiny["cache"], "identity.face_backend": "dlib", "model.simple_vae": "null", "model.simple_base": "null", "face_weight": 0, "body_weight": 0.1,
         "training.max_steps": 8, "training.checkpoint_every": 4, "training.validate_every": 1000,
         "training.val_sampling_steps": 2, "training.num_val_characters": 1, "training.warmup_steps": 2,
         "training.log_every": 2, **extra,

@@ -59,6 +59,7 @@ class EvaluateSettings:
     images_per_prompt: int = 1
     steps: int | None = None
     guidance: float = 3.5
+    true_cfg: float = 1.0
     seed: int = 0
     clip_model: Path | None = None
     base: str | None = None
@@ -137,9 +138,11 @@ def generate_all(pipe, held: HeldOut, prompts: list[str], settings: EvaluateSett
             folder.mkdir(parents=True, exist_ok=True)
             for p, prompt in enumerate(prompts):
                 # One seed per (character, prompt): the three conditions start from the same noise.
+                # True CFG (against the same prompt without identity) applies where there is an identity.
                 images = pipe(prompt, inputs, num_inference_steps=steps, guidance_scale=settings.guidance,
                               height=size, width=size, num_images_per_prompt=settings.images_per_prompt,
-                              seed=settings.seed + 1000 * row + p)
+                              seed=settings.seed + 1000 * row + p,
+                              true_cfg_scale=settings.true_cfg if inputs is not None else 1.0)
                 for i, image in enumerate(images):
                     path = folder / f"p{p:02d}_{i:02d}.png"
                     image.save(path)

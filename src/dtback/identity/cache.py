@@ -188,6 +188,7 @@ class EmbeddingCache:
         self.skipped: dict[Path, str] = {}
         self._index: dict[str, Path] = {}
         self._seen_shards: set[Path] = set()
+        self._shard_names: dict[Path, dict[str, list[str]]] = {}
         self._buffer: dict[str, dict[str, torch.Tensor]] = {}
         self._buffer_meta: dict[str, str] = {}
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,11 @@ class EmbeddingCache:
         if metadata.get("namespace") != self.namespace:
             self._skip(shard, f"shard of namespace {metadata.get('namespace')!r}, expected {self.namespace!r}")
             return None
-        return {name.split("/", 1)[0] for name in names}
+        grouped: dict[str, list[str]] = {}
+        for name in names:
+            grouped.setdefault(name.split("/", 1)[0], []).append(name)
+        self._shard_names[shard] = grouped  # get() reads only its key's tensors instead of scanning every name
+        return set(grouped)
 
     def _skip(self, shard: Path, reason: str) -> None:
         """Record a shard that cannot be used, and warn with its path."""
@@ -249,9 +254,10 @@ class EmbeddingCache:
         prefix = f"{key}/"
         try:
             with safe_open(shard, framework="pt") as handle:
-                return {
-                    name[len(prefix):]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)
-                }
+                names = self._shard_names.get(shard, {}).get(key)
+                if names is None:  # a shard this instance wrote itself: its names were never listed
+                    names = [name for name in handle.keys() if name.startswith(prefix)]
+                return {name[len(prefix):]: handle.get_tensor(name) for name in names}
         except _SHARD_READ_ERRORS as err:
             self._drop_shard(shard, f"unreadable shard on get({key!r}): {type(err).__name__}: {err}")
             return self.get(key)

@@ -167,29 +167,12 @@ class IdentityFluxPipeline:
             pipeline_kwargs.update(true_cfg_scale=true_cfg_scale,
                                    negative_prompt=prompts if negative_prompt is None else negative_prompt)
         branches = 2 if true_cfg else 1
-        calls = 0
-
-        def before_transformer(module, args, kwargs):
-            # FluxPipeline's order per step: the prompt's call, then (true CFG) the negative prompt's call.
-            nonlocal calls
-            step, branch = divmod(calls, branches)
-            calls += 1
-            active = tokens is not None and branch == 0 and identity_start <= step / num_inference_steps < identity_end
-            self.model.set_identity(tokens if active else None, face, body)
-
-        handle = self.pipeline.transformer.register_forward_pre_hook(before_transformer, with_kwargs=True)
-        try:
+        with self.model.identity_per_call(tokens, num_inference_steps, branches, face, body, identity_start,
+                                          identity_end):
             output = self.pipeline(
                 prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                 height=height, width=width, num_images_per_prompt=num_images_per_prompt,
                 generator=torch.Generator().manual_seed(seed), max_sequence_length=self.max_sequence_length,
                 output_type="pil", **pipeline_kwargs,
             )
-        finally:
-            handle.remove()
-            self.model.clear_identity()
-        if calls != branches * num_inference_steps:
-            # The identity schedule counts transformer calls: a pipeline that calls it otherwise would be misread.
-            raise RuntimeError(f"expected {branches * num_inference_steps} transformer calls "
-                               f"({num_inference_steps} steps x {branches} branches), FluxPipeline made {calls}")
         return output.images

@@ -200,8 +200,7 @@ def load_base(cfg: ModelConfig, output_dir: Path, seed: int = 0, device: str | t
     if cfg.use_simple_model:
         folder = simple_model_dir(cfg, output_dir)
         if not (folder / MODEL_INDEX).is_file():
-            logger.info("building the simple FLUX model (seed %d) in %s", seed, folder)
-            save_pipeline_atomic(build_simple_pipeline(seed, vae=simple_vae(cfg)), folder)
+            save_pipeline_atomic(initial_simple_pipeline(cfg, seed), folder)
         source = str(folder)
     else:
         source = cfg.pretrained_model
@@ -209,6 +208,24 @@ def load_base(cfg: ModelConfig, output_dir: Path, seed: int = 0, device: str | t
     for component in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
         component.requires_grad_(False).eval()
     return pipeline
+
+
+def initial_simple_pipeline(cfg: ModelConfig, seed: int) -> FluxPipeline:
+    """The simple model a run starts from, as ``model.simple_base`` says: pretrained on the world, a folder, or
+    random weights by ``seed``."""
+    if cfg.simple_base is None:
+        logger.info("building the simple FLUX model from random weights (seed %d)", seed)
+        return build_simple_pipeline(seed, vae=simple_vae(cfg))
+    if cfg.simple_base == "world":
+        from dtback.model.world_base import load_world_base  # noqa: PLC0415
+
+        logger.info("starting the simple FLUX model from the world base (pretrained without identity)")
+        return load_world_base()
+    folder = Path(cfg.simple_base).expanduser()
+    if not (folder / MODEL_INDEX).is_file():
+        raise MissingModelError(f"model.simple_base {folder} is not a diffusers FluxPipeline folder (no {MODEL_INDEX})")
+    vae = simple_vae(cfg)
+    return FluxPipeline.from_pretrained(folder, **({"vae": vae} if vae is not None else {}), local_files_only=True)
 
 
 def simple_vae(cfg: ModelConfig) -> AutoencoderKL | None:

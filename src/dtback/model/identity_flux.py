@@ -21,6 +21,7 @@ until it is cleared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -261,6 +262,37 @@ class IdentityPreservingFlux(nn.Module):
 
     def clear_identity(self) -> None:
         self._state = None
+
+    @contextlib.contextmanager
+    def identity_per_call(self, identity: IdentityTokens | None, steps: int, branches: int = 1,
+                          face_scale: float | None = None, body_scale: float | None = None,
+                          start: float = 0.0, end: float = 1.0) -> Iterator[None]:
+        """Inside, each call of the attached transformer gets its identity by its place in a sampling loop of
+        ``steps`` steps x ``branches`` calls per step (FluxPipeline's order: the prompt's call, then with true CFG
+        the negative's): ``identity`` for the first branch while ``start <= step / steps < end``, none otherwise,
+        so the negative branch of true CFG runs without identity. Raises if the loop made another number of calls.
+        """
+        if not self._transformer:
+            raise RuntimeError("attach() the identity model to a transformer first")
+        calls = 0
+
+        def before_transformer(module, args, kwargs):
+            nonlocal calls
+            step, branch = divmod(calls, branches)
+            calls += 1
+            active = identity is not None and branch == 0 and start <= step / steps < end
+            self.set_identity(identity if active else None, face_scale, body_scale)
+
+        handle = self._transformer[0].register_forward_pre_hook(before_transformer, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.clear_identity()
+        if calls != branches * steps:
+            # The schedule counts transformer calls: a pipeline that calls it otherwise would be misread.
+            raise RuntimeError(f"expected {branches * steps} transformer calls ({steps} steps x {branches} "
+                               f"branches), the pipeline made {calls}")
 
     def forward(
         self,

@@ -47,10 +47,31 @@ def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tens
     return (1 - s) * latents + s * noise
 
 
-def flow_matching_loss(prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """MSE between the predicted and the true velocity ``ε - x0``, per sample ``(B,)``."""
+def flow_matching_loss(prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                       token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between the predicted and the true velocity ``ε - x0``, per sample ``(B,)``; packed ``(B, L, C)``
+    inputs may weight their tokens with ``token_weights (B, L)`` (see :func:`person_weights`)."""
     target = noise - latents
-    return (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
+    error = (prediction.float() - target.float()).square()
+    if token_weights is not None:
+        error = error * token_weights.to(error.device).unsqueeze(-1)
+    return error.flatten(1).mean(dim=1)
+
+
+def person_weights(boxes: torch.Tensor, latent_size: tuple[int, int], weight: float,
+                   patch_pixels: int = 16) -> torch.Tensor:
+    """Per-token loss weights ``(B, L)`` of packed latents: ``weight`` for the tokens whose ``patch_pixels`` square
+    (8x VAE, 2 x 2 packing: 16 px) overlaps a box ``(B, 4)`` (x1, y1, x2, y2 in training pixels), 1 elsewhere.
+    Normalised to mean 1 per sample, so the loss keeps its scale and only its attention moves."""
+    rows, cols = latent_size[0] // 2, latent_size[1] // 2
+    ys = torch.arange(rows, dtype=torch.float32) * patch_pixels
+    xs = torch.arange(cols, dtype=torch.float32) * patch_pixels
+    b = boxes.float()
+    inside_y = (ys[None] + patch_pixels > b[:, 1:2]) & (ys[None] < b[:, 3:4])  # (B, rows)
+    inside_x = (xs[None] + patch_pixels > b[:, 0:1]) & (xs[None] < b[:, 2:3])  # (B, cols)
+    inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)
+    weights = 1 + (weight - 1) * inside.float()
+    return weights / weights.mean(dim=1, keepdim=True)
 
 
 def predict_x0(noisy: torch.Tensor, prediction: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

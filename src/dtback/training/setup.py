@@ -88,8 +88,10 @@ class RunParts:
         was_training = transformer.training
         transformer.eval()
         try:
-            metrics, images = run_validation(self.pipeline, self.model, self.store, self.val_set, self.scorers,
-                                             self.cfg.data.input_size, t.val_sampling_steps, t.val_guidance, self.cfg.seed)
+            metrics, images = run_validation(
+                self.pipeline, self.model, self.store, self.val_set, self.scorers, self.cfg.data.input_size,
+                t.val_sampling_steps, t.val_guidance, self.cfg.seed, true_cfg=t.val_true_cfg,
+            )
         finally:
             transformer.train(was_training)
         metrics["step"] = progress.step

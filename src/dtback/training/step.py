@@ -16,7 +16,9 @@ from dtback.model.identity_flux import IdentityPreservingFlux
 from dtback.training.batches import Batch
 from dtback.training.features import FeatureStore
 from dtback.training.identity_loss import IdentityLoss
-from dtback.training.losses import flow_matching_loss, masked_mean, noisy_latents, predict_x0, sample_sigmas
+from dtback.training.losses import (
+    flow_matching_loss, masked_mean, noisy_latents, person_weights, predict_x0, sample_sigmas,
+)
 
 
 class TrainModule(nn.Module):
@@ -75,7 +77,10 @@ def compute_loss(
     if guidance is not None:
         transformer_inputs["guidance"] = torch.full((batch_size,), guidance, device=device)
     prediction = module(identity=batch.identity, face_scale=keep, body_scale=keep, **transformer_inputs)
-    flow = flow_matching_loss(prediction, latents, noise).mean()
+    weights = None
+    if cfg.person_loss_weight != 1.0:
+        weights = person_weights(batch.body_boxes, batch.latent_size, cfg.person_loss_weight)
+    flow = flow_matching_loss(prediction, latents, noise, weights).mean()
     total = cfg.content_weight * flow
     terms = {"loss/flow": flow.item()}
     if identity_loss is not None and identity_loss.active:

@@ -54,29 +54,28 @@ def make_validation_set(store: FeatureStore, val_characters: Sequence[int], coun
 
 @torch.no_grad()
 def generate(pipeline, model: IdentityPreservingFlux, store: FeatureStore, val: ValidationSet, condition: str,
-             size: int, steps: int, guidance: float, seed: int) -> list[Image.Image]:
-    """Images of ``val``'s targets' captions under one condition (see :data:`CONDITIONS`)."""
+             size: int, steps: int, guidance: float, seed: int, true_cfg: float = 1.0) -> list[Image.Image]:
+    """Images of ``val``'s targets' captions under one condition (see :data:`CONDITIONS`). ``true_cfg > 1``: the
+    conditions with identity use true CFG against the same caption without identity."""
     references = val.references
     if condition == "shuffled":  # each character gets the next character's references
         references = references[1:] + references[:1]
-    if condition == "no_id":
-        model.set_identity(None)
-    else:
-        model.set_identity(model.encode_identity(reference_inputs(store, references)[0]))
-    device = pipeline.transformer.device
+    identity = None if condition == "no_id" else model.encode_identity(reference_inputs(store, references)[0])
+    device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
     caption = store.caption[torch.tensor(val.targets)]
+    prompt = {"prompt_embeds": store.prompt_embeds[caption].to(device, dtype),
+              "pooled_prompt_embeds": store.pooled_embeds[caption].to(device, dtype)}
     kwargs = {}
     if pipeline.transformer.config.guidance_embeds:
         kwargs["guidance_scale"] = guidance
-    try:
-        output = pipeline(
-            prompt_embeds=store.prompt_embeds[caption].to(device, pipeline.transformer.dtype),
-            pooled_prompt_embeds=store.pooled_embeds[caption].to(device, pipeline.transformer.dtype),
-            height=size, width=size, num_inference_steps=steps,
-            generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs,
-        )
-    finally:
-        model.clear_identity()
+    branches = 1
+    if true_cfg > 1.0 and identity is not None:
+        branches = 2
+        kwargs.update(true_cfg_scale=true_cfg, negative_prompt_embeds=prompt["prompt_embeds"],
+                      negative_pooled_prompt_embeds=prompt["pooled_prompt_embeds"])
+    with model.identity_per_call(identity, steps, branches):
+        output = pipeline(**prompt, height=size, width=size, num_inference_steps=steps,
+                          generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs)
     return output.images
 
 
@@ -108,13 +107,15 @@ def similarity_scorer(store: FeatureStore, val: ValidationSet, face_encoder, bod
     return score
 
 
-def run_validation(pipeline, model, store, val: ValidationSet, scorers: Sequence[Scorer], size: int, steps: int,
-                   guidance: float, seed: int) -> tuple[dict[str, float], dict[str, list[Image.Image]]]:
+def run_validation(
+    pipeline, model, store, val: ValidationSet, scorers: Sequence[Scorer], size: int, steps: int, guidance: float,
+    seed: int, true_cfg: float = 1.0,
+) -> tuple[dict[str, float], dict[str, list[Image.Image]]]:
     """Metrics ``val/<metric>`` (with identity), ``val/<metric>_no_id``, ``val/<metric>_shuffled`` and the images."""
     metrics: dict[str, float] = {}
     images: dict[str, list[Image.Image]] = {}
     for condition in CONDITIONS:
-        images[condition] = generate(pipeline, model, store, val, condition, size, steps, guidance, seed)
+        images[condition] = generate(pipeline, model, store, val, condition, size, steps, guidance, seed, true_cfg)
         suffix = "" if condition == "id" else f"_{condition}"
         for scorer in scorers:
             for name, value in scorer(images[condition], val.characters).items():

@@ -37,7 +37,8 @@ def overrides(tiny, run_dir: Path, **extra) -> list[str]:
     settings = {
         "data_dir": tiny["data"], "output_dir": run_dir, "input_size": 32, "batch_size": 2,
         "data.world.generate_if_missing": "false", "identity.body_model": tiny["body"],
-        "identity.cache_dir": tiny["cache"], "identity.face_backend": "dlib", "model.simple_vae": "null", "model.simple_base": "null", "face_weight": 0, "body_weight": 0.1,
+        "identity.cache_dir": tiny["cache"], "identity.face_backend": "dlib", "model.simple_vae": "null",
+        "model.simple_base": "null", "face_weight": 0, "body_weight": 0.1,
         "training.max_steps": 8, "training.checkpoint_every": 4, "training.validate_every": 1000,
         "training.val_sampling_steps": 2, "training.num_val_characters": 1, "training.warmup_steps": 2,
         "training.log_every": 2, **extra,
@@ -61,7 +62,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_training_writes_checkpoints_model_grids_and_report(tiny, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_shim(set_args(overrides(tiny, run_dir)))
+    # Validation with true CFG against no identity, and the person-weighted flow loss, on the way.
+    result = run_shim(set_args(overrides(tiny, run_dir, **{"training.val_true_cfg": 2.0,
+                                                          "training.person_loss_weight": 3.0})))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-000004", "checkpoint-000008"] or \
         sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000008"]

@@ -323,8 +323,9 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--images-per-prompt", type=int, default=1)
     evaluate.add_argument("--steps", type=int, help="sampling steps (default: 28, or 20 for the simple model)")
     evaluate.add_argument("--guidance", type=float, default=3.5, help="guidance (distilled for FLUX.1-dev)")
-    evaluate.add_argument("--true-cfg", type=float, default=1.0,
-                          help="true CFG scale of the images with identity, against no identity (1 = off)")
+    evaluate.add_argument("--true-cfg", type=float,
+                          help="true CFG scale of the images with identity, against no identity (1 = off; default: "
+                          "the run's training.val_true_cfg)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--clip-model", type=Path, help="local transformers CLIP folder for prompt adherence")
     evaluate.add_argument("--base", help="FLUX base folder or hub id (default: the one the adapter records)")

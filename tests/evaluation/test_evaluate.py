@@ -111,6 +111,9 @@ def test_bad_inputs_get_clear_messages(world_run, tmp_path, capsys):
     assert main(["evaluate", "--model", str(run / "best_model.pt"), *common]) == EXIT_BAD_INPUT
     assert "no held-out characters" in capsys.readouterr().err
 
+    assert main(["evaluate", "--model", model, "--true-cfg", "0.5", *common]) == EXIT_BAD_INPUT
+    assert "--true-cfg 0.5 must be >= 1" in capsys.readouterr().err
+
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n   \n")
     assert main(["evaluate", "--model", model, "--prompts-file", str(empty), *common]) == EXIT_BAD_INPUT
@@ -196,3 +199,17 @@ def test_without_split_file_the_config_gives_the_same_held_out_characters(world_
     keys, source = held_out_keys(run, cfg, cfg.data.data_dir, [])
     assert keys == json.loads((world_run / "split.json").read_text())["val"]
     assert source.startswith("config data.val_fraction=0.25")
+
+
+def test_true_cfg_changes_the_images_with_identity_only(evaluated, world_run, tmp_path):
+    out, results = evaluated
+    assert results["settings"]["true_cfg"] == 1.0  # the run's training.val_true_cfg
+    cfg_out = tmp_path / "cfg"
+    assert main(["evaluate", "--model", str(world_run / "best_model.pt"), "--steps", "2", "--seed", "3",
+                 "--true-cfg", "3", "--out", str(cfg_out), "--no-progress"]) == 0
+    assert json.loads((cfg_out / "results.json").read_text())["settings"]["true_cfg"] == 3.0
+    for condition, same in (("no_identity", True), ("with_identity", False), ("shuffled", False)):
+        for path in sorted((out / "images" / condition).rglob("*.png")):
+            plain = np.asarray(Image.open(path))
+            guided = np.asarray(Image.open(cfg_out / path.relative_to(out)))
+            assert np.array_equal(plain, guided) == same, (condition, path.name)

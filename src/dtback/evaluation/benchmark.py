@@ -59,7 +59,7 @@ class EvaluateSettings:
     images_per_prompt: int = 1
     steps: int | None = None
     guidance: float = 3.5
-    true_cfg: float = 1.0
+    true_cfg: float | None = None  # None: the run's training.val_true_cfg (1 = off without a run config)
     seed: int = 0
     clip_model: Path | None = None
     base: str | None = None
@@ -90,6 +90,8 @@ def check_settings(settings: EvaluateSettings) -> None:
         if value is not None and value < (2 if name == "num_characters" else 1):
             raise DtbackError(f"--{name.replace('_', '-')} {value} is too small "
                               f"(at least {2 if name == 'num_characters' else 1})")
+    if settings.true_cfg is not None and settings.true_cfg < 1.0:
+        raise DtbackError(f"--true-cfg {settings.true_cfg} must be >= 1 (1 = off)")
     if settings.clip_model is not None and not (settings.clip_model / "config.json").is_file():
         raise DtbackError(f"--clip-model {settings.clip_model}: not a transformers CLIP folder (no config.json)")
     if settings.prompts_file is not None and not settings.prompts_file.is_file():
@@ -105,6 +107,8 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     cfg = run_config(run_dir, settings.config)
     held = load_held_out(run_dir, cfg, settings.data_dir, settings.characters, settings.num_characters)
     prompts = read_prompts(settings.prompts_file, held.is_world)
+    if settings.true_cfg is None:
+        settings.true_cfg = cfg.training.val_true_cfg if cfg is not None else 1.0
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = IdentityFluxPipeline.from_pretrained(settings.model, base=settings.base, device=device)
     pipe.pipeline.set_progress_bar_config(disable=True)

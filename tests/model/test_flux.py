@@ -96,3 +96,24 @@ def test_dtype_and_sequence_length_defaults():
     assert max_sequence_length(ModelConfig()) == 32
     assert max_sequence_length(ModelConfig(use_simple_model=False)) == 512
     assert max_sequence_length(ModelConfig(max_sequence_length=77)) == 77
+
+
+def test_every_world_caption_is_whole_words_within_the_prompt_length():
+    # A world caption must reach the simple model whole: no word spelled letter by letter, nothing cut at
+    # SIMPLE_MAX_SEQUENCE_LENGTH (the lighting words come last).
+    import itertools
+    import re
+
+    from dtback.data.world import ARMS, FACING, LIGHTING, SCENES, SIDE_LIGHT, STANCE, caption_for
+    from dtback.model.flux import CAPTION_WORDS, SIMPLE_MAX_SEQUENCE_LENGTH
+
+    _, t5 = build_simple_tokenizers()
+    longest = 0
+    for scene, stance, arms, facing, light, side in itertools.product(SCENES, STANCE, ARMS, FACING, LIGHTING,
+                                                                      SIDE_LIGHT):
+        caption = caption_for({"scene": scene, "lighting": light, "side_light": side,
+                               "pose": {"arms": arms, "facing": facing, "stance": stance}})
+        missing = [w for w in re.findall(r"[a-z]+", caption) if w not in CAPTION_WORDS]
+        assert not missing, (caption, missing)
+        longest = max(longest, len(t5(caption).input_ids))
+    assert longest <= SIMPLE_MAX_SEQUENCE_LENGTH, longest

@@ -86,6 +86,7 @@ desert snow sky sea river lake road bridge house building wall window door kitch
 day night morning evening sunset sunrise light lighting dark bright dim soft warm cold sunny cloudy rainy
 background scene plain grey gray blue green red white black yellow orange purple pink brown
 small large big tall short far center centre middle corner top bottom edge
+camera cool daylight lit living out overcast sides stretched sunshine
 """.split()
 
 

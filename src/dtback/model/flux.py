@@ -226,7 +226,8 @@ def initial_simple_pipeline(cfg: ModelConfig, seed: int) -> FluxPipeline:
     if not (folder / MODEL_INDEX).is_file():
         raise MissingModelError(f"model.simple_base {folder} is not a diffusers FluxPipeline folder (no {MODEL_INDEX})")
     vae = simple_vae(cfg)
-    return FluxPipeline.from_pretrained(folder, **({"vae": vae} if vae is not None else {}), local_files_only=True)
+    return FluxPipeline.from_pretrained(folder, **({"vae": vae} if vae is not None else {}), local_files_only=True,
+                                        **{DTYPE_KWARG: torch.float32})
 
 
 def simple_vae(cfg: ModelConfig) -> AutoencoderKL | None:

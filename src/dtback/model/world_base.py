@@ -31,6 +31,7 @@ from diffusers import FluxPipeline
 from dtback.data.world import WORLD_VERSION
 from dtback.data.world_files import WORLD_MODELS_ENV, world_models_dir
 from dtback.errors import MissingModelError
+from dtback.model.flux import DTYPE_KWARG
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def save_world_base(run_dir: Path, checkpoint: Path, folder: Path, recipe: BaseR
     random_flow_loss = held_out_flow_loss(_random_like(pipeline), exclude=seen)
     pipeline.vae = None  # the world VAE ships once, in vae/
     pipeline.register_modules(vae=None)
+    pipeline.transformer.to(torch.float16)  # stored in half precision (4.4 MB); loaded back as float32
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)
@@ -186,7 +188,7 @@ def load_world_base(override: Path | str | None = None) -> FluxPipeline:
         raise MissingModelError(f"{info_path}: world version {version}, the renderer is at {WORLD_VERSION}; rebuild "
                                 f"with `{REBUILD.format(folder=folder.parent)}`")
     vae = load_or_train_world_vae(world_models_dir(override))
-    return FluxPipeline.from_pretrained(folder, vae=vae, local_files_only=True)
+    return FluxPipeline.from_pretrained(folder, vae=vae, local_files_only=True, **{DTYPE_KWARG: torch.float32})
 
 
 @torch.no_grad()

@@ -8,44 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from skimage import data as skdata
 
 from dtback.cli import EXIT_BAD_INPUT, main
-from dtback.config import IdentityConfig, ModelConfig
-from dtback.inference.pipeline import IdentityFluxPipeline
 from dtback.model.flux import build_simple_pipeline, save_pipeline_atomic
-from dtback.model.identity_flux import IdentityPreservingFlux
-from flux_helpers import randomise_outputs
-from helpers import save_tiny_dinov2, write_image
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run folder as training leaves it: base/ (diffusers) + best_model.pt recording base and encoders."""
-    root = tmp_path_factory.mktemp("run")
-    pipeline = build_simple_pipeline(seed=0)
-    save_pipeline_atomic(pipeline, root / "base")
-    body = save_tiny_dinov2(root / "dino")
-    identity = IdentityConfig(face_backend="dlib", body_model=str(body))
-    torch.manual_seed(0)
-    model = IdentityPreservingFlux.from_config(ModelConfig(), identity, pipeline.transformer.config, face_dim=128,
-                                               body_dim=32, body_token_dim=32)
-    randomise_outputs(model, seed=3)
-    with torch.no_grad():
-        for adapter in model.adapters.values():
-            adapter.to_out.weight.mul_(20)
-    model.spec.extra.update(base_model="base", identity=identity.model_dump(mode="json"), input_size=64,
-                            max_sequence_length=16)
-    model.save_pretrained(root / "best_model.pt")
-    Image.fromarray(skdata.astronaut()).save(root / "face.png")
-    Image.fromarray(skdata.astronaut()[::-1, ::-1].copy()).resize((256, 256)).save(root / "other.png")
-    write_image(root / "noface.png", size=(96, 96), color=(30, 120, 200))
-    return root
-
-
-@pytest.fixture(scope="module")
-def pipe(run_dir):
-    return IdentityFluxPipeline.from_pretrained(run_dir / "best_model.pt")
 
 
 def sample(pipe, references, seed=0, **kwargs):
@@ -152,3 +117,40 @@ def test_generate_cli_true_cfg_settings_reproduce_the_image(run_dir, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out / "000_00.png")), np.asarray(Image.open(again / "000_00.png")))
     assert main(["generate", "--settings", str(out / "settings.json"), "--true-cfg", "0.5",
                  "--output", str(tmp_path / "bad"), "--no-progress"]) == EXIT_BAD_INPUT
+
+
+def test_generate_cli_lora_settings_reproduce_the_image(run_dir, lora_file, tmp_path):
+    common = ["--model", str(run_dir / "best_model.pt"), "--reference", str(run_dir / "face.png"), "--prompt",
+              "a person in a city", "--steps", "2", "--no-progress"]
+    plain_out, out = tmp_path / "plain", tmp_path / "out"
+    assert main(["generate", *common, "--output", str(plain_out)]) == 0
+    assert main(["generate", *common, "--lora", str(lora_file), "--lora-scale", "0.7", "--offload", "none",
+                 "--output", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert (settings["lora"], settings["lora_scale"], settings["offload"]) == ([str(lora_file)], [0.7], "none")
+    image = np.asarray(Image.open(out / "000_00.png"), dtype=np.int16)
+    assert np.abs(image - np.asarray(Image.open(plain_out / "000_00.png"), dtype=np.int16)).max() > 0
+    again = tmp_path / "again"
+    assert main(["generate", "--settings", str(out / "settings.json"), "--output", str(again), "--no-progress"]) == 0
+    assert np.array_equal(image, np.asarray(Image.open(again / "000_00.png"), dtype=np.int16))
+    assert json.loads((again / "settings.json").read_text())["lora_scale"] == [0.7]
+
+
+def test_generate_cli_bad_lora_and_offload_get_their_messages(run_dir, lora_file, tmp_path, capsys):
+    common = ["generate", "--model", str(run_dir / "best_model.pt"), "--reference", str(run_dir / "face.png"),
+              "--prompt", "x", "--steps", "1", "--output", str(tmp_path / "o"), "--no-progress"]
+    missing = tmp_path / "style.safetensors"
+    assert main([*common, "--lora", str(missing)]) == EXIT_BAD_INPUT
+    assert f"--lora {missing} does not exist" in capsys.readouterr().err
+    not_lora = tmp_path / "notes.safetensors"
+    not_lora.write_text("hello")
+    assert main([*common, "--lora", str(not_lora)]) == EXIT_BAD_INPUT
+    assert f"LoRA {not_lora}: not a FLUX LoRA that diffusers can load" in capsys.readouterr().err
+    assert main([*common, "--lora", str(lora_file), "--lora", str(lora_file), "--lora-scale", "1", "--lora-scale",
+                 "2", "--lora-scale", "3"]) == EXIT_BAD_INPUT
+    assert "--lora-scale given 3 times for 2 --lora" in capsys.readouterr().err
+    assert main([*common, "--offload", "sequential", "--device", "cpu"]) == EXIT_BAD_INPUT
+    assert "offload 'sequential' needs a GPU" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*common, "--offload", "model"]) == EXIT_BAD_INPUT
+        assert "offload 'model' needs a GPU" in capsys.readouterr().err

@@ -3,7 +3,13 @@
 A thin layer over diffusers' ``FluxPipeline``: the adapter is attached to its transformer with hooks, and a forward
 pre-hook on the transformer sets the identity tokens before every transformer call: on for the
 ``identity_start``..``identity_end`` fraction of the steps, and off for the negative branch of true CFG. Everything
-else — schedulers, offloading, LoRAs loaded through diffusers — is the FluxPipeline's own.
+else — schedulers, offloading, LoRAs loaded through diffusers — is the FluxPipeline's own:
+
+* :meth:`IdentityFluxPipeline.enable_offload` (``"model"`` or ``"sequential"``) calls diffusers' CPU offload for the
+  FLUX components and keeps the small identity model (resampler + adapters) on the GPU, where the transformer's
+  blocks run, so the block hooks see it on the hidden states' device.
+* :meth:`IdentityFluxPipeline.load_lora_weights` loads a diffusers FLUX LoRA (peft wraps the transformer's Linear
+  layers; the identity hooks sit on the blocks, so they are untouched) and sets its scale.
 
 True CFG (``true_cfg_scale > 1``): FluxPipeline calls the transformer twice per step, the prompt first and the
 negative prompt second, and mixes ``neg + scale · (pos − neg)``. The negative branch here runs without identity, so
@@ -18,6 +24,7 @@ trained on (a relative ``base`` folder for the simple model, else a hub id or fo
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,9 +39,11 @@ from dtback.errors import DtbackError, MissingModelError
 from dtback.identity.precompute import build_body_encoder, build_face_encoder
 from dtback.identity.resampler import IdentityInputs
 from dtback.model.flux import DTYPE_KWARG
-from dtback.model.identity_flux import IdentityPreservingFlux, read_adapter
+from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, read_adapter
 
 logger = logging.getLogger(__name__)
+
+OFFLOAD_MODES = ("none", "model", "sequential")
 
 
 class NoFaceError(DtbackError):
@@ -60,6 +69,42 @@ def resolve_base(adapter: Path, recorded: str | None, override: str | None) -> s
     return str(folder) if folder.is_dir() else recorded  # a folder next to the checkpoint, else a hub id / path
 
 
+def offload_device(mode: str, device: str | torch.device | None = None) -> torch.device:
+    """The accelerator that CPU offload ``mode`` moves the FLUX components onto (None: the one this machine has).
+
+    Raises :class:`DtbackError` for an unknown mode and when there is no accelerator: offloading to the CPU from the
+    CPU saves nothing, and diffusers refuses it.
+    """
+    if mode not in OFFLOAD_MODES[1:]:
+        raise DtbackError(f"offload mode {mode!r} is not one of {', '.join(OFFLOAD_MODES[1:])}")
+    available = _accelerator()
+    target = torch.device(device) if device is not None else available
+    if target is None or target.type == "cpu":
+        why = "this machine has none" if available is None else "the device is cpu"
+        raise DtbackError(f"offload {mode!r} needs a GPU: it keeps the FLUX weights in CPU memory and moves them to "
+                          f"the GPU when they run, and {why} (run without offload on the CPU)")
+    if available is None or available.type != target.type:
+        raise DtbackError(f"offload {mode!r} onto {target}: no such device here (found {available or 'no GPU'})")
+    return target
+
+
+def _accelerator() -> torch.device | None:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    return torch.device("mps") if mps is not None and mps.is_available() else None
+
+
+def _adapter_name(path: Path, taken: set[str]) -> str:
+    """A peft-safe adapter name from the file name (peft names may not hold dots), unique among ``taken``."""
+    stem = re.sub(r"\W", "_", path.stem) or "lora"
+    name, i = stem, 1
+    while name in taken:
+        i += 1
+        name = f"{stem}_{i}"
+    return name
+
+
 class IdentityFluxPipeline:
     """See the module docstring. Build with :meth:`from_pretrained`; call like a diffusers pipeline."""
 
@@ -70,11 +115,19 @@ class IdentityFluxPipeline:
         self.face_encoder = face_encoder
         self.body_encoder = body_encoder
         self.max_sequence_length = max_sequence_length
+        self.offload = "none"
+        self._offload_device: torch.device | None = None
+        self.loras: dict[str, float] = {}  # LoRAs loaded through diffusers: adapter name → scale
 
     @classmethod
-    def from_pretrained(cls, adapter: str | Path, base: str | None = None, device: str = "cpu",
-                        dtype: torch.dtype | None = None, local_files_only: bool = True) -> "IdentityFluxPipeline":
+    def from_pretrained(cls, adapter: str | Path, base: str | None = None, device: str | None = None,
+                        dtype: torch.dtype | None = None, local_files_only: bool = True,
+                        offload: str = "none") -> "IdentityFluxPipeline":
+        """Load the adapter and its base onto ``device`` (None: the CPU). ``offload`` ``"model"``/``"sequential"``
+        keeps the FLUX weights in CPU memory and moves them onto ``device`` (None: this machine's GPU) as they run
+        (:meth:`enable_offload`)."""
         adapter = Path(adapter)
+        device = str(offload_device(offload, device)) if offload != "none" else (device or "cpu")
         spec, _ = read_adapter(adapter)
         source = resolve_base(adapter, spec.extra.get("base_model"), base)
         dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
@@ -86,9 +139,74 @@ class IdentityFluxPipeline:
         identity = IdentityConfig(**{**spec.extra.get("identity", {}), "device": device})
         face = build_face_encoder(identity) if spec.resampler.face_dim else None
         body = build_body_encoder(identity) if spec.resampler.body_dim else None
-        pipeline.to(device)
-        model.to(device=device).eval()
-        return cls(pipeline, model, face, body, int(spec.extra.get("max_sequence_length", 512)))
+        model.eval()
+        pipe = cls(pipeline, model, face, body, int(spec.extra.get("max_sequence_length", 512)))
+        if offload == "none":
+            pipeline.to(device)
+            model.to(device=device)
+        else:
+            pipe.enable_offload(offload, device)
+        return pipe
+
+    def enable_offload(self, mode: str, device: str | torch.device | None = None) -> None:
+        """diffusers' CPU offload of the FLUX components onto the GPU ``device`` (None: this machine's).
+
+        ``"model"``: one whole component (text encoders, transformer, VAE) on the GPU at a time, little slower;
+        ``"sequential"``: one layer at a time, least GPU memory, much slower. The identity model stays on the GPU,
+        since its hooks run inside the transformer's blocks. LoRAs can be loaded before or after.
+        """
+        self._offload_to(mode, offload_device(mode, device))
+
+    def _offload_to(self, mode: str, device: torch.device) -> None:
+        # Split from enable_offload so the tests can run the offload wiring with the CPU as the execution device.
+        if mode == "model":
+            self.pipeline.enable_model_cpu_offload(device=device)
+        else:
+            self.pipeline.enable_sequential_cpu_offload(device=device)
+        self.model.to(device=device)
+        self.offload, self._offload_device = mode, device
+
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None, scale: float = 1.0) -> str:
+        """Load a diffusers/kohya FLUX LoRA file or folder through ``FluxPipeline.load_lora_weights``; returns its
+        adapter name (default: from the file name). All loaded LoRAs stay active, each with its scale; a LoRA the
+        dtback adapter was trained with stays at 1."""
+        path = Path(path)
+        if not path.exists():
+            raise DtbackError(f"LoRA {path} does not exist")
+        name = adapter_name or _adapter_name(path, set(self.loras))
+        if name in self.loras or name == LORA_NAME:
+            raise DtbackError(f"LoRA {path}: adapter name {name!r} is already in use; pass another adapter_name")
+        # diffusers would take the offload hooks off and put them back onto its default device; doing it here keeps
+        # the device this pipeline was offloaded to.
+        offloaded = self.offload
+        if offloaded != "none":
+            self.pipeline.remove_all_hooks()  # accelerate puts sequentially offloaded weights back in place
+        try:
+            try:
+                self.pipeline.load_lora_weights(str(path), adapter_name=name)
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+                raise DtbackError(f"LoRA {path}: not a FLUX LoRA that diffusers can load "
+                                  f"({err.__class__.__name__}: {err})") from err
+            if not any(name in names for names in self.pipeline.get_list_adapters().values()):
+                raise DtbackError(f"LoRA {path}: none of its weights fit this FLUX base's transformer or text encoders")
+            self.loras[name] = float(scale)
+            self.set_lora_scales()
+        finally:
+            if offloaded != "none":
+                self._offload_to(offloaded, self._offload_device)
+        return name
+
+    def set_lora_scales(self, **scales: float) -> None:
+        """Change the scales of loaded LoRAs by adapter name (0 switches one off) and apply them."""
+        unknown = sorted(set(scales) - set(self.loras))
+        if unknown:
+            loaded = ", ".join(self.loras) or "none"
+            raise DtbackError(f"no LoRA named {', '.join(unknown)} is loaded (loaded: {loaded})")
+        self.loras.update({name: float(value) for name, value in scales.items()})
+        names, weights = list(self.loras), list(self.loras.values())
+        if self.model.spec.lora:  # diffusers' set_adapters switches off every adapter it is not given
+            names, weights = [*names, LORA_NAME], [*weights, 1.0]
+        self.pipeline.set_adapters(names, weights)
 
     def encode_references(self, images: Sequence[Image.Image], paths: Sequence[str] | None = None,
                           require_face: bool = False) -> tuple[IdentityInputs, ReferenceReport]:

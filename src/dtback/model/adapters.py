@@ -131,8 +131,11 @@ def make_hook(adapter: IdentityCrossAttention, state: Callable[[], InjectionStat
         if current is None or not current.active:
             return None  # exactly the base block
         encoder_hidden_states, hidden_states = output
-        param_dtype = adapter.to_out.weight.dtype
-        update = adapter(hidden_states.to(param_dtype), current.identity, current.face_scale, current.body_scale)
-        return encoder_hidden_states, hidden_states + update.to(hidden_states.dtype)
+        weight = adapter.to_out.weight
+        # The adapter runs where its weights (and the identity tokens, made by the same model) are; under CPU offload
+        # or a device map that is the block's device, and otherwise the update is computed there and moved back.
+        update = adapter(hidden_states.to(weight.device, weight.dtype), current.identity, current.face_scale,
+                         current.body_scale)
+        return encoder_hidden_states, hidden_states + update.to(hidden_states.device, hidden_states.dtype)
 
     return hook

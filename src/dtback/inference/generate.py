@@ -25,8 +25,9 @@ DEFAULTS: dict[str, Any] = {
     "base": None, "reference": [], "prompt": [], "prompts_file": None, "seed": 0, "face_scale": None,
     "body_scale": None, "identity_start": 0.0, "identity_end": 1.0, "steps": None, "guidance": 3.5, "height": None,
     "width": None, "num_images": 1, "require_face": False, "no_identity": False, "device": "auto", "true_cfg": 1.0,
-    "negative_prompt": None,
+    "negative_prompt": None, "offload": "none", "lora": [], "lora_scale": [],
 }
+OFFLOAD_CHOICES = ("none", "model", "sequential")  # dtback.inference.pipeline.OFFLOAD_MODES, without importing torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse references without a detectable face (default: warn and use the body only)")
     parser.add_argument("--no-identity", action="store_true", default=None, help="the plain base, for comparison")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
+    parser.add_argument("--offload", choices=OFFLOAD_CHOICES,
+                        help="diffusers' CPU offload for small GPUs: model (one component on the GPU at a time) or "
+                        "sequential (one layer at a time: least memory, slowest); needs a GPU (default: none)")
+    parser.add_argument("--lora", action="append", type=Path,
+                        help="a diffusers/kohya FLUX LoRA file or folder to load on the base (repeatable)")
+    parser.add_argument("--lora-scale", action="append", type=float,
+                        help="strength of the LoRAs: once for all, or once per --lora in the same order (default 1)")
     parser.add_argument("--settings", type=Path, help="reuse a settings.json written by an earlier run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -70,12 +78,16 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             raise DtbackError(f"--settings {args.settings}: unreadable ({err})") from err
     for key in ("model", "base", "seed", "face_scale", "body_scale", "identity_start", "identity_end", "steps",
                 "guidance", "height", "width", "num_images", "require_face", "no_identity", "device", "true_cfg",
-                "negative_prompt"):
+                "negative_prompt", "offload"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = str(value) if isinstance(value, Path) else value
     if args.reference:
         settings["reference"] = [str(p) for p in args.reference]
+    if args.lora:
+        settings["lora"] = [str(p) for p in args.lora]
+    if args.lora_scale:
+        settings["lora_scale"] = list(args.lora_scale)
     prompts = list(args.prompt or []) or list(settings.get("prompt") or [])
     if args.prompts_file is not None:
         try:
@@ -99,9 +111,24 @@ def _check(settings: dict[str, Any]) -> None:
         raise DtbackError("no reference image: give --reference IMAGE (repeatable), or --no-identity")
     if settings["true_cfg"] < 1:
         raise DtbackError(f"--true-cfg {settings['true_cfg']} must be >= 1 (1 = off)")
+    if settings["offload"] not in OFFLOAD_CHOICES:
+        raise DtbackError(f"--offload {settings['offload']!r} is not one of {', '.join(OFFLOAD_CHOICES)}")
+    _check_loras(settings)
     for side in ("height", "width"):
         if settings[side] is not None and (settings[side] <= 0 or settings[side] % 16):
             raise DtbackError(f"--{side} {settings[side]} must be a positive multiple of 16")
+
+
+def _check_loras(settings: dict[str, Any]) -> None:
+    """Every --lora exists; --lora-scale becomes one scale per LoRA (none given: 1, one given: for all)."""
+    loras, scales = settings["lora"], list(settings["lora_scale"])
+    for path in loras:
+        if not Path(path).exists():
+            raise DtbackError(f"--lora {path} does not exist")
+    if len(scales) > 1 and len(scales) != len(loras):
+        raise DtbackError(f"--lora-scale given {len(scales)} times for {len(loras)} --lora: give it once for all "
+                          f"LoRAs or once per LoRA")
+    settings["lora_scale"] = scales if len(scales) == len(loras) else [scales[0] if scales else 1.0] * len(loras)
 
 
 def load_references(paths: list[str]):
@@ -122,9 +149,12 @@ def run_generate(args: argparse.Namespace) -> Path:
 
     settings = resolve_settings(args)
     device = settings["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = IdentityFluxPipeline.from_pretrained(settings["model"], base=settings["base"], device=device)
+    if device == "auto":  # with offload: the GPU the pipeline finds
+        device = None if settings["offload"] != "none" else "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = IdentityFluxPipeline.from_pretrained(settings["model"], base=settings["base"], device=device,
+                                                offload=settings["offload"])
+    for path, scale in zip(settings["lora"], settings["lora_scale"]):
+        pipe.load_lora_weights(path, scale=scale)
     extra = pipe.model.spec.extra
     size = int(extra.get("input_size", 512))
     settings["height"] = settings["height"] or size

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from dtback.cli import EXIT_BAD_INPUT, main
+from dtback.config import load_config
 from dtback.data.world import BODY_ATTRIBUTES, FACE_ATTRIBUTES
 from dtback.evaluation.benchmark import CONDITIONS, grid_cell
 from dtback.evaluation.heldout import WORLD_PROMPTS
@@ -202,12 +203,16 @@ def test_without_split_file_the_config_gives_the_same_held_out_characters(world_
 
 
 def test_true_cfg_changes_the_images_with_identity_only(evaluated, world_run, tmp_path):
-    out, results = evaluated
-    assert results["settings"]["true_cfg"] == 1.0  # the run's training.val_true_cfg
-    cfg_out = tmp_path / "cfg"
-    assert main(["evaluate", "--model", str(world_run / "best_model.pt"), "--steps", "2", "--seed", "3",
-                 "--true-cfg", "3", "--out", str(cfg_out), "--no-progress"]) == 0
-    assert json.loads((cfg_out / "results.json").read_text())["settings"]["true_cfg"] == 3.0
+    _, results = evaluated
+    run_cfg = load_config(world_run / "config.yaml")
+    assert results["settings"]["true_cfg"] == run_cfg.training.val_true_cfg  # the run's value by default
+    runs = {}
+    for scale in ("1", "3"):
+        runs[scale] = tmp_path / f"cfg{scale}"
+        assert main(["evaluate", "--model", str(world_run / "best_model.pt"), "--steps", "2", "--seed", "3",
+                     "--true-cfg", scale, "--out", str(runs[scale]), "--no-progress"]) == 0
+        assert json.loads((runs[scale] / "results.json").read_text())["settings"]["true_cfg"] == float(scale)
+    out, cfg_out = runs["1"], runs["3"]
     for condition, same in (("no_identity", True), ("with_identity", False), ("shuffled", False)):
         for path in sorted((out / "images" / condition).rglob("*.png")):
             plain = np.asarray(Image.open(path))

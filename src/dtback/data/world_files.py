@@ -174,3 +174,21 @@ def world_models_dir(override: Path | str | None = None) -> Path:
     env = os.environ.get(WORLD_MODELS_ENV)
     return Path(env) if env else PACKAGED_WORLD_MODELS
 
+
+
+def read_component_info(info_path: Path, rebuild: str, what: str) -> dict[str, Any]:
+    """The JSON beside a world component (``what`` names it in messages), after checking it was trained on the
+    current world version; ``rebuild`` is the command that rebuilds it."""
+    from dtback.errors import MissingModelError  # noqa: PLC0415
+
+    if not info_path.is_file():
+        raise MissingModelError(f"no {what} in {info_path.parent} (no {info_path.name}); build it with `{rebuild}`")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        version = info["world_version"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise MissingModelError(f"{info_path}: unreadable ({type(err).__name__}: {err})") from None
+    if version != WORLD_VERSION:
+        raise MissingModelError(f"{info_path}: world version {version}, the renderer is at {WORLD_VERSION}; rebuild "
+                                f"with `{rebuild}`")
+    return info

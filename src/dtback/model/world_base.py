@@ -29,7 +29,7 @@ import torch
 from diffusers import FluxPipeline
 
 from dtback.data.world import WORLD_VERSION
-from dtback.data.world_files import WORLD_MODELS_ENV, world_models_dir
+from dtback.data.world_files import WORLD_MODELS_ENV, read_component_info, world_models_dir
 from dtback.errors import MissingModelError
 from dtback.model.flux import DTYPE_KWARG
 
@@ -175,18 +175,8 @@ def load_world_base(override: Path | str | None = None) -> FluxPipeline:
     from dtback.model.world_vae import load_or_train_world_vae  # noqa: PLC0415
 
     folder = world_base_folder(override)
-    info_path = folder / INFO_FILE
-    if not info_path.is_file():
-        raise MissingModelError(f"no pretrained world base in {folder} (need a FluxPipeline folder and {INFO_FILE}); "
-                                f"build it with `{REBUILD.format(folder=folder.parent)}` or set "
-                                "model.simple_base: null to start the simple model from random weights")
-    try:
-        version = json.loads(info_path.read_text(encoding="utf-8"))["world_version"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise MissingModelError(f"{info_path}: unreadable ({type(err).__name__}: {err})") from None
-    if version != WORLD_VERSION:
-        raise MissingModelError(f"{info_path}: world version {version}, the renderer is at {WORLD_VERSION}; rebuild "
-                                f"with `{REBUILD.format(folder=folder.parent)}`")
+    read_component_info(folder / INFO_FILE, REBUILD.format(folder=folder.parent),
+                        "pretrained world base (or set model.simple_base: null for random weights)")
     vae = load_or_train_world_vae(world_models_dir(override))
     return FluxPipeline.from_pretrained(folder, vae=vae, local_files_only=True, **{DTYPE_KWARG: torch.float32})
 

@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from dtback.data.world import WORLD_VERSION, sample_characters
-from dtback.data.world_files import world_models_dir
+from dtback.data.world_files import read_component_info, world_models_dir
 from dtback.identity.body import MissingModelError
 from dtback.identity.world_train import WorldSet, optimizer_step, render_world_set, training_history, warmup_cosine
 
@@ -184,17 +184,10 @@ def build_world_vae(folder: Path, recipe: VaeRecipe = VaeRecipe(), config: dict[
 def load_world_vae(folder: Path) -> AutoencoderKL:
     """``AutoencoderKL.from_pretrained(folder)`` after checking it was trained on the current world."""
     folder = Path(folder)
-    info_path = folder / INFO_FILE
-    if not info_path.is_file() or not (folder / "config.json").is_file():
-        raise MissingModelError(f"no world VAE in {folder} (need config.json, weights and {INFO_FILE}); build it with "
-                                f"`dtback world-components --out {folder.parent} --only vae`")
-    try:
-        version = json.loads(info_path.read_text(encoding="utf-8"))["world_version"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise MissingModelError(f"{info_path}: unreadable ({type(err).__name__}: {err})") from None
-    if version != WORLD_VERSION:
-        raise ValueError(f"{info_path}: world version {version}, the renderer is at {WORLD_VERSION}; rebuild with "
-                         f"`dtback world-components --out {folder.parent} --only vae`")
+    rebuild = f"dtback world-components --out {folder.parent} --only vae"
+    read_component_info(folder / INFO_FILE, rebuild, "world VAE")
+    if not (folder / "config.json").is_file():
+        raise MissingModelError(f"no world VAE in {folder} (no config.json); build it with `{rebuild}`")
     return AutoencoderKL.from_pretrained(folder).eval()
 
 

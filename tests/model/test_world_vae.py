@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from dtback.data.world_files import world_models_dir
+from dtback.errors import MissingModelError
 from dtback.model.world_vae import (
     INFO_FILE, VAE_FOLDER, VaeRecipe, build_world_vae, load_or_train_world_vae, load_world_vae, reconstruction_psnr,
     render_pixels, round_trip, world_vae_config,
@@ -43,7 +44,7 @@ def test_build_saves_and_from_pretrained_round_trips(tmp_path):
                            again.decode(again.encode(x).latent_dist.mode()).sample)
     info = json.loads((tmp_path / "vae" / INFO_FILE).read_text())
     (tmp_path / "vae" / INFO_FILE).write_text(json.dumps({**info, "world_version": -1}))
-    with pytest.raises(ValueError, match="rebuild"):
+    with pytest.raises(MissingModelError, match="world version -1.*rebuild with `dtback world-components"):
         load_world_vae(tmp_path / "vae")
 
 

@@ -254,10 +254,7 @@ class EmbeddingCache:
         prefix = f"{key}/"
         try:
             with safe_open(shard, framework="pt") as handle:
-                names = self._shard_names.get(shard, {}).get(key)
-                if names is None:  # a shard this instance wrote itself: its names were never listed
-                    names = [name for name in handle.keys() if name.startswith(prefix)]
-                return {name[len(prefix):]: handle.get_tensor(name) for name in names}
+                return {name[len(prefix):]: handle.get_tensor(name) for name in self._shard_names[shard][key]}
         except _SHARD_READ_ERRORS as err:
             self._drop_shard(shard, f"unreadable shard on get({key!r}): {type(err).__name__}: {err}")
             return self.get(key)
@@ -353,6 +350,7 @@ class EmbeddingCache:
         _fsync_dir(self.folder)
         for key in self._buffer:
             self._index.setdefault(key, final)
+        self._shard_names[final] = {key: [f"{key}/{field}" for field in entry] for key, entry in self._buffer.items()}
         self._seen_shards.add(final)
         log.debug("embedding cache: wrote %d entries to %s", len(self._buffer), final)
         self._buffer.clear()

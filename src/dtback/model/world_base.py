@@ -25,13 +25,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import FluxPipeline
+from safetensors.torch import load_file
 
-from dtback.data.world import WORLD_VERSION
+from dtback.data.world import WORLD_VERSION, render_image, sample_characters
 from dtback.data.world_files import WORLD_MODELS_ENV, read_component_info, world_models_dir
 from dtback.errors import MissingModelError
-from dtback.model.flux import DTYPE_KWARG
+from dtback.model.flux import DTYPE_KWARG, build_simple_pipeline
+from dtback.model.world_vae import load_or_train_world_vae, to_model_range
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +96,6 @@ def save_world_base(run_dir: Path, checkpoint: Path, folder: Path, recipe: BaseR
                     seconds: float) -> dict[str, Any]:
     """The pretraining run's final transformer (its EMA weights, from ``checkpoint``) into ``folder`` with the run's
     text encoders and tokenizers but no VAE, and ``world_base.json`` with the recipe and held-out figures."""
-    from dtback.data.world import sample_characters  # noqa: PLC0415
-
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     validation = json.loads((run_dir / "validation.jsonl").read_text().splitlines()[-1])
     pipeline = FluxPipeline.from_pretrained(run_dir / "simple_base")
@@ -130,8 +131,6 @@ def _load_final_ema(transformer, checkpoint: Path) -> None:
     """The EMA weights of the transformer from a trainer checkpoint. The EMA holds every trainable tensor in the
     order of the training module's parameters, the transformer's first (``TrainModule``); names and shapes are
     checked against ``trainable.safetensors``."""
-    from safetensors.torch import load_file  # noqa: PLC0415
-
     trainable = load_file(checkpoint / "trainable.safetensors")
     shadow = load_file(checkpoint / "ema.safetensors")
     state = {}
@@ -146,8 +145,6 @@ def _load_final_ema(transformer, checkpoint: Path) -> None:
 
 
 def _random_like(pipeline: FluxPipeline) -> FluxPipeline:
-    from dtback.model.flux import build_simple_pipeline  # noqa: PLC0415
-
     random = build_simple_pipeline(0, vae=pipeline.vae)
     random.text_encoder, random.text_encoder_2 = pipeline.text_encoder, pipeline.text_encoder_2
     return random
@@ -172,8 +169,6 @@ def world_base_folder(override: Path | str | None = None) -> Path:
 
 def load_world_base(override: Path | str | None = None) -> FluxPipeline:
     """The pretrained simple model with the world VAE, after checking both were trained on the current world."""
-    from dtback.model.world_vae import load_or_train_world_vae  # noqa: PLC0415
-
     folder = world_base_folder(override)
     read_component_info(folder / INFO_FILE, REBUILD.format(folder=folder.parent),
                         "pretrained world base (or set model.simple_base: null for random weights)")
@@ -187,10 +182,6 @@ def held_out_flow_loss(pipeline: FluxPipeline, characters: int = 16, per_charact
     """Mean flow-matching loss of ``pipeline``'s transformer on world renders of characters of ``seed`` (none of
     them in ``exclude``), at fixed noise and noise levels spread over (0, 1): how well the model knows the world.
     A random transformer scores about 2.4; lower is better."""
-    import numpy as np  # noqa: PLC0415
-
-    from dtback.data.world import render_image, sample_characters  # noqa: PLC0415
-    from dtback.model.world_vae import to_model_range  # noqa: PLC0415
     from dtback.training.features import encode_latents  # noqa: PLC0415
     from dtback.training.losses import flow_matching_loss, noisy_latents  # noqa: PLC0415
 

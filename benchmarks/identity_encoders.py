@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
+from dtback import backends
 from dtback.config import DataConfig, IdentityConfig
 from dtback.data.images import load_rgb
 from dtback.data.layout import scan_dataset
@@ -91,10 +92,11 @@ def main() -> None:
         data = DataConfig(data_dir=args.data.parent, min_images_per_char=2)
         index = scan_dataset(data, seed=0, progress=False)
         index.characters = [c for c in index.characters if c.bundle == args.data.name]
-        identity = IdentityConfig(body_model=str(body_dir), device="cpu")
+        identity = IdentityConfig(face_backend="dlib", body_model=str(body_dir), device="cpu")
         cache = Path(tmp) / "cache"
-        first = IdentityPrecomputer(identity, cache, data.max_image_pixels).run(index, progress=False)
-        second = IdentityPrecomputer(identity, cache, data.max_image_pixels).run(index, progress=False)
+        encoders = backends.face_encoder(identity), backends.body_encoder(identity)
+        first = IdentityPrecomputer(*encoders, cache, data.max_image_pixels).run(index, progress=False)
+        second = IdentityPrecomputer(*encoders, cache, data.max_image_pixels).run(index, progress=False)
         print(f"precompute (dlib hog + dinov2-small): first pass {first.images} images {first.seconds:.2f} s "
               f"({first.images_per_second:.1f} img/s, {first.face_encoder_calls}+{first.body_encoder_calls} encoder calls); "
               f"cached second pass {second.seconds:.3f} s ({second.images_per_second:.0f} img/s, "

@@ -22,16 +22,17 @@ from pathlib import Path
 import torch
 
 from dtback.config import WorldConfig
-from dtback.data.world import ATTRIBUTES, render_image, sample_characters
-from dtback.data.world_files import world_models_dir, write_world
-from dtback.evaluation.reader import ReaderRecipe, evaluate_reader, load_reader
-from dtback.identity.world import load_world_body_encoder, load_world_face_encoder
-from dtback.identity.world_build import (
+from dtback.viz.grid import make_grid
+from dtback.world.encoders import load_world_body_encoder, load_world_face_encoder
+from dtback.world.files import world_models_dir, write_world
+from dtback.world.people import ATTRIBUTES, WorldSet, render_image, render_world_set, sample_characters
+from dtback.world.reader import load_reader
+from dtback.world.vae import load_world_vae, reconstruction_psnr, to_model_range, world_vae_folder
+from dtback.world_build.encoders import (
     EncoderRecipe, evaluate_body_encoder, evaluate_face_encoder, training_characters,
 )
-from dtback.identity.world_train import WorldSet, render_world_set
-from dtback.model.world_vae import load_or_train_world_vae, reconstruction_psnr, render_pixels, to_model_range
-from dtback.viz.grid import make_grid
+from dtback.world_build.reader import ReaderRecipe, evaluate_reader
+from dtback.world_build.vae import render_pixels
 
 BENCH_SEED = 9001
 
@@ -85,10 +86,10 @@ def through_vae(world: WorldSet, vae) -> WorldSet:
 def component_figures() -> dict:
     """The shipped components measured on characters of :data:`BENCH_SEED`, on renders and on their VAE
     reconstructions (what the identity loss sees at best when it decodes latents)."""
-    vae = load_or_train_world_vae(progress=False)
-    face_encoder = load_world_face_encoder(train_if_missing=False)
-    body_encoder = load_world_body_encoder(train_if_missing=False)
-    reader = load_reader(train_if_missing=False)
+    vae = load_world_vae(world_vae_folder())
+    face_encoder = load_world_face_encoder()
+    body_encoder = load_world_body_encoder()
+    reader = load_reader()
     people = sample_characters(40, BENCH_SEED, exclude=training_characters(EncoderRecipe()))
     held = render_world_set(people, 6, 128, BENCH_SEED)
     reader_recipe = ReaderRecipe()

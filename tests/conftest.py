@@ -1,12 +1,40 @@
-"""Shared fixtures."""
+"""Shared fixtures, and a test environment that does not depend on the user's.
+
+The suite must be green whatever the shell holds: ``HF_HUB_OFFLINE=1`` (common on offline clusters), a hub token or
+mirror, a populated Hugging Face cache in ``HF_HOME``, or the folder pytest is started from. Hub variables are
+removed and the cache points at an empty folder before any test module imports huggingface_hub (which reads them
+at import), and every test runs in its own temporary working folder.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from helpers import PEOPLE
+
+HUB_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN",
+                 "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE",
+                 "HF_HUB_DISABLE_TELEMETRY")
+for _name in HUB_VARIABLES:
+    os.environ.pop(_name, None)
+_HF_HOME = tempfile.mkdtemp(prefix="dtback-tests-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME  # an empty cache: nothing of the user's downloads is found
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _own_working_folder(tmp_path, monkeypatch):
+    """Relative paths a test forgets to anchor land in its temporary folder, never in the repository or the user's
+    current folder."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
 
 
 @pytest.fixture

@@ -198,10 +198,14 @@ def _add_build_parser(dataset) -> None:
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> int:
-    from dtback.data.build import REPORT_FILE, build_dataset, check_usable
+    from dtback import backends
+    from dtback.curate.build import REPORT_FILE, build_dataset, check_usable
 
     cfg = load_config(args.config, [*args.overrides, f"data.data_dir={json.dumps(str(args.out))}"])
-    report = build_dataset(args.sources, cfg.data, cfg.identity, progress=not args.no_progress)
+    identity, which = backends.builder_identity(cfg)
+    _say(which)
+    encoder = backends.face_encoder(identity, backends.world_folder(cfg))
+    report = build_dataset(args.sources, cfg.data, identity, encoder, progress=not args.no_progress)
     console.print(report.table())
     if args.report is not None:
         report.write(args.report)
@@ -211,18 +215,19 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
+    from dtback import backends
     from dtback.data.layout import scan_dataset
     from dtback.identity.precompute import IdentityPrecomputer
+    from dtback.io import write_json
 
     cfg = load_config(args.config, args.overrides)
     index = scan_dataset(cfg.data, cfg.seed, progress=not args.no_progress)
-    cache_dir = cfg.identity.cache_dir or cfg.output.output_dir / "cache"
-    report = IdentityPrecomputer(cfg.identity, cache_dir, cfg.data.max_image_pixels).run(
-        index, progress=not args.no_progress
-    )
-    out = cfg.output.output_dir / "precompute_report.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    cache_dir = cfg.cache_dir()
+    world = backends.world_folder(cfg)
+    precomputer = IdentityPrecomputer(backends.face_encoder(cfg.identity, world),
+                                      backends.body_encoder(cfg.identity, world), cache_dir, cfg.data.max_image_pixels)
+    report = precomputer.run(index, progress=not args.no_progress)
+    out = write_json(cfg.output.output_dir / "precompute_report.json", report.to_json(), indent=2)
     _say(
         f"{report.images} images in {report.seconds:.1f} s ({report.images_per_second:.1f} img/s): "
         f"faces found {report.faces_found}, no face {len(report.no_face)} (body only), unreadable {len(report.unreadable)}; "
@@ -258,7 +263,7 @@ def _add_world_parser(commands) -> None:
         "world-components",
         help="(re)build the world's VAE, face/body encoders and identity reader (minutes on one CPU core)",
         description="Train each component on world renders, measure it on held-out characters and save it into OUT "
-        "(default: the folder shipped in the package, or $DTBACK_WORLD_MODELS). Figures go to OUT/components.json.",
+        "(default: the folder shipped in the package; use another with data.world.components). Figures go to OUT/components.json.",
     )
     components.add_argument("--out", type=Path, default=None, help="components folder")
     components.add_argument("--only", default=",".join(("vae", "face", "body", "reader")),
@@ -272,7 +277,7 @@ def cmd_world(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from dtback.config import WorldConfig
-    from dtback.data.world_files import write_world
+    from dtback.world.files import write_world
 
     try:
         cfg = WorldConfig(characters=args.characters, images_per_character=args.images_per_character, size=args.size,
@@ -292,8 +297,8 @@ def cmd_world(args: argparse.Namespace) -> int:
 def cmd_world_components(args: argparse.Namespace) -> int:
     import torch
 
-    from dtback.data.world_files import world_models_dir
-    from dtback.world_components import build_world_components
+    from dtback.world.files import world_models_dir
+    from dtback.world_build.components import build_world_components
 
     torch.set_num_threads(args.threads)
     folder = world_models_dir(args.out)
@@ -339,7 +344,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dtback.evaluation.benchmark import RESULTS_MD, EvaluateSettings, evaluate
 
     out = args.out or args.model.parent / "evaluation"
-    evaluate(EvaluateSettings(
+    evaluate(EvaluateSettings.create(
         model=args.model, out=out, data_dir=args.data_dir, config=args.config, characters=args.characters,
         num_characters=args.num_characters, prompts_file=args.prompts_file, images_per_prompt=args.images_per_prompt,
         steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg, seed=args.seed, clip_model=args.clip_model, base=args.base,

@@ -12,6 +12,7 @@ where the source is the YAML file or the ``--set`` argument that supplied the va
 from __future__ import annotations
 
 import difflib
+import warnings
 import re
 import string
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dtback.errors import ConfigError
+from dtback.io import write_text
 
 # Pixels per latent patch of FLUX: VAE downsamples by 8, the transformer packs 2x2 latents.
 FLUX_PIXEL_MULTIPLE = 16
@@ -31,7 +33,8 @@ class _Section(BaseModel):
 
 
 class WorldConfig(_Section):
-    """The generated identity world (:mod:`dtback.data.world`) written into ``data_dir`` when that folder is missing."""
+    """The generated identity world (:mod:`dtback.world`): the images written into ``data_dir`` when that folder is
+    missing, and the folder of its trained components."""
 
     generate_if_missing: bool = Field(True, description="Generate the identity world into data_dir when it is missing.")
     characters: int = Field(256, ge=2, description="Characters (identities) in the generated world.")
@@ -39,11 +42,15 @@ class WorldConfig(_Section):
     size: int = Field(128, ge=FLUX_PIXEL_MULTIPLE, description="Side of the square world images in pixels.")
     seed: int = Field(0, description="World seed: the same seed always gives the same images, byte for byte.")
     bundle: str = Field("world", min_length=1, description="Bundle folder the characters are written into.")
+    components: Path | None = Field(
+        None, description="Folder of the world's trained components (VAE, face/body encoders, reader, base; built by "
+        "`dtback world-components --out DIR`); null: the folder shipped in the package."
+    )
 
 
 class BuildConfig(_Section):
     """``dtback dataset build``: photos and videos -> ``<data_dir>/<bundle>/<character>/`` by face clustering. The
-    rules and how the defaults were measured: :mod:`dtback.data.faces` and :mod:`dtback.data.cluster`."""
+    rules and how the defaults were measured: :mod:`dtback.curate.faces` and :mod:`dtback.curate.cluster`."""
 
     video_fps: float = Field(1.0, gt=0, le=120, description="Video frames sampled per second of video.")
     max_frames_per_video: int | None = Field(None, ge=1, description="Sample at most this many frames per video; null: all.")
@@ -63,6 +70,10 @@ class BuildConfig(_Section):
     )
     cluster_threshold: float | None = Field(
         None, gt=0, description="Embedding distance that separates identities (null: 0.5 dlib, 1.15 insightface)."
+    )
+    face_backend: Literal["dlib", "insightface"] | None = Field(
+        None, description="Face backend that groups photos; null: identity.face_backend, or dlib when that is world "
+        "(the world's encoder knows only drawn characters)."
     )
     bundle_prefix: str = Field(
         "built", description="Bundles are <prefix>_000, <prefix>_001, ... of data.max_chars_per_bundle characters each."
@@ -105,7 +116,6 @@ class DataConfig(_Section):
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="Images with more pixels are skipped (protects against decompression bombs)."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     scan_threads: int = Field(4, ge=1, description="Threads that decode images while scanning the dataset.")
     world: WorldConfig = Field(default_factory=WorldConfig, description="The generated identity world.")
     build: BuildConfig = Field(default_factory=BuildConfig, description="The dataset builder (dtback dataset build).")
@@ -155,7 +165,7 @@ class IdentityConfig(_Section):
     num_body_latents: int = Field(8, ge=1, description="Body identity tokens produced by the body resampler.")
     face_backend: Literal["world", "dlib", "insightface"] = Field(
         "world",
-        description="world: the identity world's own encoder (world_models_dir); dlib: offline, licence-clean models; "
+        description="world: the identity world's own encoder (data.world.components); dlib: offline, licence-clean models; "
         "insightface: ONNX pack from face_model_dir.",
     )
     face_model_dir: Path | None = Field(
@@ -175,9 +185,6 @@ class IdentityConfig(_Section):
     body_width_factor: float = Field(2.0, gt=0, description="Person crop: face centre +- this many face widths.")
     body_top_factor: float = Field(0.5, ge=0, description="Person crop: starts this many face heights above the face.")
     body_height_factor: float = Field(7.5, gt=0, description="Person crop: ends this many face heights below the face top.")
-    world_models_dir: Path | None = Field(
-        None, description="World components (VAE, encoders, reader); null: $DTBACK_WORLD_MODELS or the shipped folder."
-    )
     cache_dir: Path | None = Field(None, description="Embedding cache folder; null means <output_dir>/cache.")
     device: str = Field("auto", description="Device for the encoders: auto (cuda when available), cpu, cuda, cuda:1...")
 
@@ -357,6 +364,29 @@ class TrainingConfig(_Section):
         "identity (amplifies what the adapters add; 1 = off, one transformer call per step)."
     )
     log_every: int = Field(10, ge=1, description="Log losses every N optimiser steps.")
+    log_with: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers that get the losses, validation metrics and grids, through accelerate: "
+        "tensorboard (events in <output_dir>/tensorboard/), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, "
+        "trackio; all: every one installed; [] or null: none (metrics.jsonl and validation.jsonl are always written).",
+    )
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _known_trackers(cls, value: Any) -> list[str]:
+        # accelerate's LoggerType values less "all" (not imported here: it would import torch for every config).
+        trackers = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+        choices = f"choose from {', '.join(trackers)}, or 'all' (every one installed), or [] / null for none"
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list of tracker names; {choices}")
+        unknown = [name for name in value if name not in (*trackers, "all")]
+        if unknown:
+            raise ValueError(f"unknown tracker(s) {', '.join(repr(name) for name in unknown)}; {choices}")
+        return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _some_loss(self) -> "TrainingConfig":
@@ -381,12 +411,15 @@ class Config(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    def cache_dir(self) -> Path:
+        """The embedding cache folder: ``identity.cache_dir``, else ``<output_dir>/cache``."""
+        return Path(self.identity.cache_dir) if self.identity.cache_dir is not None else self.output.output_dir / "cache"
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml(), encoding="utf-8")
+        write_text(path, self.to_yaml())  # atomic: a reader sees the old config or the new one
 
 
 SEED_KEYS = (
@@ -418,6 +451,10 @@ def _section_of(key: str) -> str:
 
 SEED_KEY_PATHS: dict[str, str] = {key: f"{_section_of(key)}.{key}" for key in SEED_KEYS}
 
+# Keys of earlier versions: still accepted (config files and the config.yaml of old runs), with a deprecation note.
+RENAMED_KEYS: dict[str, str] = {"identity.world_models_dir": "data.world.components"}
+REMOVED_KEYS: dict[str, str] = {"data.num_workers": "features are precomputed in memory; no DataLoader workers run"}
+
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load ``path`` (YAML; None means all defaults), apply ``--set`` overrides, validate the whole tree."""
@@ -425,8 +462,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     raw = _read_yaml(Path(path)) if path is not None else {}
     sources: dict[str, str] = {}
     raw = _lift_seed_keys(raw, source)
+    raw = _renamed_keys(raw, source)
     for override in overrides:
         key, value = _parse_override(override)
+        if key is None:
+            continue
         _set_path(raw, key, value, f"--set {override}")
         sources[key] = f"--set {override}"
     try:
@@ -469,12 +509,50 @@ def _lift_seed_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return raw
 
 
-def _parse_override(override: str) -> tuple[str, Any]:
+def _renamed_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Move renamed keys to their new place and drop removed ones, each with a deprecation warning."""
+    for old, new in (*RENAMED_KEYS.items(), *((old, None) for old in REMOVED_KEYS)):
+        section, _, key = old.partition(".")
+        block = raw.get(section)
+        if not isinstance(block, dict) or key not in block:
+            continue
+        block = raw[section] = dict(block)
+        value = block.pop(key)
+        if new is None:
+            warnings.warn(f"{source}: {old} is no longer used ({REMOVED_KEYS[old]}); remove it", DeprecationWarning,
+                          stacklevel=3)
+            continue
+        warnings.warn(f"{source}: {old} is renamed {new}; the old name still works for now", DeprecationWarning,
+                      stacklevel=3)
+        if _get_path(raw, new) is not None and value is not None:
+            raise ConfigError(f"{source}: both {old} (old name) and {new} are set; keep {new}")
+        if value is not None:
+            _set_path(raw, new, value, source)
+    return raw
+
+
+def _get_path(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _parse_override(override: str) -> tuple[str | None, Any]:
     key, sep, text = override.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {override}: expected key=value, e.g. --set training.learning_rate=1e-4")
     key = SEED_KEY_PATHS.get(key, key)
+    if key in RENAMED_KEYS:
+        warnings.warn(f"--set {override}: {key} is renamed {RENAMED_KEYS[key]}", DeprecationWarning, stacklevel=3)
+        key = RENAMED_KEYS[key]
+    if key in REMOVED_KEYS:
+        warnings.warn(f"--set {override}: {key} is no longer used ({REMOVED_KEYS[key]})", DeprecationWarning,
+                      stacklevel=3)
+        return None, None
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as err:

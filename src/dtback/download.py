@@ -30,7 +30,7 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from dtback.errors import DtbackError
+from dtback.errors import DownloadError, GatedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,6 @@ FLUX_REQUIRED = ("model_index.json", "scheduler/scheduler_config.json", "text_en
 FACE_REQUIRED = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 BODY_PATTERNS = ("config.json", "preprocessor_config.json", "model.safetensors")
 BODY_REQUIRED = ("config.json", "model.safetensors")  # safetensors only: nothing is unpickled
-
-
-class DownloadError(DtbackError):
-    """A download could not start or finish; the message says why and what to do."""
-
-
-class GatedModelError(DownloadError):
-    """The hub refused a gated repository: no token, or the licence is not accepted."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ def world_run(tmp_path_factory) -> Path:
     """A run folder as training leaves it (best_model.pt, base/, config.yaml, split.json) after 2 steps on a
     6-character world of 128 px images; 2 characters are held out. About 10 s on one core."""
     from dtback.config import ModelConfig, WorldConfig, load_config
-    from dtback.data.world_files import write_world
+    from dtback.world.files import write_world
     from dtback.training.trainer import train
 
     root = tmp_path_factory.mktemp("world_run")

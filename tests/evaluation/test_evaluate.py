@@ -12,10 +12,10 @@ from PIL import Image
 
 from dtback.cli import EXIT_BAD_INPUT, main
 from dtback.config import load_config
-from dtback.data.world import BODY_ATTRIBUTES, FACE_ATTRIBUTES
+from dtback.world.people import BODY_ATTRIBUTES, FACE_ATTRIBUTES
 from dtback.evaluation.benchmark import CONDITIONS, grid_cell
 from dtback.evaluation.heldout import WORLD_PROMPTS
-from dtback.evaluation.reader import load_reader
+from dtback.world.reader import load_reader
 from dtback.viz.grid import grid_layout
 
 RANGES = {"reader_face": (0, 1), "reader_body": (0, 1), "reader_mean": (0, 1), "face_detected": (0, 1)}
@@ -218,3 +218,35 @@ def test_true_cfg_changes_the_images_with_identity_only(evaluated, world_run, tm
             plain = np.asarray(Image.open(path))
             guided = np.asarray(Image.open(cfg_out / path.relative_to(out)))
             assert np.array_equal(plain, guided) == same, (condition, path.name)
+
+
+def test_evaluate_settings_reject_bad_values_naming_the_flag(tmp_path, capsys):
+    from dtback.errors import ConfigError
+    from dtback.evaluation.benchmark import EvaluateSettings
+
+    model = tmp_path / "missing.pt"  # the values are checked before any file is looked at
+    common = ["evaluate", "--model", str(model), "--out", str(tmp_path / "o"), "--no-progress"]
+    for flags, expected in ((["--images-per-prompt", "0"], "--images-per-prompt 0 is too small (at least 1)"),
+                            (["--num-characters", "1"], "--num-characters 1 is too small (at least 2)"),
+                            (["--steps", "0"], "--steps 0 is too small (at least 1)"),
+                            (["--true-cfg", "0.5"], "--true-cfg 0.5 must be >= 1 (1 = off)"),
+                            (["--guidance", "nan"], "--guidance nan: Input should be a finite number")):
+        assert main([*common, *flags]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert expected in err and "does not exist" not in err, (flags, err)
+    with pytest.raises(ConfigError, match="unknown evaluate setting 'stepz'"):
+        EvaluateSettings.create(model=model, out=tmp_path, stepz=2)
+    with pytest.raises(ConfigError, match="--seed 1.5: Input should be a valid integer"):
+        EvaluateSettings.create(model=model, out=tmp_path, seed=1.5)
+    settings = EvaluateSettings.create(model=str(model), out=tmp_path)
+    assert settings.model == model and settings.characters == [] and settings.images_per_prompt == 1
+    assert settings.steps is None and settings.guidance == 3.5 and settings.true_cfg is None and settings.progress
+
+
+def test_results_files_are_complete_and_settings_recorded(evaluated):
+    out, results = evaluated
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # atomic writes leave no temporary file
+    assert (out / "results.md").read_text().endswith("\n")
+    settings = results["settings"]
+    assert (settings["steps"], settings["seed"], settings["images_per_prompt"]) == (2, 3, 1)
+    assert settings["model"].endswith("best_model.pt") and settings["out"] == str(out)

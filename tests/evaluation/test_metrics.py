@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dtback.data.world import BODY_ATTRIBUTES, FACE_ATTRIBUTES
-from dtback.evaluation.metrics import attribute_accuracy, copy_paste_score, face_similarity, unit_mean
+from dtback.evaluation.metrics import copy_paste_score, face_similarity, unit_mean
 
 
 class ColourFaces:
@@ -36,15 +35,6 @@ def test_face_similarity_scores_zero_without_a_face_and_none_without_a_reference
 def test_unit_mean_is_normalised():
     mean = unit_mean(torch.tensor([[3.0, 0.0], [0.0, 3.0]]))
     assert torch.allclose(mean, torch.tensor([0.5 ** 0.5, 0.5 ** 0.5]))
-
-
-def test_attribute_accuracy_counts_face_and_body_separately():
-    truth = {"face": {name: values[0] for name, values in FACE_ATTRIBUTES.items()},
-             "body": {name: values[0] for name, values in BODY_ATTRIBUTES.items()}}
-    read = {**truth["face"], **truth["body"], "hair_colour": FACE_ATTRIBUTES["hair_colour"][1],
-            "build": BODY_ATTRIBUTES["build"][1], "top_colour": BODY_ATTRIBUTES["top_colour"][2]}
-    face, body = attribute_accuracy(read, truth)
-    assert face == pytest.approx(6 / 7) and body == pytest.approx(2 / 4)
 
 
 def test_copy_paste_score_is_one_for_a_copy_and_low_for_another_picture():

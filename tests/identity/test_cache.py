@@ -16,9 +16,15 @@ from safetensors.torch import save_file
 
 from dtback.identity import cache as cache_module
 from dtback.identity.cache import EmbeddingCache, cache_namespace, content_hash
+from dtback.io import is_temporary
 
 ENCODER = "test-encoder"
 SETTINGS = {"image_size": 112, "crop": "face_box_1.3"}
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """The temporary files a writer left in ``folder`` (dtback.io names: ``.<name>.tmp-<pid>-<hex>``)."""
+    return sorted(p for p in folder.iterdir() if is_temporary(p))
 
 
 def make_entry(seed: int) -> dict[str, torch.Tensor]:
@@ -182,7 +188,7 @@ def test_entries_not_visible_across_namespaces(tmp_path: Path) -> None:
         assert len(other) == 0
         assert other.get(key_of(1)) is None
     assert len(open_cache(tmp_path)) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cwd") == sorted(  # cwd: conftest's working folder
         [cache.namespace, other_setting.namespace, other_encoder.namespace]
     )
 
@@ -223,7 +229,7 @@ def test_failed_replace_leaves_no_entry_and_keeps_buffer(tmp_path: Path, monkeyp
     monkeypatch.undo()
 
     assert {p.name: p.read_bytes() for p in folder.glob("shard-*")} == shard_before  # old shard untouched
-    assert list(folder.glob("*.tmp")) == list(folder.glob(".*.tmp")) == []  # the temp file was removed
+    assert temp_files(folder) == []  # the temp file was removed
     fresh = open_cache(tmp_path)
     assert fresh.keys() == [key_of(0)]
     assert fresh.skipped == {}
@@ -380,7 +386,7 @@ def test_process_killed_mid_write_leaves_only_a_temp_file(tmp_path: Path, worker
     proc.join(120)
     assert proc.exitcode == 9
 
-    assert len(list(cache.folder.glob(".*.tmp"))) == 1  # the torn write, under a temp name only
+    assert len(temp_files(cache.folder)) == 1  # the torn write, under a temp name only
     assert {p.name: p.read_bytes() for p in cache.folder.glob("shard-*")} == shard_before
     fresh = open_cache(folder)
     assert fresh.keys() == [f"{7:064x}"]
@@ -389,7 +395,7 @@ def test_process_killed_mid_write_leaves_only_a_temp_file(tmp_path: Path, worker
         fresh.put(f"{1:064x}", worker.value(1))
     assert_entry_equal(open_cache(folder).get(f"{1:064x}"), worker.value(1))
     # Once the temp file is stale (older than an hour), the next open removes it.
-    (torn,) = cache.folder.glob(".*.tmp")
+    (torn,) = temp_files(cache.folder)
     two_hours_ago = time.time() - 7200
     os.utime(torn, (two_hours_ago, two_hours_ago))
     assert len(open_cache(folder)) == 2
@@ -426,4 +432,4 @@ def test_two_processes_write_concurrently(tmp_path: Path, worker) -> None:
     assert len(fresh) == 350
     for key in set(keys_a) | set(keys_b):
         assert_entry_equal(fresh.get(f"{key:064x}"), worker.value(key))
-    assert list(fresh.folder.glob(".*.tmp")) == []
+    assert temp_files(fresh.folder) == []

@@ -403,7 +403,7 @@ def test_custom_domain_op_is_refused_with_its_domain():
 def test_runtime_failure_names_node_and_input_shapes():
     proto = single_op("Gemm", {"a": rnd(4, 6)}, {"b": rnd(5, 5)})
     module = OnnxModule(proto)
-    with pytest.raises(RuntimeError, match=r"gemm_node.*\(Gemm\).*\[\(4, 6\), \(5, 5\)\]"):
+    with pytest.raises(OnnxConversionError, match=r"gemm_node.*\(Gemm\).*\[\(4, 6\), \(5, 5\)\]"):
         module(torch.zeros(4, 6))
     with pytest.raises(ValueError, match="expected 1 inputs"):
         module()

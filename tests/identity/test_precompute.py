@@ -8,11 +8,12 @@ import shutil
 import pytest
 import torch
 
+from dtback import backends
 from dtback.cli import main
 from dtback.config import DataConfig, IdentityConfig
 from dtback.data.layout import scan_dataset
 from dtback.identity.precompute import IdentityPrecomputer
-from helpers import make_dataset, save_tiny_dinov2
+from helpers import REPO, make_dataset, save_tiny_dinov2
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def test_precompute_fills_caches_then_is_a_no_op(mixed_root, body_dir, tmp_path)
     identity = IdentityConfig(face_backend="dlib", body_model=str(body_dir), device="cpu")
     cache = tmp_path / "cache"
 
-    first = IdentityPrecomputer(identity, cache, data.max_image_pixels).run(index, progress=False)
+    encoders = backends.face_encoder(identity), backends.body_encoder(identity)
+    first = IdentityPrecomputer(*encoders, cache, data.max_image_pixels).run(index, progress=False)
     assert first.images == 35
     assert first.face_encoder_calls == 34  # the copied photo hits the cache by content
     assert first.face_cache_hits == 1
@@ -50,7 +52,7 @@ def test_precompute_fills_caches_then_is_a_no_op(mixed_root, body_dir, tmp_path)
     )
     assert first.body_encoder_calls == 34  # the body path runs for the faceless pedestrians too
 
-    second = IdentityPrecomputer(identity, cache, data.max_image_pixels).run(index, progress=False)
+    second = IdentityPrecomputer(*encoders, cache, data.max_image_pixels).run(index, progress=False)
     assert (second.face_encoder_calls, second.body_encoder_calls) == (0, 0)
     assert (second.face_cache_hits, second.body_cache_hits) == (35, 35)
     assert second.faces_found == 31 and sorted(second.no_face) == sorted(first.no_face)
@@ -61,7 +63,8 @@ def test_cached_entries_hold_embeddings_boxes_and_tokens(mixed_root, body_dir, t
 
     data = DataConfig(data_dir=mixed_root, min_images_per_char=3)
     index = scan_dataset(data, seed=0, progress=False)
-    runner = IdentityPrecomputer(IdentityConfig(face_backend="dlib", body_model=str(body_dir), device="cpu"), tmp_path / "c", 10**8)
+    identity = IdentityConfig(face_backend="dlib", body_model=str(body_dir), device="cpu")
+    runner = IdentityPrecomputer(backends.face_encoder(identity), backends.body_encoder(identity), tmp_path / "c", 10**8)
     runner.run(index, progress=False)
     face_cache = EmbeddingCache(tmp_path / "c" / "face", runner.face.encoder_id, runner.face.settings())
     body_cache = EmbeddingCache(tmp_path / "c" / "body", runner.body.encoder_id, {"face": runner.face.encoder_id})
@@ -77,7 +80,7 @@ def test_cached_entries_hold_embeddings_boxes_and_tokens(mixed_root, body_dir, t
 
 def test_precompute_command(mixed_root, body_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["precompute", "--config", "train/config.yaml", "--no-progress", "--set", f"data_dir={mixed_root}",
+    args = ["precompute", "--config", str(REPO / "train" / "config.yaml"), "--no-progress", "--set", f"data_dir={mixed_root}",
             "--set", f"output_dir={run_dir}", "--set", f"identity.body_model={body_dir}", "--set", "identity.device=cpu",
             "--set", "identity.face_backend=dlib"]
     assert main(args) == 0

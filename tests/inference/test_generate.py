@@ -154,3 +154,87 @@ def test_generate_cli_bad_lora_and_offload_get_their_messages(run_dir, lora_file
     if not torch.cuda.is_available():
         assert main([*common, "--offload", "model"]) == EXIT_BAD_INPUT
         assert "offload 'model' needs a GPU" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ typed settings (settings.json)
+
+# The keys ``settings.json`` has held since the first version (a run with references adds reference_faces).
+SETTINGS_KEYS = {"base", "reference", "prompt", "prompts_file", "seed", "face_scale", "body_scale", "identity_start",
+                 "identity_end", "steps", "guidance", "height", "width", "num_images", "require_face", "no_identity",
+                 "device", "true_cfg", "negative_prompt", "offload", "lora", "lora_scale", "model", "reference_faces",
+                 "images"}
+
+
+def test_default_steps_is_20_for_the_simple_base_and_28_for_flux():
+    from dtback.inference.pipeline import default_steps
+
+    assert default_steps({"base_model": "base"}) == 20
+    assert default_steps({"base_model": "black-forest-labs/FLUX.1-dev"}) == 28 and default_steps({}) == 28
+
+
+def test_settings_json_of_the_earlier_format_loads_and_reproduces(run_dir, tmp_path):
+    from dtback.inference.generate import GenerateSettings, load_settings
+
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(run_dir / "best_model.pt"), "--reference", str(run_dir / "face.png"),
+                 "--prompt", "a person in a city", "--steps", "2", "--seed", "4", "--output", str(out),
+                 "--no-progress"]) == 0
+    written = json.loads((out / "settings.json").read_text())
+    assert set(written) == SETTINGS_KEYS and set(GenerateSettings.model_fields) == SETTINGS_KEYS
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # atomic writes leave no temporary file
+    # Exactly what the dict-based version wrote (its key order, prompts_file always null, model last).
+    earlier = {"base": None, "reference": [str(run_dir / "face.png")], "prompt": ["a person in a city"],
+               "prompts_file": None, "seed": 4, "face_scale": None, "body_scale": None, "identity_start": 0.0,
+               "identity_end": 1.0, "steps": 2, "guidance": 3.5, "height": 64, "width": 64, "num_images": 1,
+               "require_face": False, "no_identity": False, "device": "auto", "true_cfg": 1.0,
+               "negative_prompt": None, "offload": "none", "lora": [], "lora_scale": [],
+               "model": str(run_dir / "best_model.pt"), "reference_faces": written["reference_faces"],
+               "images": ["000_00.png"]}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier, indent=2) + "\n")
+    loaded = load_settings(tmp_path / "earlier.json")
+    assert loaded.to_json() == earlier and written == earlier
+    again = tmp_path / "again"
+    assert main(["generate", "--settings", str(tmp_path / "earlier.json"), "--output", str(again),
+                 "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "000_00.png")), np.asarray(Image.open(again / "000_00.png")))
+    assert json.loads((again / "settings.json").read_text()) == earlier
+
+
+def test_settings_json_unknown_keys_and_bad_values_are_named(run_dir, tmp_path, capsys):
+    from dtback.errors import ConfigError
+    from dtback.inference.generate import GenerateSettings, load_settings
+
+    good = {"model": str(run_dir / "best_model.pt"), "reference": [str(run_dir / "face.png")], "prompt": ["x"],
+            "steps": 1}
+    cases = [
+        ({"stepz": 3}, "unknown key 'stepz'"),
+        ({"true_cfg": 0.5}, "key 'true_cfg' (flag --true-cfg) = 0.5 must be >= 1 (1 = off)"),
+        ({"steps": "20"}, "key 'steps' (flag --steps) = '20': Input should be a valid integer"),
+        ({"height": 100}, "key 'height' (flag --height) = 100 must be a positive multiple of 16"),
+        ({"offload": "disk"}, "key 'offload' (flag --offload) = 'disk'"),
+        ({"no_identity": "yes"}, "key 'no_identity' (flag --no-identity) = 'yes'"),
+        ({"lora_scale": [1.0, "strong"]}, "key 'lora_scale[1]' (flag --lora-scale) = 'strong'"),
+        ({"identity_start": 0.9, "identity_end": 0.5}, "--identity-start 0.9 must be <= --identity-end 0.5"),
+    ]
+    for i, (change, expected) in enumerate(cases):
+        path = tmp_path / f"settings{i}.json"
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ConfigError) as info:
+            load_settings(path)
+        assert expected in str(info.value), (change, str(info.value))
+        assert main(["generate", "--settings", str(path), "--output", str(tmp_path / "o"),
+                     "--no-progress"]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert expected in err, (change, err)
+        if "identity_end" not in change:  # a check across keys names the flags only
+            assert f"--settings {path}: " in err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert main(["generate", "--settings", str(tmp_path / "list.json"), "--no-progress"]) == EXIT_BAD_INPUT
+    assert "expected a JSON object of settings, got list" in capsys.readouterr().err
+    # A flag overrides the file's value and is named as a flag.
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    assert main(["generate", "--settings", str(tmp_path / "good.json"), "--steps", "0", "--num-images", "0",
+                 "--no-progress"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "--steps 0: Input should be greater than or equal to 1" in err and "--num-images 0" in err
+    assert GenerateSettings(lora=["a.safetensors", "b.safetensors"], lora_scale=[0.5]).lora_scale == [0.5, 0.5]

@@ -104,7 +104,7 @@ def test_every_world_caption_is_whole_words_within_the_prompt_length():
     import itertools
     import re
 
-    from dtback.data.world import ARMS, FACING, LIGHTING, SCENES, SIDE_LIGHT, STANCE, caption_for
+    from dtback.world.people import ARMS, FACING, LIGHTING, SCENES, SIDE_LIGHT, STANCE, caption_for
     from dtback.model.flux import CAPTION_WORDS, SIMPLE_MAX_SEQUENCE_LENGTH
 
     _, t5 = build_simple_tokenizers()
@@ -117,3 +117,20 @@ def test_every_world_caption_is_whole_words_within_the_prompt_length():
         assert not missing, (caption, missing)
         longest = max(longest, len(t5(caption).input_ids))
     assert longest <= SIMPLE_MAX_SEQUENCE_LENGTH, longest
+
+
+def test_private_diffusers_helpers_keep_their_contract():
+    """dtback calls these private FluxPipeline helpers (the tested range is in pyproject.toml): packing 2 x 2
+    latent patches into tokens and back, the tokens' position ids, and the resolution shift of the noise levels."""
+    import torch
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    latents = torch.randn(2, 4, 8, 6)
+    packed = FluxPipeline._pack_latents(latents, 2, 4, 8, 6)
+    assert packed.shape == (2, 4 * 3, 16)  # (B, patches, channels x 2 x 2)
+    assert torch.equal(packed[0, 0], latents[0, :, :2, :2].reshape(4, 4).reshape(-1))
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 64, 48, 8), latents)
+    ids = FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32)
+    assert ids.shape == (12, 3) and ids[:, 0].eq(0).all() and ids[-1].tolist() == [0.0, 3.0, 2.0]
+    assert calculate_shift(256) == 0.5 and calculate_shift(4096) == 1.15

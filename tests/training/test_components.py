@@ -14,7 +14,7 @@ from diffusers.training_utils import EMAModel
 from dtback.config import TrainingConfig
 from dtback.training import checkpoint as ckpt
 from dtback.training.batches import draw_pair_references, epoch_batches
-from dtback.training.identity_loss import ARCFACE_TEMPLATE, similarity_transform, warp_to_template
+from dtback.identity.crops import ARCFACE_TEMPLATE, similarity_transform, warp_to_template
 from dtback.training.losses import flow_matching_loss, noisy_latents, person_weights, predict_x0, sample_sigmas
 
 

@@ -1,4 +1,4 @@
-"""The trainer end to end on a tiny dataset: outputs, SIGKILL + resume, NaN stop, Ctrl-C, two CPU ranks."""
+"""The trainer end to end on a tiny dataset: outputs, tracker logs, SIGKILL + resume, NaN stop, Ctrl-C, two ranks."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from dtback.io import is_temporary
 from dtback.config import load_config
+from dtback.errors import ConfigError
 from dtback.model.identity_flux import IdentityPreservingFlux
 from dtback.training import trainer as trainer_module
-from dtback.training.trainer import TrainingDiverged, train
+from dtback.training.trainer import TrainingDiverged, flat_hparams, train
 from helpers import REPO, make_dataset, save_tiny_dinov2
 
 SHIM = str(REPO / "train" / "run_training.py")
@@ -66,8 +69,7 @@ def test_training_writes_checkpoints_model_grids_and_report(tiny, tmp_path):
     result = run_shim(set_args(overrides(tiny, run_dir, **{"training.val_true_cfg": 2.0,
                                                           "training.person_loss_weight": 3.0})))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-000004", "checkpoint-000008"] or \
-        sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000008"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000008"]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6, 8]
     assert all(m["loss/flow"] > 0 and "lr" in m for m in metrics)
@@ -76,18 +78,79 @@ def test_training_writes_checkpoints_model_grids_and_report(tiny, tmp_path):
     for name in ("report.html", "samples/step-000008.png", "curves/losses.png", "summary.json", "config.yaml",
                  "split.json", "base/model_index.json"):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "tensorboard").iterdir())
+    assert list((run_dir / "tensorboard" / "dtback").glob("events.out.tfevents.*"))
     # The seed's inference file loads (tensors-only) into the trained base it names.
     from diffusers import FluxTransformer2DModel
 
     base = FluxTransformer2DModel.from_pretrained(run_dir / "base" / "transformer")
     model = IdentityPreservingFlux.from_pretrained(run_dir / "best_model.pt", transformer=base)
     assert model.spec.extra["base_model"] == "base"
-    assert "report written" in result.stderr or (run_dir / "report.html").stat().st_size > 500
+    assert f"report: {run_dir / 'report.html'}" in result.stdout + result.stderr
+    assert "<img" in (run_dir / "report.html").read_text()  # the report shows the run's curves and grids
     # A second run resumes from the latest checkpoint: the run is complete, nothing more is trained.
     again = run_shim(set_args(overrides(tiny, run_dir)))
     assert again.returncode == 0 and "resuming from" in again.stdout + again.stderr
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_the_loss_and_the_grid_and_log_with_empty_writes_none(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    short = {"training.max_steps": 2, "training.validate_every": 2, "training.checkpoint_every": 2}
+    run_dir = tmp_path / "logged"
+    train(load_config(REPO / "train" / "config.yaml", overrides(tiny, run_dir, **short)), resume=None,
+          progress_bar=False)
+    events = run_dir / "tensorboard" / "dtback"  # accelerate: <logging_dir>/<project name>
+    assert len(list(events.glob("events.out.tfevents.*"))) == 1
+    accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0}).Reload()
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert [(e.step, e.value) for e in accumulator.Scalars("loss")] == [(2, pytest.approx(logged["loss"], rel=1e-6))]
+    assert {"loss/flow", "lr", "val/body_sim"} <= set(accumulator.Tags()["scalars"])
+    (image,) = accumulator.Images("validation/grid")
+    with Image.open(run_dir / "samples" / "step-000002.png") as grid:
+        assert (image.step, image.width, image.height) == (2, *grid.size)
+    (hparams,) = events.glob("*/hparams.yml")  # the flat config, as accelerate stores it next to the events
+    assert "training.learning_rate:" in hparams.read_text()
+
+    quiet = tmp_path / "quiet"
+    train(load_config(REPO / "train" / "config.yaml", overrides(tiny, quiet, **short, **{"training.log_with": "[]"})),
+          resume=None, progress_bar=False)
+    assert (quiet / "metrics.jsonl").is_file() and (quiet / "samples" / "step-000002.png").is_file()
+    assert not (quiet / "tensorboard").exists() and not list(quiet.rglob("events.out.tfevents.*"))
+
+
+def test_log_with_takes_accelerates_trackers_and_refuses_unknown_names():
+    from accelerate.utils import LoggerType
+
+    for name in LoggerType.list():  # every tracker accelerate knows, and "all"
+        assert load_config(None, [f"training.log_with=[{name}]"]).training.log_with == [name]
+    assert load_config(None, []).training.log_with == ["tensorboard"]
+    assert load_config(None, ["training.log_with=null"]).training.log_with == []
+    assert load_config(None, ["training.log_with=wandb"]).training.log_with == ["wandb"]
+    with pytest.raises(ConfigError, match=r"training\.log_with: unknown tracker\(s\) 'tensorbord'; choose from "):
+        load_config(None, ["training.log_with=[tensorbord]"])
+
+
+def test_a_missing_tracker_package_stops_the_run_before_it_starts(tmp_path, monkeypatch):
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [LoggerType.TENSORBOARD])
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "training.log_with=[tensorboard, wandb]"])
+    with pytest.raises(ConfigError, match=r"training\.log_with: wandb is not installed \(pip install wandb\)"):
+        train(cfg, resume=None, progress_bar=False)
+    assert not (tmp_path / "run").exists()  # nothing was built
+
+
+def test_hyper_parameters_are_flat_scalars():
+    cfg = load_config(REPO / "train" / "config.yaml", ["training.max_steps=null"])
+    flat = flat_hparams(cfg)
+    assert all(isinstance(value, (bool, int, float, str)) for value in flat.values())
+    assert flat["training.learning_rate"] == cfg.training.learning_rate
+    assert flat["training.adam_betas"] == "[0.9, 0.999]" and flat["training.max_steps"] == "null"
+    assert flat["training.log_with"] == '["tensorboard"]' and flat["output.output_dir"] == str(cfg.output.output_dir)
+    assert "data.world.seed" in flat and not any(isinstance(value, dict) for value in flat.values())
 
 
 def test_sigkill_then_resume_reaches_the_uninterrupted_weights(tiny, tmp_path):
@@ -109,7 +172,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(tiny, tmp_path):
     assert not (killed / "checkpoints" / "checkpoint-000024").exists(), "killed too late to prove anything"
     resumed = run_shim(["--resume", *set_args(overrides(tiny, killed, **settings))])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert not list((killed / "checkpoints").glob(".tmp-*"))
+    assert not [p for p in (killed / "checkpoints").iterdir() if is_temporary(p)]
     a, b = final_weights(straight), final_weights(killed)
     assert a.keys() == b.keys()
     for name in a:
@@ -159,6 +222,7 @@ def test_two_cpu_ranks_end_with_identical_weights_and_one_writer(tiny, tmp_path)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000008"]
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]  # one writer: no line twice
+    assert len(list((run_dir / "tensorboard" / "dtback").glob("events.out.tfevents.*"))) == 1  # main process only
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path):
@@ -179,6 +243,6 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path):
     assert process.returncode == 130, stderr[-2000:]
     assert "continue with --resume" in stderr
     saved = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").iterdir())
-    assert saved[-1] >= 4 and not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert saved[-1] >= 4 and not [p for p in (run_dir / "checkpoints").iterdir() if is_temporary(p)]
     state = json.loads((run_dir / "checkpoints" / f"checkpoint-{saved[-1]:06d}" / "state.json").read_text())
     assert state["progress"]["step"] == saved[-1]

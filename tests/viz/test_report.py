@@ -1,4 +1,5 @@
-"""Tests for dtback.viz: grids, tolerant run-log reading, curves, the HTML report and TensorBoard logs."""
+"""Tests for dtback.viz: grids, tolerant run-log reading, curves and the HTML report (TensorBoard logs: the trainer's
+tests, through accelerate's trackers)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 from PIL import Image
 
 from dtback.viz import (
-    TensorBoardWriter,
     append_jsonl,
     load_jsonl,
     make_grid,
@@ -236,26 +236,3 @@ def test_report_on_empty_and_half_written_runs(tmp_path):
     assert "summary.json: not valid JSON" in page
     assert "<h2 id=\"validation\">Validation</h2>\n<p class=\"muted\">not yet</p>" in page
 
-
-# ---- TensorBoard ------------------------------------------------------------------------------------------------
-
-
-def test_tensorboard_scalars_and_images_read_back(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    logged = {10: {"loss": 0.61, "loss/face": 0.3, "lr": 1e-4, "note": "x", "missing": None, "epoch": 0},
-              20: {"loss": 0.5, "loss/face": np.float32(0.25), "lr": 1e-4}}
-    with TensorBoardWriter(tmp_path) as writer:
-        assert writer.log_scalars(10, logged[10]) == 3
-        assert writer.log_scalars(20, logged[20]) == 3
-        writer.log_image("samples", Image.new("RGB", (40, 24), RED), 20)
-    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert len(events) == 1
-    accumulator = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
-    assert sorted(accumulator.Tags()["scalars"]) == ["loss", "loss/face", "lr"]
-    for tag in ("loss", "loss/face", "lr"):
-        read = [(e.step, e.value) for e in accumulator.Scalars(tag)]
-        assert [s for s, _ in read] == [10, 20]
-        assert [v for _, v in read] == pytest.approx([float(logged[s][tag]) for s in (10, 20)], rel=1e-6)
-    (image,) = accumulator.Images("samples")
-    assert (image.step, image.width, image.height) == (20, 40, 24)

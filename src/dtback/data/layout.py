@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Files next to an image that describe it rather than being images: <stem>.txt caption, <stem>.json metadata.
 SIDECAR_SUFFIXES = (".txt", ".json")
-# Written by the dataset builder (dtback.data.build): its state folder at the root and a picture of each character's
+# Written by the dataset builder (dtback.curate.build): its state folder at the root and a picture of each character's
 # images for people to check; neither is a training image.
 BUILD_STATE_DIR = ".dtback-build"
 CONTACT_SHEET = "contact_sheet.png"

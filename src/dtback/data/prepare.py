@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from dtback.config import DataConfig
 from dtback.data.layout import DatasetIndex, scan_dataset
 from dtback.data.split import SPLIT_FILE, Split, read_split, split_characters, write_split
 from dtback.errors import DatasetError
+from dtback.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,4 @@ def prepare_dataset(cfg: DataConfig, seed: int, run_dir: Path, progress: bool = 
 
 
 def write_report(index: DatasetIndex, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index.report(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_json(path, index.report(), indent=2)

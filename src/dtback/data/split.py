@@ -16,6 +16,7 @@ from pathlib import Path
 from dtback.config import DataConfig
 from dtback.data.layout import CharacterEntry, DatasetIndex
 from dtback.errors import DatasetError
+from dtback.io import write_json
 
 SPLIT_FILE = "split.json"
 
@@ -61,12 +62,7 @@ def split_characters(index: DatasetIndex, cfg: DataConfig, seed: int) -> Split:
 
 
 def write_split(split: Split, run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / SPLIT_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(split.to_json(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_json(Path(run_dir) / SPLIT_FILE, split.to_json(), indent=2)
 
 
 def read_split(path: Path) -> Split:

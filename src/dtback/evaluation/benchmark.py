@@ -19,23 +19,26 @@ Writes ``results.json`` (every number, per condition and per character, settings
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from tqdm.auto import tqdm
 
+from dtback import backends, devices
 from dtback.config import IdentityConfig
 from dtback.errors import ConfigError, DtbackError
+from dtback.io import atomic_path, write_json, write_text
+from dtback.world.reader import attribute_accuracy
 from dtback.evaluation.heldout import HeldOut, load_held_out, read_prompts, run_config
 from dtback.evaluation.metrics import (
-    ClipScorer, attribute_accuracy, body_embedding, body_similarity, copy_paste_score, face_similarity, unit_mean,
+    ClipScorer, body_embedding, body_similarity, copy_paste_score, face_similarity, unit_mean,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,26 +48,62 @@ RESULTS_JSON, RESULTS_MD, GRID_PNG = "results.json", "results.md", "grid.png"
 FACE_NAMES = {"world": "world face encoder"}
 
 
-@dataclass
-class EvaluateSettings:
-    """Everything ``dtback evaluate`` takes; ``None`` means: from the checkpoint / run folder."""
+class EvaluateSettings(BaseModel):
+    """Everything ``dtback evaluate`` takes; ``None`` means: from the checkpoint / run folder. Each field is the
+    command-line flag of the same name (``_`` for ``-``); :meth:`create` turns validation errors into a
+    :class:`ConfigError` naming the flag. Files and folders are checked when evaluating (:func:`check_settings`)."""
 
-    model: Path
-    out: Path
-    data_dir: Path | None = None
-    config: Path | None = None
-    characters: list[str] = field(default_factory=list)
-    num_characters: int | None = None
-    prompts_file: Path | None = None
-    images_per_prompt: int = 1
-    steps: int | None = None
-    guidance: float = 3.5
-    true_cfg: float | None = None  # None: the run's training.val_true_cfg (1 = off without a run config)
-    seed: int = 0
-    clip_model: Path | None = None
-    base: str | None = None
-    device: str = "auto"
-    progress: bool = True
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: Path = Field(description="trained adapter, e.g. <run>/best_model.pt")
+    out: Path = Field(description="output folder")
+    data_dir: Path | None = Field(None, description="dataset folder (None: the run's config data_dir)")
+    config: Path | None = Field(None, description="the run's config (None: config.yaml next to the model)")
+    characters: list[str] = Field(default_factory=list, description="held-out characters (empty: the run's split)")
+    num_characters: int | None = Field(None, description="evaluate the first N held-out characters (None: all)")
+    prompts_file: Path | None = Field(None, description="one prompt per line (None: a built-in set for the data)")
+    images_per_prompt: int = Field(1, description="images per prompt and condition")
+    steps: int | None = Field(None, description="sampling steps (None: 28, or 20 for the simple model)")
+    guidance: float = Field(3.5, description="guidance (distilled for FLUX.1-dev)")
+    true_cfg: float | None = Field(None, description="true CFG scale of the images with identity (1 = off; None: "
+                                   "the run's training.val_true_cfg, 1 without a run config)")
+    seed: int = Field(0, description="seed; character r, prompt p use seed + 1000 r + p")
+    clip_model: Path | None = Field(None, description="local transformers CLIP folder for prompt adherence")
+    base: str | None = Field(None, description="FLUX base folder or hub id (None: the one the adapter records)")
+    device: str = Field("auto", min_length=1, description="cpu, cuda, cuda:1 ... or auto")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("images_per_prompt", "num_characters", "steps")
+    @classmethod
+    def _at_least(cls, value: int | None, info: ValidationInfo) -> int | None:
+        least = 2 if info.field_name == "num_characters" else 1
+        if value is not None and value < least:
+            raise ValueError(f"is too small (at least {least})")
+        return value
+
+    @field_validator("true_cfg")
+    @classmethod
+    def _true_cfg_at_least_one(cls, value: float | None) -> float | None:
+        if value is not None and value < 1.0:
+            raise ValueError("must be >= 1 (1 = off)")
+        return value
+
+    @classmethod
+    def create(cls, **values: Any) -> EvaluateSettings:
+        """Validate ``values``; a :class:`ConfigError` names each bad flag and its value."""
+        try:
+            return cls(**values)
+        except ValidationError as err:
+            lines = []
+            for item in err.errors():
+                key = str(item["loc"][0]) if item["loc"] else ""
+                message = item["msg"].removeprefix("Value error, ")
+                if item["type"] == "extra_forbidden":
+                    lines.append(f"unknown evaluate setting {key!r} (known: {', '.join(cls.model_fields)})")
+                    continue
+                separator = " " if item["type"] == "value_error" else ": "
+                lines.append(f"--{key.replace('_', '-')} {item.get('input')}{separator}{message}")
+            raise ConfigError("; ".join(lines)) from None
 
 
 @dataclass
@@ -83,15 +122,9 @@ class Generated:
 
 
 def check_settings(settings: EvaluateSettings) -> None:
+    """What the values alone cannot tell (the model validates them): the files and folders they name exist."""
     if not settings.model.exists():
         raise DtbackError(f"--model {settings.model} does not exist (train first, or point at a run's best_model.pt)")
-    for name in ("images_per_prompt", "num_characters", "steps"):
-        value = getattr(settings, name)
-        if value is not None and value < (2 if name == "num_characters" else 1):
-            raise DtbackError(f"--{name.replace('_', '-')} {value} is too small "
-                              f"(at least {2 if name == 'num_characters' else 1})")
-    if settings.true_cfg is not None and settings.true_cfg < 1.0:
-        raise DtbackError(f"--true-cfg {settings.true_cfg} must be >= 1 (1 = off)")
     if settings.clip_model is not None and not (settings.clip_model / "config.json").is_file():
         raise DtbackError(f"--clip-model {settings.clip_model}: not a transformers CLIP folder (no config.json)")
     if settings.prompts_file is not None and not settings.prompts_file.is_file():
@@ -100,7 +133,7 @@ def check_settings(settings: EvaluateSettings) -> None:
 
 def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     """Run the evaluation (see the module docstring) and write its outputs into ``settings.out``; returns the JSON."""
-    from dtback.inference.pipeline import IdentityFluxPipeline  # noqa: PLC0415
+    from dtback.inference.pipeline import IdentityFluxPipeline, default_steps  # noqa: PLC0415
 
     check_settings(settings)
     run_dir = settings.model.parent
@@ -108,18 +141,18 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     held = load_held_out(run_dir, cfg, settings.data_dir, settings.characters, settings.num_characters)
     prompts = read_prompts(settings.prompts_file, held.is_world)
     if settings.true_cfg is None:
-        settings.true_cfg = cfg.training.val_true_cfg if cfg is not None else 1.0
-    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        settings = settings.model_copy(update={"true_cfg": cfg.training.val_true_cfg if cfg is not None else 1.0})
+    device = str(devices.resolve_device(settings.device))
     pipe = IdentityFluxPipeline.from_pretrained(settings.model, base=settings.base, device=device)
     pipe.pipeline.set_progress_bar_config(disable=True)
     extra = pipe.model.spec.extra
     size = int(extra.get("input_size", 512))
-    steps = settings.steps or (20 if extra.get("base_model") == "base" else 28)
-    identity = IdentityConfig(**{**extra.get("identity", {}), "device": device})
+    steps = settings.steps if settings.steps is not None else default_steps(extra)
+    identity, world = backends.identity_from_adapter(extra, device)
     clip = ClipScorer.from_pretrained(settings.clip_model, device) if settings.clip_model is not None else None
 
     generated = generate_all(pipe, held, prompts, settings, size, steps)
-    scorer = Scorer(pipe, held, identity, clip, prompts)
+    scorer = Scorer(pipe, held, identity, world, clip, prompts)
     scorer.score(generated)
     results = summarise(generated, held, prompts, scorer, settings, {"size": size, "steps": steps, "device": device})
     write_outputs(settings.out, results, generated, held, prompts)
@@ -160,7 +193,8 @@ def generate_all(pipe, held: HeldOut, prompts: list[str], settings: EvaluateSett
 class Scorer:
     """The recognizers of one evaluation and each character's gallery embeddings (see the module docstring)."""
 
-    def __init__(self, pipe, held: HeldOut, identity: IdentityConfig, clip: ClipScorer | None, prompts: list[str]):
+    def __init__(self, pipe, held: HeldOut, identity: IdentityConfig, world: Path | None, clip: ClipScorer | None,
+                 prompts: list[str]):
         self.held = held
         self.prompts = prompts
         self.face = pipe.face_encoder
@@ -176,9 +210,7 @@ class Scorer:
         self.face_names = {"face_sim": FACE_NAMES.get(identity.face_backend, identity.face_backend)}
         self.reader = self.second = None
         if held.is_world:
-            from dtback.evaluation.reader import load_reader  # noqa: PLC0415
-
-            self.reader = load_reader(identity.world_models_dir, progress=False)
+            self.reader = backends.reader(world)
             self.recognizers["reader"] = self.reader.name
         else:
             self.second, name, reason = second_recognizer(identity)
@@ -262,13 +294,11 @@ class Scorer:
 def second_recognizer(identity: IdentityConfig):
     """The second face recognizer on real data: dlib, or InsightFace when dlib is the training one.
     Returns (encoder or None, name, why it is missing)."""
-    from dtback.identity.precompute import build_face_encoder  # noqa: PLC0415
-
     backend = "dlib" if identity.face_backend != "dlib" else "insightface"
     if backend == "insightface" and identity.face_model_dir is None:
         return None, backend, "n/a (skipped: insightface needs identity.face_model_dir; dlib is the training encoder)"
     try:
-        return build_face_encoder(identity.model_copy(update={"face_backend": backend})), backend, ""
+        return backends.face_encoder(identity.model_copy(update={"face_backend": backend})), backend, ""
     except (ImportError, ConfigError, FileNotFoundError) as err:
         return None, backend, f"n/a (skipped: {backend} not available: {err})"
 
@@ -303,7 +333,7 @@ def summarise(generated: list[Generated], held: HeldOut, prompts: list[str], sco
                        for c in held.characters],
         "skipped": held.skipped,
         "prompts": prompts,
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}, **run},
+        "settings": {**settings.model_dump(mode="json"), **run},
         "recognizers": scorer.recognizers,
         "columns": [{"metric": key, "header": header} for key, header in scorer.columns()],
         "conditions": table,
@@ -350,14 +380,15 @@ def write_outputs(out: Path, results: dict[str, Any], generated: list[Generated]
     from dtback.viz.grid import make_grid  # noqa: PLC0415
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / RESULTS_MD).write_text(markdown_table(results), encoding="utf-8")
+    write_json(out / RESULTS_JSON, results, indent=2)
+    write_text(out / RESULTS_MD, markdown_table(results))
     first = {(g.condition, g.row): g.image for g in generated if g.prompt == 0 and g.index == 0}
     rows = [[c.reference] + [first[(condition, row)] for condition in CONDITIONS]
             for row, c in enumerate(held.characters)]
     grid = make_grid(rows, [c.key for c in held.characters], ["reference", *CONDITIONS.values()],
                      cell=grid_cell(results["settings"]["size"]), title=f"prompt: {prompts[0]}")
-    grid.save(out / GRID_PNG)
+    with atomic_path(out / GRID_PNG) as tmp:
+        grid.save(tmp, format="PNG")
 
 
 def grid_cell(size: int) -> int:

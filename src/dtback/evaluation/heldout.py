@@ -24,7 +24,7 @@ from dtback.config import Config, load_config
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.data.layout import CONTACT_SHEET, SIDECAR_SUFFIXES, scan_dataset
 from dtback.data.split import SPLIT_FILE, read_split, split_characters
-from dtback.data.world import caption_for
+from dtback.world.people import caption_for
 from dtback.errors import DatasetError, DtbackError
 
 logger = logging.getLogger(__name__)

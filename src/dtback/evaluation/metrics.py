@@ -3,27 +3,26 @@
 - **identity similarity**: cosine of a recognizer's embedding of the generated image with the character's reference
   embedding (face: a face encoder, 0 when it finds no face; body: a body encoder over the person crop found from the
   face, or the whole image without a face);
-- **attribute accuracy**: the fraction of face / body attributes the world identity reader reads that equal the
-  character's true attributes;
+- **attribute accuracy** (the identity world only): :func:`dtback.world.reader.attribute_accuracy`;
 - **copy-paste score**: how close the generated image is, as a picture, to the reference image it was given (Pearson
   correlation of both images' pixels at 32 x 32 RGB); 1 is a copy of the reference, 0 unrelated pictures;
 - **prompt adherence**: cosine of a CLIP model's image and text embeddings.
 
-Lower rooms only (identity encoders, world attribute tables): training imports this module.
+Encoders are handed in (any :class:`~dtback.identity.face.FaceEncoder` / body encoder); nothing here knows the
+identity world. Training's validation imports this module, ``dtback evaluate`` builds on it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dtback.data.world import BODY_ATTRIBUTES, FACE_ATTRIBUTES
 from dtback.errors import MissingModelError
 
 COPY_SIZE = 32  # side of the downsampled images the copy-paste score compares
@@ -71,14 +70,6 @@ def body_similarity(encoder, images: Sequence[Image.Image], face_boxes: Sequence
     """Body embedding of each image (crop from its face box) vs ``references[i]`` (``(D,)`` unit norm)."""
     return [float(torch.dot(body_embedding(encoder, image, box), reference.float()))
             for image, box, reference in zip(images, face_boxes, references, strict=True)]
-
-
-def attribute_accuracy(read: Mapping[str, str], truth: Mapping[str, Mapping[str, str]]) -> tuple[float, float]:
-    """(face, body) fraction of attributes in ``read`` (attribute -> value, from the reader) equal to ``truth``
-    (``{"face": {...}, "body": {...}}``, as in ``world.json`` and the images' ``.json`` sidecars)."""
-    face = float(np.mean([read[name] == truth["face"][name] for name in FACE_ATTRIBUTES]))
-    body = float(np.mean([read[name] == truth["body"][name] for name in BODY_ATTRIBUTES]))
-    return face, body
 
 
 def copy_paste_score(image: Image.Image, reference: Image.Image, size: int = COPY_SIZE) -> float:

@@ -1,6 +1,6 @@
 """Body identity: crop the person around a face and read hair, outfit and build with a vision backbone.
 
-**Person crop rule** (:func:`person_box`, factors in :class:`BodyCropRule`). For a face box ``(x1, y1, x2, y2)`` of
+**Person crop rule** (:func:`~dtback.identity.crops.person_box`, factors in :class:`~dtback.identity.crops.BodyCropRule`). For a face box ``(x1, y1, x2, y2)`` of
 width ``w``, height ``h`` and centre ``cx``, the person region is
 
 - horizontally ``cx ± width_factor · w`` (default 2.0: four face widths, the shoulders);
@@ -30,7 +30,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 from transformers.utils import cached_file
 
-from dtback.errors import MissingModelError  # noqa: F401  (re-exported: identity.body.MissingModelError)
+from dtback.errors import MissingModelError
+from dtback.identity.crops import BodyCropRule, crop_square, person_box
 
 logger = logging.getLogger(__name__)
 
@@ -50,66 +51,6 @@ DEFAULT_MODEL = "facebook/dinov2-small"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # Config keys that change with the machine or library version but not with the features.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures")
-
-
-# ----------------------------------------------------------------------------------------------------- person crop
-
-
-@dataclass(frozen=True)
-class BodyCropRule:
-    """Person region in face units (see the module docstring): half-width, height below the face top, hair margin."""
-
-    width_factor: float = 2.0
-    height_factor: float = 7.5
-    top_factor: float = 0.5
-
-    def __post_init__(self) -> None:
-        for name in ("width_factor", "height_factor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"BodyCropRule.{name} must be > 0, got {getattr(self, name)!r}")
-        if not self.top_factor >= 0:
-            raise ValueError(f"BodyCropRule.top_factor must be >= 0, got {self.top_factor!r}")
-
-
-def person_box(
-    image_size: tuple[int, int], face_box: np.ndarray | None, rule: BodyCropRule = BodyCropRule()
-) -> tuple[int, int, int, int]:
-    """Person region ``(left, top, right, bottom)`` in integer pixels (right/bottom exclusive, as ``PIL.crop``).
-
-    ``image_size`` is ``(width, height)``; ``face_box`` is ``(x1, y1, x2, y2)`` floats or None (→ whole image).
-    The box is grown outward to whole pixels, clipped to the image, and falls back to the whole image when empty.
-    """
-    width, height = _check_image_size(image_size)
-    whole = (0, 0, width, height)
-    if face_box is None:
-        return whole
-    x1, y1, x2, y2 = _check_face_box(face_box)
-    w, h, cx = x2 - x1, y2 - y1, (x1 + x2) / 2.0
-    left = max(0, int(np.floor(cx - rule.width_factor * w)))
-    right = min(width, int(np.ceil(cx + rule.width_factor * w)))
-    top = max(0, int(np.floor(y1 - rule.top_factor * h)))
-    bottom = min(height, int(np.ceil(y1 + rule.height_factor * h)))
-    if right <= left or bottom <= top:
-        logger.debug("person box for face %s in %dx%d image is empty; using the whole image", face_box, width, height)
-        return whole
-    return left, top, right, bottom
-
-
-def _check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
-    width, height = (int(v) for v in image_size)
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image_size must be a positive (width, height), got {image_size!r}")
-    return width, height
-
-
-def _check_face_box(face_box: np.ndarray) -> tuple[float, float, float, float]:
-    box = np.asarray(face_box, dtype=np.float64).reshape(-1)
-    if box.shape != (4,) or not np.all(np.isfinite(box)):
-        raise ValueError(f"face_box must be 4 finite numbers (x1, y1, x2, y2), got {face_box!r}")
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if x2 < x1 or y2 < y1:
-        raise ValueError(f"face_box must have x2 >= x1 and y2 >= y1, got {face_box!r}")
-    return x1, y1, x2, y2
 
 
 # --------------------------------------------------------------------------------------------------- preprocessing
@@ -204,7 +145,29 @@ class BodyFeatures(NamedTuple):
     tokens: torch.Tensor
 
 
-class BodyEncoder(torch.nn.Module):
+class BodyEncoderBase(torch.nn.Module):
+    """The body encoder interface of every backend: ``forward(person crops) -> BodyFeatures``, :meth:`encode` one
+    PIL image around its face, :meth:`encode_batch` several, and :meth:`embed_pixels`, the differentiable path the
+    identity loss uses. Subclasses set ``encoder_id``, ``dim`` and ``num_tokens``."""
+
+    crop_rule: BodyCropRule
+
+    def encode(self, image: Image.Image, face_box: np.ndarray | None = None) -> BodyFeatures:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_batch(self, images: Sequence[Image.Image], face_boxes: Sequence[np.ndarray | None]) -> BodyFeatures:
+        """:meth:`encode` of each image, concatenated (``B = len(images)``); backends that batch override this."""
+        parts = [self.encode(image, box) for image, box in zip(images, face_boxes, strict=True)]
+        return BodyFeatures(torch.cat([p.pooled for p in parts]), torch.cat([p.tokens for p in parts]))
+
+    def embed_pixels(self, pixels: torch.Tensor, face_boxes: torch.Tensor, body_boxes: torch.Tensor) -> BodyFeatures:
+        """Differentiable: whole images ``(B, 3, H, W)`` in [0, 1] with their face boxes and person boxes (``(B, 4)``
+        pixels; :func:`~dtback.identity.crops.person_box` of the face) -> features of the person crops."""
+        raise NotImplementedError
+
+
+class BodyEncoder(BodyEncoderBase):
     """Frozen vision backbone with differentiable torch preprocessing; see the module docstring for the rules.
 
     Build it with :meth:`from_pretrained`. ``forward(pixels (B, 3, H, W) in [0, 1]) -> BodyFeatures``;
@@ -299,6 +262,10 @@ class BodyEncoder(torch.nn.Module):
             height, width = self.preprocess.size
             pixels = letterbox(pixels, width / height, self.mean.view(3))
         return self(pixels)
+
+    def embed_pixels(self, pixels: torch.Tensor, face_boxes: torch.Tensor, body_boxes: torch.Tensor) -> BodyFeatures:
+        """The person boxes squared and resampled to the input size (:func:`~dtback.identity.crops.crop_square`)."""
+        return self(crop_square(pixels, body_boxes.to(pixels.device), max(self.preprocess.size)))
 
     def _features(self, output: Any, input_size: tuple[int, int]) -> BodyFeatures:
         hidden = output.last_hidden_state

@@ -8,12 +8,12 @@ Layout::
 
     folder/<namespace>/encoder.json                                  # encoder_id + settings, for people
     folder/<namespace>/shard-<time_ns>-<pid>-<uuid>.safetensors      # tensors "<key>/<field>", one file per flush
-    folder/<namespace>/.shard-....safetensors.<uuid>.tmp             # a shard being written (ignored by readers)
+    folder/<namespace>/.shard-....safetensors.tmp-<pid>-<hex>        # a shard being written (ignored by readers)
 
 Why shards and no index file: each writer only ever creates new files with unique names and moves them into place
-with ``os.replace``, so a kill leaves at worst a temp file (ignored, cleaned when stale) and two processes never
-overwrite each other. Readers find entries by listing the folder and reading shard headers only; tensors are
-loaded on :meth:`EmbeddingCache.get`. Shards are safetensors, so reading never unpickles anything.
+(:func:`dtback.io.atomic_path`), so a kill leaves at worst a temp file (ignored, cleaned when stale) and two
+processes never overwrite each other. Readers find entries by listing the folder and reading shard headers only;
+tensors are loaded on :meth:`EmbeddingCache.get`. Shards are safetensors, so reading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dtback.io import atomic_path, is_temporary, write_json
+
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "dtback-embedding-cache"
 FORMAT_VERSION = "1"
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".safetensors"
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"  # temp files of older versions (``.<name>.<uuid>.tmp``): still cleaned when stale
 ENCODER_FILE = "encoder.json"
 NAMESPACE_CHARS = 16
 META_PREFIX = "meta/"
@@ -114,27 +116,14 @@ def _prepare_tensors(key: str, tensors: Mapping[str, torch.Tensor]) -> dict[str,
 
 
 def _write_atomic_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` as JSON to ``path`` through a unique temp file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``payload`` as JSON to ``path`` atomically (:func:`dtback.io.write_json`: unique temp, fsync)."""
+    write_json(path, dict(payload), indent=2, sort_keys=True)
 
 
-def _fsync_file(path: Path) -> None:
-    """Push ``path``'s bytes to disk so that the rename that follows never exposes an empty file after a crash."""
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (POSIX only; other systems cannot open a folder)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _is_cache_tmp(path: Path) -> bool:
+    """A temp file of a cache writer: :mod:`dtback.io`'s (``.<name>.tmp-<pid>-<hex>``) or an older version's
+    (``.<name>.<uuid>.tmp``)."""
+    return is_temporary(path) or (path.name.startswith(".") and path.name.endswith(TMP_SUFFIX))
 
 
 def new_shard_name() -> str:
@@ -146,9 +135,11 @@ def remove_stale_tmp(folder: Path, older_than_s: float) -> int:
     """Delete temp files in ``folder`` older than ``older_than_s`` seconds (left by killed writers); return how many."""
     now = time.time()
     removed = 0
-    for tmp in folder.glob(f".*{TMP_SUFFIX}"):
+    for tmp in folder.glob(".*"):
+        if not _is_cache_tmp(tmp):
+            continue
         try:
-            if now - tmp.stat().st_mtime > older_than_s:
+            if tmp.is_file() and now - tmp.stat().st_mtime > older_than_s:
                 tmp.unlink()
                 removed += 1
         except FileNotFoundError:
@@ -330,24 +321,17 @@ class EmbeddingCache:
     def flush(self) -> Path | None:
         """Write the buffered entries as one new shard and return its path (``None`` if the buffer was empty).
 
-        The shard is written to a temp file and moved into place with ``os.replace``, so it appears whole or not
-        at all. If writing fails the buffer is kept, the temp file removed, and the error raised.
+        The shard is written to a temp file, fsynced and moved into place (:func:`dtback.io.atomic_path`), so it
+        appears whole or not at all. If writing fails the buffer is kept, the temp file removed, and the error raised.
         """
         if not self._buffer:
             return None
         final = self.folder / new_shard_name()
-        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
         tensors = {f"{key}/{field}": t for key, entry in self._buffer.items() for field, t in entry.items()}
         metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "namespace": self.namespace}
         metadata.update({META_PREFIX + key: text for key, text in self._buffer_meta.items()})
-        try:
+        with atomic_path(final) as tmp:  # unique per process and call: two writers never share a temp file
             save_file(tensors, str(tmp), metadata=metadata)
-            _fsync_file(tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.folder)
         for key in self._buffer:
             self._index.setdefault(key, final)
         self._shard_names[final] = {key: [f"{key}/{field}" for field in entry] for key, entry in self._buffer.items()}

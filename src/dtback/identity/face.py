@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
+import torch
 
 from dtback.errors import ConfigError
+from dtback.identity.crops import warp_to_template
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,13 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 class FaceEncoder(ABC):
-    """detect -> choose -> align -> embed. Subclasses set ``aligned_size`` and ``embedding_dim``."""
+    """The face encoder interface of every backend: detect -> choose -> align -> embed (:meth:`encode`, a batch
+    with :meth:`encode_batch`), and :meth:`embed_pixels`, the differentiable path the identity loss uses (backends
+    with one set ``differentiable``). Subclasses set ``aligned_size`` and ``embedding_dim``."""
 
     aligned_size: int
     embedding_dim: int
+    differentiable: bool = False
 
     def __init__(self, choice: FaceChoice = "largest"):
         self.choice = choice
@@ -121,6 +126,12 @@ class FaceEncoder(ABC):
     def encode_batch(self, images: Sequence[np.ndarray]) -> list[FaceResult | None]:
         """:meth:`encode` of each image; backends that can run a batch at once override this."""
         return [self.encode(image) for image in images]
+
+    def embed_pixels(self, pixels: torch.Tensor, face_boxes: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """Differentiable: images ``(B, 3, H, W)`` in [0, 1] with each one's face box ``(B, 4)`` and 5 landmarks
+        ``(B, 5, 2)`` (pixels of those images) -> ``(B, D)`` embeddings; gradients flow to ``pixels``."""
+        raise ConfigError(f"the {self.encoder_id} face encoder has no differentiable path (a face identity loss "
+                          "needs identity.face_backend insightface or world; or set training.face_weight=0)")
 
 
 def _as_rgb_array(image: Any) -> np.ndarray:
@@ -307,6 +318,7 @@ class InsightFaceEncoder(FaceEncoder):
             session=onnxruntime.InferenceSession(str(self.rec_path), options, providers=providers),
         )
         self.embedding_dim = int(self.recognizer.output_shape[-1])
+        self._torch = None  # the differentiable recognizer, converted on first use
 
     @cached_property
     def encoder_id(self) -> str:
@@ -335,6 +347,17 @@ class InsightFaceEncoder(FaceEncoder):
         from dtback.identity.onnx_torch import load_recognizer
 
         return load_recognizer(self.rec_path)
+
+    differentiable = True
+
+    def embed_pixels(self, pixels: torch.Tensor, face_boxes: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """ArcFace on the torch copy of the ONNX recognizer, after a similarity warp of the 5 landmarks onto its
+        112 px template (:func:`~dtback.identity.crops.warp_to_template`)."""
+        if self._torch is None:
+            self._torch = self.torch_recognizer().requires_grad_(False)
+        self._torch.to(pixels.device)
+        aligned = warp_to_template(pixels, landmarks.to(pixels.device), self.aligned_size)
+        return self._torch.embed(aligned * 255.0)
 
     def embed(self, aligned: Sequence[np.ndarray]) -> np.ndarray:
         if not len(aligned):

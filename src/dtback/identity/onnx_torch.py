@@ -23,14 +23,10 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
-from dtback.errors import DtbackError
+from dtback.errors import OnnxConversionError
 
 Value = torch.Tensor | None
 OpResult = torch.Tensor | tuple[torch.Tensor, ...]
-
-
-class OnnxConversionError(DtbackError, ValueError):
-    """The ONNX file holds something :class:`OnnxModule` cannot run (an unsupported op, a dangling input, ...)."""
 
 
 @dataclass(frozen=True)
@@ -510,7 +506,7 @@ class OnnxModule(nn.Module):
             raise  # callers catch this one by type (to retry with a smaller batch); wrapping would hide it
         except (ValueError, RuntimeError, TypeError, IndexError, KeyError) as err:
             shapes = [None if a is None else tuple(a.shape) for a in args]
-            raise RuntimeError(
+            raise OnnxConversionError(
                 f"{self.source}: node '{node.name}' ({node.op_type}) failed on inputs {shapes}: {err}"
             ) from err
         results = (result,) if isinstance(result, torch.Tensor) else result

@@ -11,56 +11,21 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dtback.config import IdentityConfig
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.data.layout import DatasetIndex
-from dtback.identity.body import BodyCropRule, BodyEncoder
+from dtback.identity.body import BodyEncoderBase
 from dtback.identity.cache import EmbeddingCache, content_hash
-from dtback.identity.face import DlibFaceEncoder, FaceEncoder, FaceResult, InsightFaceEncoder
-
-if TYPE_CHECKING:
-    from dtback.identity.world import WorldBodyEncoder
+from dtback.identity.face import FaceEncoder, FaceResult
 
 log = logging.getLogger(__name__)
 
 BODY_TOKEN_DTYPE = torch.float16  # patch tokens dominate the cache size; half precision halves it
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def build_face_encoder(cfg: IdentityConfig) -> FaceEncoder:
-    if cfg.face_backend == "world":
-        from dtback.identity.world import load_world_face_encoder
-
-        return load_world_face_encoder(cfg.world_models_dir, choice=cfg.face_choice).to(resolve_device(cfg.device))
-    if cfg.face_backend == "insightface":
-        return InsightFaceEncoder(
-            cfg.face_model_dir, det_size=cfg.face_det_size, device=resolve_device(cfg.device), choice=cfg.face_choice
-        )
-    return DlibFaceEncoder(detector=cfg.face_detector, upsample=cfg.face_upsample, choice=cfg.face_choice)
-
-
-def build_body_encoder(cfg: IdentityConfig) -> BodyEncoder | WorldBodyEncoder | None:
-    if cfg.body_model is None:
-        return None
-    if cfg.body_model == "world":
-        from dtback.identity.world import load_world_body_encoder
-
-        return load_world_body_encoder(cfg.world_models_dir).to(resolve_device(cfg.device))
-    rule = BodyCropRule(
-        width_factor=cfg.body_width_factor, height_factor=cfg.body_height_factor, top_factor=cfg.body_top_factor
-    )
-    return BodyEncoder.from_pretrained(cfg.body_model, crop_rule=rule).to(resolve_device(cfg.device))
 
 
 def face_entry(result: FaceResult | None) -> dict[str, torch.Tensor]:
@@ -99,11 +64,12 @@ class PrecomputeReport:
 
 
 class IdentityPrecomputer:
-    """Face and body encoders with their caches; :meth:`run` walks a dataset index."""
+    """Face and body encoders (built by :mod:`dtback.backends`) with their caches; :meth:`run` walks a dataset
+    index. ``body`` None: no body identity."""
 
-    def __init__(self, cfg: IdentityConfig, cache_dir: Path, max_image_pixels: int):
-        self.face = build_face_encoder(cfg)
-        self.body = build_body_encoder(cfg)
+    def __init__(self, face: FaceEncoder, body: BodyEncoderBase | None, cache_dir: Path, max_image_pixels: int):
+        self.face = face
+        self.body = body
         self.max_image_pixels = max_image_pixels
         self.face_cache = EmbeddingCache(cache_dir / "face", self.face.encoder_id, self.face.settings())
         self.body_cache = None
@@ -167,13 +133,8 @@ class IdentityPrecomputer:
             return
         boxes = [faces[key]["box"].numpy() if "box" in faces[key] else None for _, _, key in todo]
         batch = [images[key] for _, _, key in todo]
-        if hasattr(self.body, "encode_batch"):
-            features = self.body.encode_batch(batch, boxes)
-            pooled, tokens = features.pooled, features.tokens
-        else:
-            parts = [self.body.encode(image, box) for image, box in zip(batch, boxes)]
-            pooled = torch.cat([p.pooled for p in parts])
-            tokens = torch.cat([p.tokens for p in parts])
+        features = self.body.encode_batch(batch, boxes)
+        pooled, tokens = features.pooled, features.tokens
         report.body_encoder_calls += len(todo)
         for i, (_, _, key) in enumerate(todo):
             self.body_cache.put(key, {"pooled": pooled[i].float().cpu(), "tokens": tokens[i].to(BODY_TOKEN_DTYPE).cpu()})

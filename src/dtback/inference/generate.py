@@ -1,7 +1,9 @@
 """``dtback generate`` / ``inference/generate.py``: references + prompts → images and a JSON of every setting.
 
 The JSON (``settings.json`` in the output folder) holds everything needed to make the same images again:
-``dtback generate --settings out/settings.json --output again/`` reproduces them.
+``dtback generate --settings out/settings.json --output again/`` reproduces them. Its keys are the fields of
+:class:`GenerateSettings` (each the name of a command-line flag, ``_`` for ``-``), plus what the run found:
+``reference_faces`` and ``images``.
 """
 
 from __future__ import annotations
@@ -10,24 +12,167 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from dtback.data.images import ImageSkip, load_rgb
-from dtback.errors import DtbackError
+from dtback.errors import ConfigError, DtbackError
+from dtback.io import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 MAX_REFERENCE_PIXELS = 50_000_000
-DEFAULTS: dict[str, Any] = {
-    "base": None, "reference": [], "prompt": [], "prompts_file": None, "seed": 0, "face_scale": None,
-    "body_scale": None, "identity_start": 0.0, "identity_end": 1.0, "steps": None, "guidance": 3.5, "height": None,
-    "width": None, "num_images": 1, "require_face": False, "no_identity": False, "device": "auto", "true_cfg": 1.0,
-    "negative_prompt": None, "offload": "none", "lora": [], "lora_scale": [],
-}
 OFFLOAD_CHOICES = ("none", "model", "sequential")  # dtback.inference.pipeline.OFFLOAD_MODES, without importing torch
+# Settings that one command-line flag sets directly (``--identity-start`` sets ``identity_start``).
+FLAG_KEYS = ("model", "base", "seed", "face_scale", "body_scale", "identity_start", "identity_end", "steps",
+             "guidance", "height", "width", "num_images", "require_face", "no_identity", "device", "true_cfg",
+             "negative_prompt", "offload")
+# What a run records about itself in settings.json; accepted when it is read back, then replaced by the new run's.
+OUTPUT_KEYS = ("reference_faces", "images")
+
+
+class GenerateSettings(BaseModel):
+    """Every setting of ``dtback generate``: defaults < ``--settings`` file < command-line flags.
+
+    ``None`` means: decided when the adapter is loaded (its scales, its training size,
+    :func:`dtback.inference.pipeline.default_steps`). Paths are strings, as ``settings.json`` holds them; values
+    are strict JSON types (``"steps": "20"`` or ``"no_identity": "yes"`` are refused).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    model: str | None = Field(None, description="trained adapter: best_model.pt, a .safetensors file or a folder")
+    base: str | None = Field(None, description="FLUX base folder or hub id (None: the one the adapter records)")
+    reference: list[str] = Field(default_factory=list, description="reference images of the character")
+    prompt: list[str] = Field(default_factory=list, description="prompts (those of --prompts-file included)")
+    prompts_file: str | None = Field(None, description="the --prompts-file the prompts were read from (a record: "
+                                     "its prompts are in `prompt`, it is not read again)")
+    seed: int = Field(0, description="seed of the first prompt's images; prompt p uses seed + p")
+    face_scale: float | None = Field(None, description="face identity strength (None: the adapter's)")
+    body_scale: float | None = Field(None, description="body identity strength (None: the adapter's)")
+    identity_start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps before identity starts")
+    identity_end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps after which identity stops")
+    steps: int | None = Field(None, ge=1, description="sampling steps (None: 28, or 20 for the simple model)")
+    guidance: float = Field(3.5, ge=0.0, description="guidance (distilled for FLUX.1-dev)")
+    height: int | None = Field(None, description="pixels, a positive multiple of 16 (None: the training size)")
+    width: int | None = Field(None, description="pixels, a positive multiple of 16 (None: the training size)")
+    num_images: int = Field(1, ge=1, description="images per prompt")
+    require_face: bool = Field(False, description="refuse references without a detectable face")
+    no_identity: bool = Field(False, description="the plain base, for comparison")
+    device: str = Field("auto", min_length=1, description="cpu, cuda, cuda:1 ... or auto")
+    true_cfg: float = Field(1.0, description="true classifier-free guidance scale (1 = off)")
+    negative_prompt: str | None = Field(None, description="prompt of the true-CFG negative branch (None: the prompt)")
+    offload: Literal["none", "model", "sequential"] = Field("none", description="diffusers' CPU offload mode")
+    lora: list[str] = Field(default_factory=list, description="FLUX LoRA files or folders loaded on the base")
+    lora_scale: list[float] = Field(default_factory=list,
+                                    description="LoRA strengths: none (1), one for all, or one per LoRA; "
+                                    "after validation always one per LoRA")
+    reference_faces: list[int] | None = Field(None, description="written by the run: faces found per reference")
+    images: list[str] = Field(default_factory=list, description="written by the run: the image files, in order")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, value: int | None) -> int | None:
+        if value is not None and (value <= 0 or value % 16):
+            raise ValueError("must be a positive multiple of 16")
+        return value
+
+    @field_validator("true_cfg")
+    @classmethod
+    def _true_cfg_at_least_one(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError("must be >= 1 (1 = off)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerateSettings:
+        if self.identity_start > self.identity_end:
+            raise ValueError(f"--identity-start {self.identity_start} must be <= --identity-end {self.identity_end}")
+        scales, count = list(self.lora_scale), len(self.lora)
+        if len(scales) > 1 and len(scales) != count:
+            raise ValueError(f"--lora-scale given {len(scales)} times for {count} --lora: give it once for all "
+                             f"LoRAs or once per LoRA")
+        self.lora_scale = scales if len(scales) == count else [scales[0] if scales else 1.0] * count
+        return self
+
+    def check_inputs(self) -> None:
+        """What a run needs beyond valid values: a model, prompts, references, and the files they name."""
+        if not self.model:
+            raise DtbackError("--model is required (e.g. checkpoints/identity_preserving/best_model.pt)")
+        if not Path(self.model).exists():
+            raise DtbackError(f"--model {self.model} does not exist")
+        if not self.prompt:
+            raise DtbackError("no prompt: give --prompt TEXT (repeatable) or a non-empty --prompts-file")
+        if not self.reference and not self.no_identity:
+            raise DtbackError("no reference image: give --reference IMAGE (repeatable), or --no-identity")
+        for path in self.lora:
+            if not Path(path).exists():
+                raise DtbackError(f"--lora {path} does not exist")
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``settings.json`` payload (``reference_faces`` only when references were encoded)."""
+        data = self.model_dump(mode="json")
+        if data["reference_faces"] is None:
+            del data["reference_faces"]
+        return data
+
+
+def _flag(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
+def validate_settings(data: dict[str, Any], origins: dict[str, str] | None = None) -> GenerateSettings:
+    """``data`` as :class:`GenerateSettings`; a :class:`ConfigError` names each bad key or flag and its value.
+
+    ``origins`` maps a key to where it came from (``--settings out/settings.json``); other keys came from flags."""
+    origins = origins or {}
+    try:
+        return GenerateSettings.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for item in err.errors():
+            message = item["msg"].removeprefix("Value error, ")
+            if not item["loc"]:  # a check across keys: its message names the flags
+                lines.append(message)
+                continue
+            key = str(item["loc"][0])
+            where = ".".join(str(part) for part in item["loc"][1:])
+            where = f"[{where}]" if where else ""
+            origin = origins.get(key)
+            if item["type"] == "extra_forbidden":
+                lines.append(f"{origin or 'settings'}: unknown key {key!r} (known keys: "
+                             f"{', '.join(GenerateSettings.model_fields)})")
+                continue
+            value = item.get("input")
+            separator = " " if item["type"] == "value_error" else ": "
+            if origin is not None:
+                flag = "" if key in OUTPUT_KEYS else f" (flag {_flag(key)})"
+                lines.append(f"{origin}: key {key + where!r}{flag} = {value!r}{separator}{message}")
+            else:
+                lines.append(f"{_flag(key)}{where} {value}{separator}{message}")
+        if len(lines) == 1:
+            raise ConfigError(lines[0]) from None
+        raise ConfigError("invalid generate settings:\n  " + "\n  ".join(lines)) from None
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The JSON object of a ``settings.json`` (unvalidated: see :func:`validate_settings`)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--settings {path}: unreadable ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"--settings {path}: expected a JSON object of settings, got {type(data).__name__}")
+    return data
+
+
+def load_settings(path: Path) -> GenerateSettings:
+    """A ``settings.json`` written by an earlier run, validated."""
+    data = read_settings_file(path)
+    return validate_settings(data, {key: f"--settings {path}" for key in data})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,67 +213,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults < ``--settings`` file < command-line flags; validated, prompts read, paths made strings."""
-    settings = dict(DEFAULTS, model=None)
+def resolve_settings(args: argparse.Namespace) -> GenerateSettings:
+    """Defaults < ``--settings`` file < command-line flags; validated, prompts read, paths made strings.
+
+    What the run itself needs (a model, prompts, existing files) is checked by :meth:`GenerateSettings.check_inputs`
+    when generating."""
+    data: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if args.settings is not None:
-        try:
-            settings.update(json.loads(args.settings.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as err:
-            raise DtbackError(f"--settings {args.settings}: unreadable ({err})") from err
-    for key in ("model", "base", "seed", "face_scale", "body_scale", "identity_start", "identity_end", "steps",
-                "guidance", "height", "width", "num_images", "require_face", "no_identity", "device", "true_cfg",
-                "negative_prompt", "offload"):
+        data = read_settings_file(args.settings)
+        origins = {key: f"--settings {args.settings}" for key in data}
+    for key in FLAG_KEYS:
         value = getattr(args, key)
         if value is not None:
-            settings[key] = str(value) if isinstance(value, Path) else value
-    if args.reference:
-        settings["reference"] = [str(p) for p in args.reference]
-    if args.lora:
-        settings["lora"] = [str(p) for p in args.lora]
-    if args.lora_scale:
-        settings["lora_scale"] = list(args.lora_scale)
-    prompts = list(args.prompt or []) or list(settings.get("prompt") or [])
+            data[key] = str(value) if isinstance(value, Path) else value
+            origins.pop(key, None)
+    for key, values in (("reference", args.reference), ("lora", args.lora), ("lora_scale", args.lora_scale)):
+        if values:
+            data[key] = [str(v) if isinstance(v, Path) else v for v in values]
+            origins.pop(key, None)
+    if args.prompt:
+        data["prompt"] = list(args.prompt)
+        origins.pop("prompt", None)
     if args.prompts_file is not None:
         try:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as err:
             raise DtbackError(f"--prompts-file {args.prompts_file}: unreadable ({err})") from err
-        prompts += [line.strip() for line in lines if line.strip()]
-    settings["prompt"] = prompts
-    _check(settings)
-    return settings
-
-
-def _check(settings: dict[str, Any]) -> None:
-    if not settings.get("model"):
-        raise DtbackError("--model is required (e.g. checkpoints/identity_preserving/best_model.pt)")
-    if not Path(settings["model"]).exists():
-        raise DtbackError(f"--model {settings['model']} does not exist")
-    if not settings["prompt"]:
-        raise DtbackError("no prompt: give --prompt TEXT (repeatable) or a non-empty --prompts-file")
-    if not settings["reference"] and not settings["no_identity"]:
-        raise DtbackError("no reference image: give --reference IMAGE (repeatable), or --no-identity")
-    if settings["true_cfg"] < 1:
-        raise DtbackError(f"--true-cfg {settings['true_cfg']} must be >= 1 (1 = off)")
-    if settings["offload"] not in OFFLOAD_CHOICES:
-        raise DtbackError(f"--offload {settings['offload']!r} is not one of {', '.join(OFFLOAD_CHOICES)}")
-    _check_loras(settings)
-    for side in ("height", "width"):
-        if settings[side] is not None and (settings[side] <= 0 or settings[side] % 16):
-            raise DtbackError(f"--{side} {settings[side]} must be a positive multiple of 16")
-
-
-def _check_loras(settings: dict[str, Any]) -> None:
-    """Every --lora exists; --lora-scale becomes one scale per LoRA (none given: 1, one given: for all)."""
-    loras, scales = settings["lora"], list(settings["lora_scale"])
-    for path in loras:
-        if not Path(path).exists():
-            raise DtbackError(f"--lora {path} does not exist")
-    if len(scales) > 1 and len(scales) != len(loras):
-        raise DtbackError(f"--lora-scale given {len(scales)} times for {len(loras)} --lora: give it once for all "
-                          f"LoRAs or once per LoRA")
-    settings["lora_scale"] = scales if len(scales) == len(loras) else [scales[0] if scales else 1.0] * len(loras)
+        prompts = data.get("prompt") or []
+        if isinstance(prompts, list):  # otherwise validation names the settings file's bad "prompt"
+            data["prompt"] = prompts + [line.strip() for line in lines if line.strip()]
+        data["prompts_file"] = str(args.prompts_file)
+        origins.pop("prompts_file", None)
+    return validate_settings(data, origins)
 
 
 def load_references(paths: list[str]):
@@ -142,44 +259,52 @@ def load_references(paths: list[str]):
 
 
 def run_generate(args: argparse.Namespace) -> Path:
-    """Generate and write ``<output>/<prompt index>_<image index>.png`` plus ``settings.json``; returns the folder."""
-    import torch  # noqa: PLC0415  (heavy imports only when generating)
+    """``dtback generate``: resolve the settings (see :func:`resolve_settings`) and :func:`generate`."""
+    return generate(resolve_settings(args), Path(args.output), progress=not args.no_progress)
 
-    from dtback.inference.pipeline import IdentityFluxPipeline  # noqa: PLC0415
 
-    settings = resolve_settings(args)
-    device = settings["device"]
+def generate(settings: GenerateSettings, output: Path, progress: bool = True) -> Path:
+    """Generate and write ``<output>/<prompt index>_<image index>.png`` plus ``settings.json`` (the settings with
+    everything the adapter decided filled in); returns the folder."""
+    from dtback import devices  # noqa: PLC0415  (heavy imports only when generating)
+    from dtback.inference.pipeline import IdentityFluxPipeline, default_steps  # noqa: PLC0415
+
+    settings.check_inputs()
+    device = settings.device
     if device == "auto":  # with offload: the GPU the pipeline finds
-        device = None if settings["offload"] != "none" else "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = IdentityFluxPipeline.from_pretrained(settings["model"], base=settings["base"], device=device,
-                                                offload=settings["offload"])
-    for path, scale in zip(settings["lora"], settings["lora_scale"]):
+        device = None if settings.offload != "none" else str(devices.resolve_device("auto"))
+    pipe = IdentityFluxPipeline.from_pretrained(settings.model, base=settings.base, device=device,
+                                                offload=settings.offload)
+    for path, scale in zip(settings.lora, settings.lora_scale):
         pipe.load_lora_weights(path, scale=scale)
     extra = pipe.model.spec.extra
     size = int(extra.get("input_size", 512))
-    settings["height"] = settings["height"] or size
-    settings["width"] = settings["width"] or size
-    settings["steps"] = settings["steps"] or (20 if extra.get("base_model") == "base" else 28)
+    settings = settings.model_copy(update={
+        "height": settings.height or size, "width": settings.width or size,
+        "steps": settings.steps if settings.steps is not None else default_steps(extra),
+        "reference_faces": None, "images": [],
+    })
     references = None
-    if not settings["no_identity"]:
-        inputs, report = pipe.encode_references(load_references(settings["reference"]), settings["reference"],
-                                                require_face=settings["require_face"])
-        settings["reference_faces"] = report.faces
+    if not settings.no_identity:
+        inputs, report = pipe.encode_references(load_references(settings.reference), settings.reference,
+                                                require_face=settings.require_face)
+        settings.reference_faces = list(report.faces)
         references = inputs
-    out = Path(args.output)
+    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for p, prompt in enumerate(tqdm(settings["prompt"], desc="prompts", disable=args.no_progress)):
-        images = pipe(prompt, references, face_scale=settings["face_scale"], body_scale=settings["body_scale"],
-                      identity_start=settings["identity_start"], identity_end=settings["identity_end"],
-                      num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-                      height=settings["height"], width=settings["width"],
-                      num_images_per_prompt=settings["num_images"], seed=settings["seed"] + p,
-                      true_cfg_scale=settings["true_cfg"], negative_prompt=settings["negative_prompt"])
+    for p, prompt in enumerate(tqdm(settings.prompt, desc="prompts", disable=not progress)):
+        images = pipe(prompt, references, face_scale=settings.face_scale, body_scale=settings.body_scale,
+                      identity_start=settings.identity_start, identity_end=settings.identity_end,
+                      num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                      height=settings.height, width=settings.width,
+                      num_images_per_prompt=settings.num_images, seed=settings.seed + p,
+                      true_cfg_scale=settings.true_cfg, negative_prompt=settings.negative_prompt)
         for i, image in enumerate(images):
             path = out / f"{p:03d}_{i:02d}.png"
-            image.save(path)
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
             written.append(path.name)
-    settings["images"] = written
-    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    settings.images = written
+    write_json(out / SETTINGS_FILE, settings.to_json(), indent=2)
     return out

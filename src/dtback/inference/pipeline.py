@@ -34,9 +34,8 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from dtback.config import IdentityConfig
-from dtback.errors import DtbackError, MissingModelError
-from dtback.identity.precompute import build_body_encoder, build_face_encoder
+from dtback import backends, devices
+from dtback.errors import DtbackError, MissingModelError, NoFaceError
 from dtback.identity.resampler import IdentityInputs
 from dtback.model.flux import DTYPE_KWARG
 from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, read_adapter
@@ -44,10 +43,6 @@ from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, read_a
 logger = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("none", "model", "sequential")
-
-
-class NoFaceError(DtbackError):
-    """A reference image has no detectable face and a face was required."""
 
 
 @dataclass
@@ -89,10 +84,7 @@ def offload_device(mode: str, device: str | torch.device | None = None) -> torch
 
 
 def _accelerator() -> torch.device | None:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    return torch.device("mps") if mps is not None and mps.is_available() else None
+    return devices.accelerator()
 
 
 def _adapter_name(path: Path, taken: set[str]) -> str:
@@ -103,6 +95,16 @@ def _adapter_name(path: Path, taken: set[str]) -> str:
         i += 1
         name = f"{stem}_{i}"
     return name
+
+
+SIMPLE_BASE_STEPS, FLUX_STEPS = 20, 28
+
+
+def default_steps(spec_extra: dict[str, Any]) -> int:
+    """Sampling steps when none are given, from the adapter's ``spec.extra``: 20 for the small simple base trained
+    with the adapter (``base_model == "base"``), 28 for a real FLUX base. ``dtback generate`` and ``dtback
+    evaluate`` both use it."""
+    return SIMPLE_BASE_STEPS if spec_extra.get("base_model") == "base" else FLUX_STEPS
 
 
 class IdentityFluxPipeline:
@@ -130,15 +132,15 @@ class IdentityFluxPipeline:
         device = str(offload_device(offload, device)) if offload != "none" else (device or "cpu")
         spec, _ = read_adapter(adapter)
         source = resolve_base(adapter, spec.extra.get("base_model"), base)
-        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        dtype = dtype or devices.resolve_dtype("auto", device)
         try:
             pipeline = FluxPipeline.from_pretrained(source, **{DTYPE_KWARG: dtype}, local_files_only=local_files_only)
         except OSError as err:
             raise MissingModelError(f"FLUX base {source!r} (for {adapter}) could not be loaded: {err}") from err
         model = IdentityPreservingFlux.from_pretrained(adapter, transformer=pipeline.transformer)
-        identity = IdentityConfig(**{**spec.extra.get("identity", {}), "device": device})
-        face = build_face_encoder(identity) if spec.resampler.face_dim else None
-        body = build_body_encoder(identity) if spec.resampler.body_dim else None
+        identity, world = backends.identity_from_adapter(spec.extra, device)
+        face = backends.face_encoder(identity, world) if spec.resampler.face_dim else None
+        body = backends.body_encoder(identity, world) if spec.resampler.body_dim else None
         model.eval()
         pipe = cls(pipeline, model, face, body, int(spec.extra.get("max_sequence_length", 512)))
         if offload == "none":

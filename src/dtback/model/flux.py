@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
+from dtback import devices
 from dtback.config import ModelConfig
-from dtback.errors import MissingModelError
+from dtback.errors import ConfigError, MissingModelError
+from dtback.io import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -151,27 +150,16 @@ def build_simple_pipeline(seed: int = 0, vae: AutoencoderKL | None = None) -> Fl
 
 
 def save_pipeline_atomic(pipeline: FluxPipeline, folder: Path) -> Path:
-    """``save_pretrained`` into a temporary sibling folder, then rename: a killed save leaves no half folder."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    """``save_pretrained`` into a temporary sibling folder, then swapped in: a killed save leaves no half folder."""
+    with replace_folder(folder) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return folder
+    return Path(folder)
 
 
 def resolve_dtype(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.dtype:
-    """``auto``: bfloat16 for real FLUX on a GPU (its native dtype), float32 for the simple model or on a CPU."""
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype)
-    on_gpu = torch.device(device).type == "cuda"
-    return torch.bfloat16 if on_gpu and not cfg.use_simple_model else torch.float32
+    """``model.dtype``; ``auto``: bfloat16 for real FLUX on a GPU (its native dtype), float32 for the simple model
+    or on a CPU (:func:`dtback.devices.resolve_dtype`)."""
+    return devices.resolve_dtype(cfg.dtype, device, low_precision_ok=not cfg.use_simple_model)
 
 
 def max_sequence_length(cfg: ModelConfig) -> int:
@@ -191,17 +179,19 @@ def base_source(cfg: ModelConfig, output_dir: Path) -> str:
 
 
 def load_base(cfg: ModelConfig, output_dir: Path, seed: int = 0, device: str | torch.device = "cpu",
-              local_files_only: bool = True) -> FluxPipeline:
+              local_files_only: bool = True, initial: Callable[[], FluxPipeline] | None = None) -> FluxPipeline:
     """Load the FLUX base as a ``FluxPipeline`` in :func:`resolve_dtype`, on the CPU, with nothing trainable.
 
-    The simple model is first built (random weights by ``seed``) and saved to its folder when that folder holds no
+    The simple model is first made by ``initial()`` (default: :func:`initial_simple_pipeline` without the identity
+    world; :func:`dtback.backends.load_base` resolves ``world``) and saved to its folder when that folder holds no
     ``model_index.json``. Real FLUX must be a local diffusers folder or a hub id already in the Hugging Face cache.
     """
     dtype = resolve_dtype(cfg, device)
     if cfg.use_simple_model:
         folder = simple_model_dir(cfg, output_dir)
         if not (folder / MODEL_INDEX).is_file():
-            save_pipeline_atomic(initial_simple_pipeline(cfg, seed), folder)
+            made = initial() if initial is not None else initial_simple_pipeline(cfg, seed, folder_vae(cfg.simple_vae))
+            save_pipeline_atomic(made, folder)
         source = str(folder)
     else:
         source = cfg.pretrained_model
@@ -211,34 +201,31 @@ def load_base(cfg: ModelConfig, output_dir: Path, seed: int = 0, device: str | t
     return pipeline
 
 
-def initial_simple_pipeline(cfg: ModelConfig, seed: int) -> FluxPipeline:
-    """The simple model a run starts from, as ``model.simple_base`` says: pretrained on the world, a folder, or
-    random weights by ``seed``."""
+def initial_simple_pipeline(cfg: ModelConfig, seed: int, vae: AutoencoderKL | None) -> FluxPipeline:
+    """The simple model a run starts from, as ``model.simple_base`` says: a diffusers folder, or random weights by
+    ``seed`` (null); with ``vae`` (None: random weights). ``world`` is the identity world's, resolved by
+    :func:`dtback.backends.initial_simple_pipeline`."""
     if cfg.simple_base is None:
         logger.info("building the simple FLUX model from random weights (seed %d)", seed)
-        return build_simple_pipeline(seed, vae=simple_vae(cfg))
+        return build_simple_pipeline(seed, vae=vae)
     if cfg.simple_base == "world":
-        from dtback.model.world_base import load_world_base  # noqa: PLC0415
-
-        logger.info("starting the simple FLUX model from the world base (pretrained without identity)")
-        return load_world_base()
+        raise ConfigError("model.simple_base=world is the identity world's base: load it through "
+                          "dtback.backends.load_base, which knows the world components folder")
     folder = Path(cfg.simple_base).expanduser()
     if not (folder / MODEL_INDEX).is_file():
         raise MissingModelError(f"model.simple_base {folder} is not a diffusers FluxPipeline folder (no {MODEL_INDEX})")
-    vae = simple_vae(cfg)
     return FluxPipeline.from_pretrained(folder, **({"vae": vae} if vae is not None else {}), local_files_only=True,
                                         **{DTYPE_KWARG: torch.float32})
 
 
-def simple_vae(cfg: ModelConfig) -> AutoencoderKL | None:
-    """The simple model's VAE as ``model.simple_vae`` says (None: random weights)."""
-    if cfg.simple_vae is None:
+def folder_vae(source: str | None) -> AutoencoderKL | None:
+    """The simple model's VAE from ``model.simple_vae`` when that is a diffusers ``AutoencoderKL`` folder (None:
+    random weights). ``world`` is resolved by :func:`dtback.backends.simple_vae`."""
+    if source is None:
         return None
-    if cfg.simple_vae == "world":
-        from dtback.model.world_vae import load_or_train_world_vae  # noqa: PLC0415
-
-        return load_or_train_world_vae()
-    folder = Path(cfg.simple_vae)
+    if source == "world":
+        raise ConfigError("model.simple_vae=world is the identity world's VAE: load it through dtback.backends")
+    folder = Path(source)
     if not (folder / "config.json").is_file():
         raise MissingModelError(f"model.simple_vae {folder} is not a diffusers AutoencoderKL folder (no config.json)")
     return AutoencoderKL.from_pretrained(folder)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,8 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dtback.config import IdentityConfig, ModelConfig
-from dtback.errors import DtbackError
+from dtback.errors import AdapterMismatchError
 from dtback.identity.resampler import IdentityInputs, IdentityResampler, IdentityTokens, ResamplerSpec
+from dtback.io import atomic_path
 from dtback.model.adapters import AdapterLayout, IdentityCrossAttention, InjectionState, make_hook
 
 logger = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ LORA_NAME = "dtback_lora"
 LORA_PREFIX = "lora."
 # The shape of a base the adapters fit; a checkpoint names these when it is loaded into another base.
 BASE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels")
-
-
-class AdapterMismatchError(DtbackError):
-    """An adapter checkpoint does not fit the base transformer or is not a dtback adapter."""
 
 
 @dataclass(frozen=True)
@@ -422,11 +418,6 @@ def _per_sample(scale: float | torch.Tensor, batch: int, device: torch.device) -
 
 
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """``write(temporary file name)``, then the file replaces ``path`` whole (:func:`dtback.io.atomic_path`)."""
+    with atomic_path(path) as tmp:
         write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

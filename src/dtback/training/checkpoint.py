@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -28,16 +27,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dtback.errors import DtbackError
+from dtback.errors import CheckpointError
+from dtback.io import remove_stale_temporaries, replace_folder, write_json
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(DtbackError):
-    """A checkpoint could not be written (disk full, permissions) or read."""
 
 
 @dataclass
@@ -146,33 +142,27 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically and delete all but the last ``keep``; returns the folder."""
     target = checkpoint_dir(run_dir, progress.step)
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp / "adapter")
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer.state_dict())
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        ema_meta = None
-        if ema is not None:
-            ema_state = ema.state_dict()
-            shadow = ema_state.pop("shadow_params")
-            save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, tmp / "ema.safetensors")
-            ema_meta = ema_state
-        state = {"progress": asdict(progress), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                 "ema": ema_meta, "rng": rng_state()}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        # Folders of runs killed mid-save (hidden io temporaries) are removed once stale; a live save's are newer.
+        remove_stale_temporaries(target.parent)
+        # io.replace_folder: written under a hidden temporary name, files fsynced, swapped in whole (an existing
+        # checkpoint of the same step is replaced only once the new one is complete); removed on any failure.
+        with replace_folder(target) as tmp:
+            model.save_pretrained(tmp / "adapter")
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+            opt_tensors, opt_meta = _optimizer_tensors(optimizer.state_dict())
+            save_file(opt_tensors, tmp / "optimizer.safetensors")
+            ema_meta = None
+            if ema is not None:
+                ema_state = ema.state_dict()
+                shadow = ema_state.pop("shadow_params")
+                save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)},
+                          tmp / "ema.safetensors")
+                ema_meta = ema_state
+            state = {"progress": asdict(progress), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                     "ema": ema_meta, "rng": rng_state()}
+            write_json(tmp / "state.json", state, indent=1, fsync=False)  # replace_folder fsyncs every file
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         last = latest_checkpoint(run_dir)
         raise CheckpointError(
             f"could not write checkpoint {target} ({err.strerror or err}); nothing torn was left. "

@@ -27,7 +27,7 @@ from dtback.data.buckets import assign_bucket, bucket_transform, make_buckets, r
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.data.layout import CharacterEntry
 from dtback.data.pairs import caption_for, to_tensor
-from dtback.identity.body import BodyCropRule, person_box
+from dtback.identity.crops import BodyCropRule, person_box
 from dtback.identity.cache import EmbeddingCache, content_hash
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ samples with ``σ < identity_loss_max_sigma`` contribute: at high noise x̂0 is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -78,15 +77,6 @@ def predict_x0(noisy: torch.Tensor, prediction: torch.Tensor, sigmas: torch.Tens
     """One-step clean estimate ``x̂0 = x_t - σ·v̂``."""
     s = sigmas.view(-1, *([1] * (noisy.dim() - 1))).to(prediction.dtype)
     return noisy - s * prediction
-
-
-class IdentityLossEncoder(Protocol):
-    """A differentiable identity encoder for the loss: decoded images ``(B, 3, H, W)`` in [-1, 1] and the
-    target's boxes ``(B, 4)`` (x1, y1, x2, y2 in those pixels; landmarks when the encoder aligns) → unit-norm
-    embeddings ``(B, D)`` comparable with the cached reference embeddings."""
-
-    def __call__(self, images: torch.Tensor, boxes: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
-        ...
 
 
 @dataclass

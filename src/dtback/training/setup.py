@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,25 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dtback import backends
 from dtback.config import Config
 from dtback.data.prepare import prepare_dataset
 from dtback.errors import DtbackError
-from dtback.identity.body import BodyCropRule
+from dtback.identity.crops import BodyCropRule
 from dtback.identity.precompute import IdentityPrecomputer
-from dtback.model.flux import load_base, max_sequence_length, save_pipeline_atomic
+from dtback.io import write_json
+from dtback.model.flux import max_sequence_length, save_pipeline_atomic
 from dtback.model.identity_flux import IdentityPreservingFlux
 from dtback.model.memory import finish_caching, place_for_caching, quantize_base
 from dtback.training.checkpoint import Progress
 from dtback.training.features import FeatureStore, build_feature_store
 from dtback.training.identity_loss import IdentityLoss
-from dtback.viz.runlog import append_jsonl
 from dtback.training.validation import (
     CONDITIONS, ValidationSet, make_validation_set, run_validation, selection_metric, similarity_scorer,
 )
+from dtback.viz import make_grid, plot_curves, save_sample_grid, write_report
+from dtback.viz.runlog import append_jsonl, as_number
+from dtback.world.reader import validation_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +64,33 @@ class RunParts:
     base_trainable: bool
     is_main: bool
     scorers: list = field(default_factory=list)
-    writer: Any = None
+    accelerator: Any = None  # the run's Accelerator: its trackers (training.log_with) get the logs
 
     def log(self, terms: dict[str, float]) -> None:
         append_jsonl(self.run_dir / METRICS_FILE, terms)
-        if self.writer is not None:
-            self.writer.log_scalars(int(terms["step"]), {k: v for k, v in terms.items() if k not in ("step", "epoch")})
+        self._track(int(terms["step"]), {k: v for k, v in terms.items() if k not in ("step", "epoch")})
+
+    def _track(self, step: int, values: dict[str, Any]) -> None:
+        """The numbers among ``values`` to accelerate's trackers at ``step`` (accelerate logs from the main process
+        only; nothing when training.log_with is empty). NaN is logged as is: a NaN loss is worth seeing."""
+        numbers = {key: number for key, value in values.items() if (number := as_number(value)) is not None}
+        if self.accelerator is not None and numbers:
+            self.accelerator.log(numbers, step=step)
+
+    def _track_image(self, tag: str, image: Image.Image, step: int) -> None:
+        """``image`` (a sample grid) to each started tracker that takes images: TensorBoard through its writer, the
+        others through their ``log_images`` (accelerate's mlflow, comet_ml, dvclive and trackio trackers take none)."""
+        for tracker in self.accelerator.trackers if self.accelerator is not None else ():
+            if tracker.name == "tensorboard":
+                import numpy as np  # noqa: PLC0415
+
+                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+                tracker.writer.add_image(tag, pixels, global_step=step, dataformats="HWC")
+                tracker.writer.flush()
+            elif tracker.name in ("aim", "clearml"):  # one image per tag
+                tracker.log_images({tag: image}, step=step)
+            elif hasattr(tracker, "log_images"):  # wandb, swanlab: a list of images per tag
+                tracker.log_images({tag: [image]}, step=step)
 
     def validate(self, progress: Progress, ema, accelerator, params: list[torch.nn.Parameter]) -> None:
         """Held-out metrics and grid with the EMA weights (main process); keeps ``best_model.pt`` up to date.
@@ -102,19 +126,14 @@ class RunParts:
         metrics["best_step"] = progress.best_step
         append_jsonl(self.run_dir / VALIDATION_FILE, metrics)
         grid = self._grid(images)
-        grid_path = self.run_dir / "samples" / f"step-{progress.step:06d}.png"
-        grid_path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(grid_path)
-        if self.writer is not None:
-            self.writer.log_scalars(progress.step, {k: v for k, v in metrics.items() if k.startswith("val/")})
-            self.writer.log_image("validation/grid", grid, progress.step)
+        save_sample_grid(self.run_dir, progress.step, grid)
+        self._track(progress.step, {k: v for k, v in metrics.items() if k.startswith("val/")})
+        self._track_image("validation/grid", grid, progress.step)
         self.report()
         logger.info("validation at step %d: %s", progress.step,
                     ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("val/")))
 
     def _grid(self, images: dict[str, list[Image.Image]]) -> Image.Image:
-        from dtback.viz.report import make_grid  # noqa: PLC0415
-
         rows, labels = [], []
         for row, character in enumerate(self.val_set.characters):
             reference = Image.open(self.store_path(self.val_set.references[row][0])).convert("RGB")
@@ -133,8 +152,6 @@ class RunParts:
         self.model.save_pretrained(self.run_dir / BEST_MODEL)
 
     def report(self) -> None:
-        from dtback.viz.report import plot_curves, write_report  # noqa: PLC0415
-
         plot_curves(self.run_dir)
         write_report(self.run_dir)
 
@@ -145,12 +162,16 @@ class RunParts:
         validations = _read_last_jsonl(self.run_dir / VALIDATION_FILE)
         if validations:
             summary["last_validation"] = validations
-        _write_json(self.run_dir / "summary.json", summary)
+        write_json(self.run_dir / "summary.json", summary, indent=2, default=str)
         self.report()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Finish the trackers now, also when the run failed (TensorBoard's event file flushed and closed, a wandb
+        run ended); the trainer's ``accelerator.end_training()`` then has none left to finish."""
+        if self.accelerator is not None:
+            trackers, self.accelerator.trackers = self.accelerator.trackers, []
+            for tracker in trackers:
+                tracker.finish()
 
 
 def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
@@ -162,19 +183,22 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
     with accelerator.main_process_first():
-        _ensure_data(cfg, show)
+        backends.world_data(cfg.data, progress=show)
         prepared = prepare_dataset(cfg.data, cfg.seed, run_dir, progress=show)
     characters = prepared.split.characters(prepared.index, "train") + prepared.split.characters(prepared.index, "val")
-    cache_dir = Path(cfg.identity.cache_dir) if cfg.identity.cache_dir is not None else run_dir / "cache"
+    cache_dir = cfg.cache_dir()
+    world = backends.world_folder(cfg)
+    face_encoder = backends.face_encoder(cfg.identity, world)
+    body_encoder = backends.body_encoder(cfg.identity, world)
     with accelerator.main_process_first():
-        precomputer = IdentityPrecomputer(cfg.identity, cache_dir, cfg.data.max_image_pixels)
+        precomputer = IdentityPrecomputer(face_encoder, body_encoder, cache_dir, cfg.data.max_image_pixels)
         subset = _Subset(prepared.index.root, characters)
         precomputer.run(subset, progress=show)
-        pipeline = load_base(cfg.model, run_dir, seed=cfg.seed, device=accelerator.device)
+        pipeline = backends.load_base(cfg.model, run_dir, seed=cfg.seed, device=accelerator.device, world=world)
         quantize_base(pipeline.transformer, cfg.model.base_quantization)  # memory modes: dtback.model.memory
         place_for_caching(pipeline, accelerator.device, cfg.model)
         pipeline.set_progress_bar_config(disable=True)  # validation sampling: the training bar is enough
-        crop_rule = getattr(precomputer.body, "crop_rule", BodyCropRule())
+        crop_rule = body_encoder.crop_rule if body_encoder is not None else BodyCropRule.from_config(cfg.identity)
         store = build_feature_store(pipeline, characters, cfg.data, precomputer.face_cache, precomputer.body_cache,
                                     cache_dir, max_sequence_length(cfg.model), crop_rule, progress=show)
         finish_caching(pipeline, accelerator.device, cfg.model)
@@ -184,7 +208,7 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
             "body_token_dim": store.body_tokens.shape[2] if store.body_tokens is not None else 0}
     if not dims["face_dim"] and not dims["body_dim"]:
         raise DtbackError(
-            f"no identity signal in {cfg.data.data_dir}: the {precomputer.face.encoder_id} face encoder found no face "
+            f"no identity signal in {cfg.data.data_dir}: the {face_encoder.encoder_id} face encoder found no face "
             "in any image and identity.body_model is null; set a body model or a face backend that sees these faces"
         )
     torch.manual_seed(cfg.seed)
@@ -193,6 +217,7 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
     model.spec.extra.update(
         base_model=TRAINED_BASE if cfg.model.use_simple_model else cfg.model.pretrained_model,
         identity=cfg.identity.model_dump(mode="json"), input_size=cfg.data.input_size,
+        world=str(world) if world is not None else None,
         max_sequence_length=max_sequence_length(cfg.model),
     )
     model.to(accelerator.device).attach(transformer)
@@ -201,7 +226,7 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
     model.train()
     identity_loss = None
     if cfg.training.face_weight > 0 or cfg.training.body_weight > 0:
-        identity_loss = IdentityLoss(cfg.training, pipeline.vae, precomputer.face, precomputer.body)
+        identity_loss = IdentityLoss(cfg.training, pipeline.vae, face_encoder, body_encoder)
     train_keys = set(prepared.split.train)
     n_train_chars = sum(1 for key in store.characters if key in train_keys)
     train_images = [i for i in range(len(store)) if int(store.character[i]) < n_train_chars]
@@ -209,38 +234,18 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
     val_set = make_validation_set(store, val_characters, cfg.training.num_val_characters, cfg.data.max_references)
     parts = RunParts(
         cfg=cfg, run_dir=run_dir, pipeline=pipeline, model=model, store=store, train_images=train_images,
-        val_set=val_set, identity_loss=identity_loss, face_encoder=precomputer.face, body_encoder=precomputer.body,
+        val_set=val_set, identity_loss=identity_loss, face_encoder=face_encoder, body_encoder=body_encoder,
         guidance=cfg.training.val_guidance if transformer.config.guidance_embeds else None,
         scheduler_config=dict(pipeline.scheduler.config), base_trainable=base_trainable, is_main=is_main,
     )
-    parts.scorers = [similarity_scorer(store, val_set, precomputer.face, precomputer.body)]
-    parts.scorers += _extra_scorers(cfg, store, val_set)
-    if is_main:
-        from dtback.viz.report import TensorBoardWriter  # noqa: PLC0415
-
-        parts.writer = TensorBoardWriter(run_dir)
+    parts.scorers = [similarity_scorer(store, val_set, face_encoder, body_encoder)]
+    reader_scorer = validation_scorer(Path(cfg.data.data_dir), world, store.characters)
+    if reader_scorer is not None:  # the data is the identity world: its attribute reader scores too
+        parts.scorers.append(reader_scorer)
+    parts.accelerator = accelerator  # logs go to its trackers (training.log_with), which the trainer starts
     logger.info("training on %d images of %d characters; %d held-out characters", len(train_images),
                 n_train_chars, len(val_characters))
     return parts
-
-
-def _ensure_data(cfg: Config, progress: bool) -> None:
-    """Generate the identity world into ``data_dir`` when the config asks for it and the folder is missing."""
-    world = getattr(cfg.data, "world", None)
-    if world is not None and getattr(world, "generate_if_missing", False) and not Path(cfg.data.data_dir).exists():
-        from dtback.data.world_files import ensure_world  # noqa: PLC0415
-
-        ensure_world(cfg.data, progress=progress)
-
-
-def _extra_scorers(cfg: Config, store: FeatureStore, val_set: ValidationSet) -> list:
-    """Scorers beyond the training encoders: the world identity reader when the data is the identity world."""
-    try:
-        from dtback.evaluation.reader import validation_scorer  # noqa: PLC0415
-    except ImportError:
-        return []
-    scorer = validation_scorer(cfg, store, val_set)
-    return [scorer] if scorer is not None else []
 
 
 class _Subset:
@@ -261,9 +266,3 @@ def _read_last_jsonl(path: Path) -> dict | None:
         except json.JSONDecodeError:
             continue
     return None
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

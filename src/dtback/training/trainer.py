@@ -10,6 +10,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import signal
 import time
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from dtback import devices
 from dtback.config import Config
-from dtback.errors import DtbackError
+from dtback.errors import ConfigError, DtbackError, TrainingDiverged
 from dtback.model.memory import apply_checkpointing, make_adamw
 from dtback.training.batches import draw_pair_references, epoch_batches, make_batch
 from dtback.training.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -32,10 +34,6 @@ from dtback.training.setup import RunParts, setup
 from dtback.training.step import TrainModule, compute_loss, step_generator
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingDiverged(DtbackError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -51,7 +49,7 @@ def mixed_precision(cfg: Config) -> str:
     choice = cfg.training.mixed_precision
     if choice != "auto":
         return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return devices.auto_mixed_precision()
 
 
 def make_optimizer(cfg: Config, parts: RunParts) -> torch.optim.Optimizer:
@@ -64,9 +62,7 @@ def make_optimizer(cfg: Config, parts: RunParts) -> torch.optim.Optimizer:
 
 
 def _has_gpu() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
+    return devices.accelerator() is not None
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -83,11 +79,16 @@ def train(cfg: Config, resume: str | Path | None = "auto", progress_bar: bool = 
     # On a machine without any GPU, accelerate only joins the processes torchrun starts (gloo) when told cpu=True.
     # Adapters are skipped for samples without identity (dropout, no face), so some parameters get no gradient
     # in some steps: DDP must look for them.
+    # Logs go to accelerate's trackers (training.log_with); TensorBoard's events to <run>/tensorboard/dtback/.
+    output_dir = Path(cfg.output.output_dir)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / TENSORBOARD_DIR))
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), gradient_accumulation_steps=t.gradient_accumulation_steps,
                               cpu=not _has_gpu(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                              log_with=tracker_names(cfg), project_config=project)
     set_seed(cfg.seed)
     parts = setup(cfg, accelerator, progress_bar)
+    start_trackers(accelerator, cfg)
     run_dir = parts.run_dir
     module = TrainModule(parts.pipeline.transformer, parts.model)
     optimizer = make_optimizer(cfg, parts)
@@ -152,8 +153,62 @@ def train(cfg: Config, resume: str | Path | None = "auto", progress_bar: bool = 
                 weights_digest(trainable))
     if accelerator.is_main_process:
         parts.finish(progress)
+    accelerator.end_training()  # the trackers were finished by parts.close(); this ends the process group
     best = run_dir / "best_model.pt"
     return TrainResult(run_dir, progress.step, best if best.exists() else None, last_checkpoint, stop.requested)
+
+
+TENSORBOARD_DIR = "tensorboard"  # accelerate's logging_dir in the run folder: tensorboard --logdir <run>/tensorboard
+TRACKER_PROJECT = "dtback"  # project name for the trackers; TensorBoard writes <run>/tensorboard/<project>/
+
+
+def tracker_names(cfg: Config) -> list[str] | None:
+    """``training.log_with`` for ``Accelerator(log_with=...)``; None when it is empty. A named tracker whose package
+    is not installed ends the run here, before any work (accelerate would leave it out with a debug line)."""
+    names = list(cfg.training.log_with)
+    if not names:
+        return None
+    from accelerate.tracking import get_available_trackers  # noqa: PLC0415
+
+    installed = sorted(str(tracker) for tracker in get_available_trackers())
+    missing = [name for name in names if name != "all" and name not in installed]
+    if missing:
+        raise ConfigError(
+            f"training.log_with: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
+            f"(pip install {' '.join(missing)}); installed trackers: {', '.join(installed) or 'none'}. Install it, "
+            "or leave it out of training.log_with ([] logs to no tracker; metrics.jsonl is written anyway)"
+        )
+    return names
+
+
+def flat_hparams(cfg: Config) -> dict[str, bool | int | float | str]:
+    """The config as flat ``section.key`` scalars, the hyper-parameters the trackers store (TensorBoard's hparams
+    take only bool/int/float/str): lists, null and empty mappings are written as JSON text."""
+    flat: dict[str, bool | int | float | str] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, (bool, int, float, str)):
+                flat[prefix + key] = value
+            else:
+                flat[prefix + key] = json.dumps(value)
+
+    walk(cfg.model_dump(mode="json"), "")
+    return flat
+
+
+def start_trackers(accelerator: Accelerator, cfg: Config) -> None:
+    """Start the trackers of ``training.log_with`` on the main process (one run per tracker, as diffusers' scripts
+    do), with the flat config as hyper-parameters; a tracker that cannot start ends the run before training."""
+    if not accelerator.is_main_process or not accelerator.log_with:
+        return
+    try:
+        accelerator.init_trackers(TRACKER_PROJECT, config=flat_hparams(cfg))
+    except Exception as err:  # e.g. wandb without a login: a message, not a traceback mid-setup
+        names = ", ".join(str(tracker) for tracker in accelerator.log_with)
+        raise ConfigError(f"training.log_with: the trackers ({names}) could not start: {err}") from err
 
 
 def _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainable, parts, mine, progress) -> dict:

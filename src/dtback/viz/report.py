@@ -30,11 +30,8 @@ from dtback.viz.runlog import (
     write_atomic,
 )
 
-from dtback.viz.tensorboard_writer import TensorBoardWriter
-
 # The trainer's whole surface is importable from here as well as from ``dtback.viz``.
-__all__ = ["TensorBoardWriter", "make_grid", "plot_curves", "read_jsonl", "sample_grid_path", "save_sample_grid",
-           "write_report"]
+__all__ = ["make_grid", "plot_curves", "read_jsonl", "sample_grid_path", "save_sample_grid", "write_report"]
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from dtback.io import write_bytes
+
 logger = logging.getLogger(__name__)
 _WARNED: set[tuple[str, int]] = set()
 
@@ -173,15 +175,6 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``, so a reader
-    (a browser refreshing the report) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write ``data`` to ``path`` atomically (:func:`dtback.io.write_bytes`), so a reader (a browser refreshing
+    the report) never sees a half-written file."""
+    return write_bytes(path, data)

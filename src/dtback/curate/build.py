@@ -1,0 +1,368 @@
+"""``dtback dataset build --from SRC ... --out DATA_DIR``: photos and videos -> characters by face clustering.
+
+Steps, each rule documented where it lives:
+
+1. **Read** every source (:mod:`dtback.curate.sources`): folders are walked recursively; files with a video suffix
+   are sampled at ``build.video_fps`` (:mod:`dtback.curate.video`); other files are decoded as images by content.
+   Each picture's faces are measured once (:mod:`dtback.curate.faces`) and cached by the sha256 of its bytes.
+2. **Filter**: no face, too small, blurred, several faces (:func:`~dtback.curate.faces.face_verdict`); the same bytes
+   twice; near-duplicates (:func:`~dtback.curate.cluster.near_duplicates`). Pictures are taken in a fixed order:
+   those already in the dataset first, then the sources sorted by path and time, so the earlier one is kept.
+3. **Group** (:mod:`dtback.curate.cluster`): new faces join existing characters when close enough to all their
+   members, the rest are clustered with complete linkage; a group of at least ``data.min_images_per_char``
+   becomes a new character, smaller groups wait in the build state (skip reason ``unclustered``).
+4. **Write** ``DATA_DIR/<bundle>/<character>/``: the images (photos copied byte for byte, frames as JPEG),
+   ``character.json`` and ``contact_sheet.png`` (:mod:`dtback.curate.characters`); new characters fill bundles
+   ``<bundle_prefix>_000, _001, ...`` of ``data.max_chars_per_bundle`` characters (one bundle when null).
+
+**Idempotent and resumable.** Existing characters are never split, merged, renamed or rewritten unless they gain
+images; a rerun with the same sources changes nothing (only ``build_report.json`` is rewritten). The state lives in
+``DATA_DIR/.dtback-build/`` (``state.json``: what each source gave; ``cache/``: face records, unless
+``identity.cache_dir`` is set; ``frames/``: frames with a face). ``character.json`` is written before its images,
+so an interrupted run leaves listed-but-missing images, which the next run copies again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dtback.config import DataConfig, IdentityConfig
+from dtback.curate.build_report import BuildReport
+from dtback.curate.characters import (
+    CHARACTER_FILE,
+    Character,
+    PlacedImage,
+    clip_box,
+    copy_atomic,
+    file_name,
+    new_slots,
+    read_characters,
+    write_atomic,
+    write_character,
+    write_contact_sheet,
+)
+from dtback.curate.cluster import DEFAULT_THRESHOLDS, assign_to_existing, cluster, near_duplicates
+from dtback.curate.faces import FaceRecord, face_verdict, measure
+from dtback.data.images import ImageSkip, load_rgb
+from dtback.data.layout import BUILD_STATE_DIR
+from dtback.curate.sources import Item, SourceReader, SourceSkip, list_files
+from dtback.errors import ConfigError, DatasetError
+from dtback.identity.crops import BodyCropRule, person_box
+from dtback.identity.cache import EmbeddingCache, content_hash
+from dtback.identity.face import FaceEncoder
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+STATE_FORMAT = "dtback-build-state"
+REPORT_FILE = "build_report.json"
+Member = tuple[Item, FaceRecord]  # a picture and its face, on its way into a character
+MEASURE_VERSION = "2"  # bump when FaceRecord's measurements change, so old cache entries are not reused
+
+
+def build_dataset(
+    sources: list[Path], data: DataConfig, identity: IdentityConfig, encoder: FaceEncoder, progress: bool = True
+) -> BuildReport:
+    """Build or extend ``data.data_dir`` from ``sources`` (files or folders) with the face ``encoder`` of
+    ``identity.face_backend`` (a photo backend: :func:`dtback.backends.builder_identity` chooses it); returns the
+    report (also written to ``DATA_DIR/build_report.json``)."""
+    return DatasetBuilder(data, identity, encoder, progress).run(sources)
+
+
+def check_usable(report: BuildReport) -> None:
+    """Raise :class:`DatasetError` when the dataset has no character after the build, saying why."""
+    if report.characters:
+        return
+    reasons = ", ".join(f"{reason} {count}" for reason, count in report.skipped_by_reason.items()) or "none"
+    raise DatasetError(
+        f"nothing usable in {', '.join(report.sources)}: {report.read.files} files, {report.items} pictures, "
+        f"{report.faces_found} with a face, no group of min_images_per_char={report.settings['min_images_per_char']} "
+        f"faces of one person (skipped: {reasons}); see {Path(report.data_dir) / REPORT_FILE}"
+    )
+
+
+class DatasetBuilder:
+    """One build of ``data.data_dir``: reads sources, selects and groups faces, writes characters."""
+
+    def __init__(self, data: DataConfig, identity: IdentityConfig, encoder: FaceEncoder, progress: bool = True):
+        self.root = Path(data.data_dir)
+        self.data = data
+        self.cfg = data.build
+        self.progress = progress
+        self.state_dir = self.root / BUILD_STATE_DIR
+        if identity.face_backend not in DEFAULT_THRESHOLDS:
+            raise ConfigError(f"identity.face_backend={identity.face_backend}: the dataset builder needs a photo face "
+                              f"backend ({', '.join(DEFAULT_THRESHOLDS)}); set data.build.face_backend")
+        cluster_default, duplicate_default = DEFAULT_THRESHOLDS[identity.face_backend]
+        self.threshold = self.cfg.cluster_threshold if self.cfg.cluster_threshold is not None else cluster_default
+        dup = self.cfg.duplicate_face_distance
+        self.duplicate_distance = dup if dup is not None else duplicate_default
+        self.body_rule = BodyCropRule.from_config(identity)
+        self.cache_root = identity.cache_dir or self.state_dir / "cache"
+        self.encoder = encoder
+
+    # ------------------------------------------------------------------------------------------------- the run
+
+    def run(self, sources: list[Path]) -> BuildReport:
+        start = time.perf_counter()
+        if self.root.exists() and not self.root.is_dir():
+            raise DatasetError(f"--out {self.root} exists and is not a folder")
+        self.root.mkdir(parents=True, exist_ok=True)
+        files, skips = list_files(sources, exclude=self.root)
+        characters = read_characters(self.root)
+        report = BuildReport(data_dir=str(self.root), sources=[str(s) for s in sources], settings=self._settings())
+        report.skips.extend(skips)
+        state_path = self.state_dir / STATE_FILE
+        state = _load_state(state_path)
+        settings = {**self.encoder.settings(), "measure": MEASURE_VERSION}
+        with EmbeddingCache(self.cache_root / "build", self.encoder.encoder_id, settings) as cache:
+            self.cache = cache
+            reader = SourceReader(
+                self.encoder, cache, self.state_dir / "frames", self.cfg, self.data.max_image_pixels,
+                state["sources"], self.progress,
+            )
+            items = self._read_all(files, reader, report, state, state_path)
+            cache.flush()
+            self._heal(characters, report)
+            joined, new_groups = self._select(items, characters, reader, report)
+            self._write(characters, joined, new_groups, report)
+        _save_state(state, state_path)
+        characters = read_characters(self.root)
+        report.read = reader.counts
+        report.characters = len(characters)
+        report.bundles = sorted({c.bundle for c in characters})
+        report.seconds = round(time.perf_counter() - start, 2)
+        report.write(self.root / REPORT_FILE)
+        return report
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            **self.cfg.model_dump(mode="json"),
+            "cluster_threshold_used": self.threshold,
+            "duplicate_face_distance_used": self.duplicate_distance,
+            "min_images_per_char": self.data.min_images_per_char,
+            "max_chars_per_bundle": self.data.max_chars_per_bundle,
+            "face_encoder": self.encoder.encoder_id,
+            "face_settings": self.encoder.settings(),
+        }
+
+    def _read_all(
+        self, files: list[Path], reader: SourceReader, report: BuildReport, state: dict[str, Any], state_path: Path
+    ) -> list[Item]:
+        items: list[Item] = []
+        try:
+            for path in tqdm(files, desc="reading sources", unit="file", disable=not self.progress):
+                got, skipped = reader.read(path)
+                items.extend(got)
+                report.skips.extend(skipped)
+        finally:
+            _save_state(state, state_path)  # what was read so far is not read again after an interruption
+        return items
+
+    # ------------------------------------------------------------------------------------------- selection
+
+    def _select(
+        self, items: list[Item], characters: list[Character], reader: SourceReader, report: BuildReport
+    ) -> tuple[dict[int, list[Member]], list[list[Member]]]:
+        """Filter, de-duplicate and group ``items``. Returns (new members per existing character index,
+        groups of items that become new characters)."""
+        placed = {image.embedding_id for character in characters for image in character.images}
+        seen: dict[str, str] = {}
+        candidates: list[Member] = []
+        for item in items:
+            record = reader.record(item.key)
+            report.items += 1
+            report.faces_found += bool(record.num_faces)
+            if item.key in seen:
+                report.skips.append(SourceSkip(item.label, "same_content", f"the same bytes as {seen[item.key]}"))
+                continue
+            seen[item.key] = item.label
+            if item.key in placed:
+                report.already_in_dataset += 1
+                continue
+            verdict = face_verdict(record, self.cfg)
+            if verdict is not None:
+                report.skips.append(SourceSkip(item.label, *verdict))
+                continue
+            candidates.append((item, record))
+
+        fixed = [(c, image, self._placed_record(c, image)) for c in characters for image in c.images]
+        records = [r for _, _, r in fixed] + [r for _, r in candidates]
+        if not records:
+            return {}, []
+        duplicate_of = near_duplicates(
+            np.stack([r.embedding for r in records]),
+            np.stack([r.dhash for r in records]),
+            self.duplicate_distance,
+            self.cfg.duplicate_hash_bits,
+            fixed=len(fixed),
+        )
+        labels = [f"{c.key}/{image.file}" for c, image, _ in fixed] + [item.label for item, _ in candidates]
+        kept = []
+        for offset, (item, record) in enumerate(candidates):
+            original = duplicate_of[len(fixed) + offset]
+            if original >= 0:
+                report.skips.append(SourceSkip(item.label, "duplicate", f"near-duplicate of {labels[original]}"))
+            else:
+                kept.append((item, record))
+        return self._group(kept, characters, fixed, report)
+
+    def _group(
+        self,
+        kept: list[Member],
+        characters: list[Character],
+        fixed: list[tuple[Character, PlacedImage, FaceRecord]],
+        report: BuildReport,
+    ) -> tuple[dict[int, list[Member]], list[list[Member]]]:
+        """Join ``kept`` faces to existing characters, cluster the rest; small groups become ``unclustered`` skips."""
+        members = [np.array([r.embedding for c, _, r in fixed if c is character]) for character in characters]
+        embeddings = np.stack([r.embedding for _, r in kept]) if kept else np.zeros((0, 1))
+        target = assign_to_existing(embeddings, members, self.threshold, self.cfg.cluster_linkage)
+        joined: dict[int, list[Member]] = {}
+        for index, member in zip(target, kept):
+            if index >= 0:
+                joined.setdefault(int(index), []).append(member)
+        rest = [member for index, member in zip(target, kept) if index < 0]
+        labels = []
+        if rest:
+            labels = cluster(np.stack([r.embedding for _, r in rest]), self.threshold, self.cfg.cluster_linkage)
+        groups = []
+        for label in range(int(max(labels, default=-1)) + 1):
+            group = [member for member, value in zip(rest, labels) if value == label]
+            if len(group) >= self.data.min_images_per_char:
+                groups.append(group)
+                continue
+            for item, _ in group:
+                detail = f"{len(group)} similar faces < min_images_per_char={self.data.min_images_per_char}"
+                report.skips.append(SourceSkip(item.label, "unclustered", detail))
+        return joined, groups
+
+    def _placed_record(self, character: Character, image: PlacedImage) -> FaceRecord:
+        """The face record of an image already in the dataset: from the cache, else measured from the file itself
+        (after the cache was deleted or the face encoder changed)."""
+        entry = self.cache.get(image.embedding_id)
+        if entry is not None:
+            return FaceRecord.from_tensors(entry)
+        path = character.folder(self.root) / image.file
+        try:
+            pixels = np.asarray(load_rgb(path, self.data.max_image_pixels))
+        except ImageSkip as skip:
+            listed = f"{path}: listed in {character.key}/{CHARACTER_FILE}"
+            raise DatasetError(f"{listed} but {skip.reason.value}: {skip.detail}") from None
+        record = measure(self.encoder, pixels)
+        if record.num_faces == 0:
+            raise DatasetError(
+                f"{path}: listed in {character.key}/{CHARACTER_FILE} but {self.encoder.encoder_id} finds no face in it"
+            )
+        self.cache.put(image.embedding_id, record.to_tensors())
+        return record
+
+    # ---------------------------------------------------------------------------------------------- writing
+
+    def _write(
+        self,
+        characters: list[Character],
+        joined: dict[int, list[Member]],
+        groups: list[list[Member]],
+        report: BuildReport,
+    ) -> None:
+        """Add the joined members to their characters and make one character per group; write what changed."""
+        slots = new_slots(
+            self.root, characters, len(groups), self.cfg.bundle_prefix, self.cfg.character_prefix,
+            self.data.max_chars_per_bundle,
+        )
+        encoder = {"id": self.encoder.encoder_id, "cache_namespace": self.cache.namespace}
+        work = [(characters[i], members, False) for i, members in sorted(joined.items())]
+        work += [(Character(bundle, name, encoder), group, True) for (bundle, name), group in zip(slots, groups)]
+        for character, members, is_new in tqdm(work, desc="writing characters", unit="char", disable=not self.progress):
+            added = self._add_images(character, members, report)
+            if not added:
+                continue
+            character.encoder = encoder
+            write_character(self.root, character)
+            for image in added:
+                self._copy_in(image, character)
+            write_contact_sheet(self.root, character, self.cfg.contact_sheet_tiles)
+            report.images_added += len(added)
+            if is_new:
+                report.new_characters.append(character.key)
+            else:
+                report.joined_existing += len(added)
+                report.grown_characters.append(character.key)
+
+    def _add_images(self, character: Character, members: list[Member], report: BuildReport) -> list[PlacedImage]:
+        added = []
+        for item, record in members:
+            pixels = self._pixels_path(item.key, item.source, item.time)
+            if not pixels.is_file():
+                report.skips.append(SourceSkip(item.label, "source_missing", f"{pixels} is gone"))
+                continue
+            image = PlacedImage(
+                file=file_name(item.source, item.time, item.key, pixels),
+                embedding_id=item.key,
+                source=item.source,
+                frame_time=item.time,
+                face_box=clip_box(record.box, record.size),
+                body_box=list(person_box(record.size, record.box, self.body_rule)),
+                face_score=round(record.score, 4),
+                num_faces=record.num_faces,
+                sharpness=round(record.sharpness, 2),
+            )
+            character.images.append(image)
+            added.append(image)
+        return added
+
+    def _pixels_path(self, key: str, source: str, frame_time: float | None) -> Path:
+        return Path(source) if frame_time is None else self.state_dir / "frames" / f"{key}.jpg"
+
+    def _copy_in(self, image: PlacedImage, character: Character) -> None:
+        source = self._pixels_path(image.embedding_id, image.source, image.frame_time)
+        copy_atomic(source, character.folder(self.root) / image.file, link=image.frame_time is not None)
+
+    def _heal(self, characters: list[Character], report: BuildReport) -> None:
+        """Copy again images listed in a ``character.json`` but missing (a run interrupted while writing); drop
+        entries whose source is gone or changed, with a ``source_missing`` skip."""
+        for character in characters:
+            missing = [image for image in character.images if not (character.folder(self.root) / image.file).is_file()]
+            if not missing:
+                continue
+            for image in missing:
+                source = self._pixels_path(image.embedding_id, image.source, image.frame_time)
+                if source.is_file() and content_hash(source) == image.embedding_id:
+                    self._copy_in(image, character)
+                    log.info("%s: copied %s again (missing after an interrupted run)", character.key, image.file)
+                    continue
+                character.images.remove(image)
+                detail = f"{character.key}/{image.file} was missing and its source is gone or changed"
+                report.skips.append(SourceSkip(image.source, "source_missing", detail))
+            write_character(self.root, character)
+            write_contact_sheet(self.root, character, self.cfg.contact_sheet_tiles)
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    empty = {"format": STATE_FORMAT, "version": 1, "sources": {}}
+    if not path.is_file():
+        return empty
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        log.warning("%s: unreadable build state (%s); every source is read again", path, err)
+        return empty
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("sources"), dict):
+        log.warning("%s: not a %s file; every source is read again", path, STATE_FORMAT)
+        return empty
+    return state
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    text = json.dumps(state, indent=1, sort_keys=True) + "\n"
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return  # unchanged: a rerun with the same sources writes nothing
+    write_atomic(path, text.encode("utf-8"))

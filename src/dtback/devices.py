@@ -1,0 +1,44 @@
+"""The one rule for ``auto`` devices and dtypes, used by every room (encoders, base, trainer, inference, evaluation).
+
+- device ``auto``: the first accelerator torch finds (CUDA, then Apple MPS, then Intel XPU), else the CPU;
+- dtype ``auto``: bfloat16 on a CUDA GPU where the caller allows low precision (real FLUX), float32 otherwise;
+- mixed precision ``auto``: bf16 on a CUDA GPU that supports it, none elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accelerator() -> torch.device | None:
+    """The first accelerator available (CUDA, MPS, XPU), or None on a CPU-only machine."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return torch.device("xpu")
+    return None
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None): :func:`accelerator` or the CPU; anything else as torch reads it (``cpu``, ``cuda:1``)."""
+    if name is None or name == "auto":
+        return accelerator() or torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: str | torch.device = "cpu", low_precision_ok: bool = True) -> torch.dtype:
+    """``auto``: bfloat16 on a CUDA device when ``low_precision_ok`` (weights made for it), else float32; a name
+    (``float32``, ``bfloat16``, ``float16``) as given."""
+    if name != "auto":
+        return getattr(torch, name)
+    on_gpu = torch.device(device).type == "cuda"
+    return torch.bfloat16 if on_gpu and low_precision_ok else torch.float32
+
+
+def auto_mixed_precision() -> str:
+    """accelerate's ``mixed_precision`` for ``auto``: ``bf16`` on a CUDA GPU that supports it, else ``no``."""
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

@@ -1,0 +1,137 @@
+"""One atomic writer for every file a user keeps: a reader sees the old file or the new one, never half of one.
+
+Every write goes to a temporary name in the destination's folder (``.<name>.tmp-<pid>-<8 hex>``: hidden, unique per
+process and call, recognisable by :data:`TMP_MARK`), is flushed and fsynced, then moved into place with
+``os.replace`` and the folder entry fsynced. A failure (exception, Ctrl-C) removes the temporary file; a kill leaves
+at worst a temporary file, which :func:`remove_stale_temporaries` cleans.
+
+- :func:`write_bytes`, :func:`write_text`, :func:`write_json`: whole files from memory;
+- :func:`atomic_path`: a temporary path for writers that take a file name (``PIL.Image.save``, ``save_file``);
+- :func:`replace_folder`: a temporary folder for writers of folders (``save_pretrained``), swapped in whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+TMP_MARK = ".tmp-"
+
+
+def temporary_name(path: Path) -> Path:
+    """The temporary sibling of ``path`` that the writers here use."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temporary(path: Path) -> bool:
+    return Path(path).name.startswith(".") and TMP_MARK in Path(path).name
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the rename itself already happened
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; when the block ends normally, the file written there replaces
+    ``path`` (fsynced first when ``fsync``); otherwise it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        if fsync:
+            fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def write_bytes(path: Path, data: bytes, fsync: bool = True) -> Path:
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: Path, text: str, fsync: bool = True) -> Path:
+    return write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def write_json(path: Path, data: Any, indent: int | None = 1, fsync: bool = True, **dumps: Any) -> Path:
+    """``data`` as JSON (UTF-8, a final newline) at ``path``, atomically."""
+    return write_text(path, json.dumps(data, indent=indent, **dumps) + "\n", fsync=fsync)
+
+
+@contextlib.contextmanager
+def replace_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``folder``; when the block ends normally it becomes ``folder`` (an
+    existing one is moved aside first and removed after the swap), otherwise it is removed and ``folder`` is left
+    as it was. Files inside are fsynced before the swap."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(folder)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                fsync_file(file)
+        old = None
+        if folder.exists():
+            old = temporary_name(folder)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(folder.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: Path, older_than: float = 3600.0) -> int:
+    """Remove this module's temporary files and folders directly in ``folder`` that are older than ``older_than``
+    seconds (left by killed runs; a live writer's are newer). Returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed, now = 0, time.time()
+    for entry in folder.iterdir():
+        if not is_temporary(entry):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < older_than:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except FileNotFoundError:
+            continue  # another process cleaned it
+    return removed

@@ -1,0 +1,313 @@
+"""Dataset builder end to end: real photos -> characters (faces found, purity, completeness), a video with known
+identities, bad input as counted skips, reruns that change nothing and new sources that only add."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image, ImageFilter
+from sklearn.metrics import completeness_score, homogeneity_score
+
+from dtback import backends
+from dtback.cli import EXIT_BAD_INPUT, main
+from dtback.config import load_config
+from dtback.curate.build import REPORT_FILE, build_dataset, check_usable
+from dtback.curate.characters import CHARACTER_FILE, read_characters
+from dtback.curate.cluster import purity_completeness
+from dtback.data.layout import scan_dataset
+from dtback.errors import DatasetError
+from helpers import write_image, write_noise
+
+PEOPLE_BUNDLES = ("krasserm_lfw", "faceapi_bbt")
+
+
+def config(out: Path, cache: Path | None, *overrides: str):
+    settings = [f"data.data_dir={json.dumps(str(out))}", *overrides]
+    if cache is not None:
+        settings.append(f"identity.cache_dir={json.dumps(str(cache))}")
+    return load_config(None, settings)
+
+
+def build(sources: list[Path], out: Path, cache: Path | None = None, *overrides: str):
+    cfg = config(out, cache, *overrides)
+    identity, _ = backends.builder_identity(cfg)
+    return build_dataset(sources, cfg.data, identity, backends.face_encoder(identity), progress=False)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file below ``root`` except the run report: (size, modification time in ns)."""
+    return {
+        p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != REPORT_FILE
+    }
+
+
+def placed_sources(root: Path) -> dict[str, str]:
+    """source file name -> character key, over every character the builder wrote."""
+    return {Path(image.source).name: c.key for c in read_characters(root) for image in c.images}
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 4) -> Path:
+    """Encode (H, W, 3) uint8 frames as an MPEG-4 video at ``fps`` frames per second."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qscale": "2"}
+        for pixels in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def on_canvas(image: np.ndarray, size=(256, 256), x: int = 0, y: int = 0) -> np.ndarray:
+    canvas = np.full((size[1], size[0], 3), 90, dtype=np.uint8)
+    canvas[y : y + image.shape[0], x : x + image.shape[1]] = image
+    return canvas
+
+
+# ------------------------------------------------------------------------------------------------ real photos
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """LFW + TV stills + full-body crops flattened into one folder with shuffled names, built once (the embedding
+    cache is shared by the other tests of this module, so they never run the encoder on these photos again)."""
+    from helpers import PEOPLE
+
+    if not PEOPLE.is_dir():
+        pytest.skip(f"real photos not present at {PEOPLE}")
+    root = tmp_path_factory.mktemp("photos")
+    files = sorted(p for bundle in (*PEOPLE_BUNDLES, "reid_market") for p in (PEOPLE / bundle).glob("*/*"))
+    names = list(range(len(files)))
+    random.Random(0).shuffle(names)
+    truth = {}
+    for path, number in zip(files, names):
+        target = root / "flat" / f"{number:04d}{path.suffix}"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(path, target)
+        truth[target.name] = (path.parts[-3], path.parent.name)
+    cache = root / "cache"
+    out = root / "dataset"
+    report = build([root / "flat"], out, cache)
+    return {"root": root, "flat": root / "flat", "truth": truth, "cache": cache, "out": out, "report": report}
+
+
+def test_real_photos_faces_found_purity_completeness(photos):
+    report, truth = photos["report"], photos["truth"]
+    people = sorted(name for name, (bundle, _) in truth.items() if bundle in PEOPLE_BUNDLES)
+    assert len(people) == 140 and report.items == 146
+    no_face = {Path(s.path).name for s in report.skips if s.reason == "no_face"}
+    found = sum(name not in no_face for name in people) / len(people)
+    assert found >= 0.95, f"faces found in {found:.1%} of the photos"
+    # The full-body pedestrian crops have no detectable face: counted skips, never characters.
+    market = {name for name, (bundle, _) in truth.items() if bundle == "reid_market"}
+    assert len(market) == 6 and market <= no_face
+    placed = placed_sources(photos["out"])
+    assert not market & set(placed)
+    # Photos left out (filtered) count as one-photo clusters, so they lower completeness.
+    labels_true = np.array([truth[name][1] for name in people])
+    labels_pred = np.array([placed.get(name, f"left-out/{name}") for name in people])
+    purity, inverse_purity = purity_completeness(labels_true, labels_pred)
+    completeness = completeness_score(labels_true, labels_pred)
+    print(f"faces found {found:.3f}, placed {len(placed)}/140, purity {purity:.3f}, completeness {inverse_purity:.3f} "
+          f"(sklearn homogeneity {homogeneity_score(labels_true, labels_pred):.3f}, completeness {completeness:.3f})")
+    assert purity >= 0.9 and inverse_purity >= 0.9 and completeness >= 0.9
+    assert len(report.new_characters) == 18 and report.characters == 18
+    assert report.images_added == len(placed) >= 133
+
+
+def test_written_characters_are_consistent_and_scan_cleanly(photos):
+    out = photos["out"]
+    characters = read_characters(out)
+    for character in characters:
+        folder = character.folder(out)
+        assert (folder / CHARACTER_FILE).is_file()
+        with Image.open(folder / "contact_sheet.png") as sheet:
+            assert sheet.format == "PNG" and sheet.width == 128 * min(8, len(character.images))
+        for image in character.images:
+            data = (folder / image.file).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == image.embedding_id  # the embedding id names the content
+            assert data == Path(image.source).read_bytes()  # photos are copied byte for byte
+            x1, y1, x2, y2 = image.face_box
+            left, top, right, bottom = image.body_box
+            assert left <= x1 < x2 <= right and top <= y1 < y2 <= bottom
+    index = scan_dataset(config(out, None).data, seed=0, progress=False)
+    assert len(index.characters) == 18 and index.skips == []
+    assert sum(len(c.images) for c in index.characters) == photos["report"].images_added
+    assert set(index.ignored) == {".dtback-build", REPORT_FILE}
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["skipped_by_reason"]["no_face"] == 6 and report["faces_found"] == 140
+
+
+def test_rerun_changes_nothing(photos):
+    before = snapshot(photos["out"])
+    report = build([photos["flat"]], photos["out"], photos["cache"])
+    assert snapshot(photos["out"]) == before
+    assert (report.images_added, report.new_characters, report.read.encoder_calls) == (0, [], 0)
+    assert report.read.sources_unchanged == 146 and report.already_in_dataset == photos["report"].images_added
+
+
+def test_new_source_adds_only_new_images(photos, tmp_path):
+    """First the LFW photos 1-7 of each person (+ the TV stills), then also photos 8-10: they join the right
+    characters and nothing written before changes. Four characters per bundle."""
+    flat, truth = photos["flat"], photos["truth"]
+    first, later = tmp_path / "first", tmp_path / "later"
+    for name, (bundle, _) in truth.items():
+        number = None
+        if bundle == "krasserm_lfw":
+            number = sorted(n for n, t in truth.items() if t == truth[name]).index(name)
+        if bundle in PEOPLE_BUNDLES:
+            target = later if number is not None and number >= 7 else first
+            target.mkdir(exist_ok=True)
+            shutil.copyfile(flat / name, target / name)
+    out = tmp_path / "dataset"
+    one = build([first], out, photos["cache"], "data.max_chars_per_bundle=4")
+    assert one.read.encoder_calls == 0  # same bytes as the module build: every face comes from the cache
+    assert one.characters == 18 and one.bundles == [f"built_{i:03d}" for i in range(5)]
+    before = snapshot(out)
+    two = build([first, later], out, photos["cache"], "data.max_chars_per_bundle=4")
+    assert two.new_characters == [] and two.images_added == two.joined_existing == 30
+    after = snapshot(out)
+    changed = {path for path in before if after[path] != before[path]}
+    grown = {f"{c}/{name}" for c in two.grown_characters for name in (CHARACTER_FILE, "contact_sheet.png")}
+    assert changed == grown | {".dtback-build/state.json"}  # the state remembers the new source files
+    assert len(after) == len(before) + 30 and set(before) <= set(after)
+    placed = placed_sources(out)
+    for name in (p.name for p in later.iterdir()):
+        same_person = {placed[n] for n, t in truth.items() if t == truth[name] and n in placed}
+        assert same_person == {placed[name]}
+
+
+# ---------------------------------------------------------------------------------------------------- videos
+
+
+def test_video_with_known_identities(people_dir, tmp_path):
+    """1 s of grey, then 3 people x 4 photos, each photo held 1 s at 4 fps; sampled at 2 fps: 26 frames, the
+    second frame of each photo is a near-duplicate, and each person becomes one character."""
+    people = ["Tony_Blair", "Colin_Powell", "Hugo_Chavez"]
+    frames = [on_canvas(np.zeros((0, 0, 3), np.uint8))] * 4  # grey
+    spans = {}
+    for person in people:
+        spans[person] = (len(frames) / 4, (len(frames) + 16) / 4)
+        for path in sorted((people_dir / "krasserm_lfw" / person).iterdir())[:4]:
+            frames += [on_canvas(np.asarray(Image.open(path).convert("RGB")), x=3, y=3)] * 4
+    (tmp_path / "src").mkdir()
+    write_video(tmp_path / "src" / "clip.mp4", frames)
+    out = tmp_path / "dataset"
+    report = build([tmp_path / "src"], out, None, "data.build.video_fps=2")
+    assert (report.read.videos, report.read.frames, report.items) == (1, 26, 26)
+    reasons = report.skipped_by_reason
+    # The two grey samples are byte-identical: the second is the same content as the first, which has no face.
+    assert reasons["same_content"] == 1 and 1 <= reasons["no_face"] <= 3 and reasons["duplicate"] >= 8, reasons
+    characters = read_characters(out)
+    assert len(characters) == 3
+    for character in characters:
+        times = [image.frame_time for image in character.images]
+        owners = {p for p, (start, end) in spans.items() for t in times if start <= t < end}
+        assert len(owners) == 1 and len(times) >= 3
+        for image in character.images:
+            data = (character.folder(out) / image.file).read_bytes()
+            assert image.source == str((tmp_path / "src" / "clip.mp4").resolve())
+            assert hashlib.sha256(data).hexdigest() == image.embedding_id and data[:2] == b"\xff\xd8"  # JPEG
+    # Rerun: the video is not decoded again and nothing changes.
+    before = snapshot(out)
+    again = build([tmp_path / "src"], out, None, "data.build.video_fps=2")
+    assert again.read.sources_unchanged == 1 and again.read.encoder_calls == 0 and snapshot(out) == before
+
+
+def test_video_of_the_astronaut_and_interrupted_writes(tmp_path, capsys):
+    """Always available: skimage's astronaut at three places of a 10 fps video, sampled at 1 fps. A placed image
+    deleted afterwards (as an interrupted run leaves it) is copied again by the next run."""
+    astronaut = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((384, 384), Image.Resampling.LANCZOS))
+    frames = [on_canvas(np.zeros((0, 0, 3), np.uint8), size=(768, 384))] * 20  # 2 s of grey
+    for x in (0, 192, 384):
+        frames += [on_canvas(astronaut, size=(768, 384), x=x)] * 10
+    source = write_video(tmp_path / "astronaut.mp4", frames, fps=10)
+    out = tmp_path / "dataset"
+    report = build([source], out, None, "data.build.max_frames_per_video=4")
+    grey = {"no_face": 1, "same_content": 1}  # two byte-identical grey frames
+    assert report.read.frames == 4 and report.skipped_by_reason == grey | {"unclustered": 2}
+    assert report.characters == 0
+    code = main(["dataset", "build", "--from", str(source), "--out", str(out), "--no-progress"])
+    assert code == 0 and "new characters" in capsys.readouterr().err
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["read"]["frames"] == 5 and report["read"]["encoder_calls"] == 1  # sampling changed: 4 cached
+    assert report["new_characters"] == ["built_000/person_0001"] and report["skipped_by_reason"] == grey
+    character = read_characters(out)[0]
+    assert [image.frame_time for image in character.images] == [2.0, 3.0, 4.0]
+    lost = character.folder(out) / character.images[1].file
+    data = lost.read_bytes()
+    lost.unlink()
+    report = build([source], out, None)
+    assert lost.read_bytes() == data and report.images_added == 0 and report.read.encoder_calls == 0
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_counted_and_nothing_usable_exits_2(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "broken.mp4").write_bytes(b"this is not a video" * 50)
+    write_image(src / "empty.jpg", size=(8, 8)).write_bytes(b"")
+    (src / "notes.txt").write_text("holiday 2019")
+    (src / ".DS_Store").write_bytes(b"\0\0")
+    write_noise(src / "sub" / "noise.jpg", size=(200, 200))
+    truncated = write_noise(src / "sub" / "cut.jpg", size=(200, 200), seed=1)
+    truncated.write_bytes(truncated.read_bytes()[:600])
+    astronaut = Image.fromarray(skimage.data.astronaut())
+    astronaut.filter(ImageFilter.GaussianBlur(3)).save(src / "blurred.png")
+    astronaut.resize((180, 180), Image.Resampling.LANCZOS).save(src / "small.png")
+    pair = np.concatenate([skimage.data.astronaut(), skimage.data.astronaut()[:, ::-1]], axis=1)
+    Image.fromarray(pair).save(src / "sub" / "two.jpg")
+    out = tmp_path / "dataset"
+    code = main(["dataset", "build", "--from", str(src), "--out", str(out), "--no-progress"])
+    assert code == EXIT_BAD_INPUT
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["skipped_by_reason"] == {
+        "blurred": 1, "face_too_small": 1, "hidden": 1, "no_face": 1, "not_an_image": 1, "several_faces": 1,
+        "truncated": 1, "unreadable_video": 1, "zero_byte": 1,
+    }
+    assert report["characters"] == 0 and report["read"]["files"] == 8  # + the hidden one, not read
+    printed = capsys.readouterr().err
+    for words in ("skipped: unreadable_video", "skipped: blurred", "characters in total", "error: nothing usable in"):
+        assert words in printed
+    with pytest.raises(DatasetError, match="nothing usable"):
+        check_usable(build([src], out))
+    with pytest.raises(DatasetError, match="no such file or folder"):
+        build([tmp_path / "missing"], out)
+
+
+def test_an_interrupted_read_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from dtback.curate import sources
+
+    src = tmp_path / "src"
+    for i in range(4):
+        write_noise(src / f"{i}.jpg", size=(96, 96), seed=i)
+    out = tmp_path / "dataset"
+    read = sources.SourceReader.read
+    calls = []
+
+    def stop_at_the_third(self, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return read(self, path)
+
+    monkeypatch.setattr(sources.SourceReader, "read", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        build([src], out)
+    monkeypatch.setattr(sources.SourceReader, "read", read)
+    report = build([src], out)
+    assert report.read.sources_unchanged == 2 and report.read.encoder_calls == 2
+    assert report.skipped_by_reason == {"no_face": 4}

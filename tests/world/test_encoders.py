@@ -1,0 +1,166 @@
+"""World face and body encoders: they separate held-out characters, follow the identity interfaces, are
+differentiable, plug into the precompute factory, and their training code runs and round-trips through files."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from dtback import backends
+from dtback.config import DataConfig, IdentityConfig, WorldConfig
+from dtback.data.layout import scan_dataset
+from dtback.errors import MissingModelError
+from dtback.identity.body import BodyFeatures
+from dtback.identity.crops import crop_square
+from dtback.identity.face import FaceResult
+from dtback.identity.precompute import IdentityPrecomputer
+from dtback.world.encoders import WorldBodyEncoder, WorldFaceEncoder, load_world_body_encoder, load_world_face_encoder
+from dtback.world.files import ensure_world
+from dtback.world.nets import Embedder, EmbedderConfig, load_net, save_net
+from dtback.world.people import render_world_set, sample_characters
+from dtback.world_build.encoders import (
+    EncoderRecipe, build_body_component, build_face_components, evaluate_body_encoder, evaluate_face_encoder,
+    training_characters,
+)
+from dtback.world_build.train import box_iou, roc_auc_same_vs_different
+
+HELD_OUT_SEED = 777  # neither the encoders' training seed nor their recorded evaluation seed
+
+
+@pytest.fixture(scope="module")
+def face_encoder() -> WorldFaceEncoder:
+    return load_world_face_encoder()
+
+
+@pytest.fixture(scope="module")
+def body_encoder() -> WorldBodyEncoder:
+    return load_world_body_encoder()
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    """30 characters x 4 images sharing neither face nor body attributes with any encoder training character."""
+    characters = sample_characters(30, HELD_OUT_SEED, exclude=training_characters(EncoderRecipe()))
+    return render_world_set(characters, 4, 128, HELD_OUT_SEED)
+
+
+def test_face_encoder_separates_held_out_characters(face_encoder, held_out):
+    figures = evaluate_face_encoder(face_encoder, held_out)
+    assert figures["auc"] >= 0.95, figures
+    assert figures["detection_rate"] >= 0.98 and figures["mean_iou"] >= 0.7, figures
+
+
+def test_body_encoder_separates_held_out_characters(body_encoder, held_out):
+    figures = evaluate_body_encoder(body_encoder, held_out)
+    assert figures["auc"] >= 0.95, figures
+
+
+def test_encoders_hold_on_vae_round_trips(face_encoder, body_encoder, held_out):
+    """The identity loss sees decoded latents: both encoders still separate characters after the world VAE."""
+    from dtback.world.vae import load_world_vae, round_trip, world_vae_folder
+
+    decoded = dataclasses.replace(held_out, images=round_trip(load_world_vae(world_vae_folder()), held_out.images))
+    face, body = evaluate_face_encoder(face_encoder, decoded), evaluate_body_encoder(body_encoder, decoded)
+    assert face["auc"] >= 0.95 and face["detection_rate"] >= 0.95 and body["auc"] >= 0.95, (face, body)
+
+
+def test_face_encoder_interface(face_encoder, held_out):
+    image = held_out.images[0].permute(1, 2, 0).numpy()
+    result = face_encoder.encode(image)
+    assert isinstance(result, FaceResult) and result.num_faces == 1
+    assert result.aligned.shape == (48, 48, 3) and result.aligned.dtype == np.uint8
+    assert result.embedding.shape == (128,) and abs(np.linalg.norm(result.embedding) - 1) < 1e-5
+    assert float(box_iou(torch.from_numpy(result.face.box)[None], held_out.face_boxes[:1])) > 0.6
+    assert result.face.landmarks.shape == (5, 2)
+    assert face_encoder.encode(np.full((128, 128, 3), 200, np.uint8)) is None  # a blank wall has no face
+    assert face_encoder.encoder_id.startswith("world-face:") and face_encoder.settings()["choice"] == "largest"
+
+
+def test_body_encoder_interface(body_encoder, held_out):
+    from PIL import Image
+
+    image = Image.fromarray(held_out.images[0].permute(1, 2, 0).numpy())
+    features = body_encoder.encode(image, held_out.face_boxes[0].numpy())
+    assert isinstance(features, BodyFeatures)
+    assert features.pooled.shape == (1, body_encoder.dim) and features.tokens.shape == (1, body_encoder.num_tokens, 128)
+    whole = body_encoder.encode(image, None)
+    assert whole.pooled.shape == (1, 128)
+    assert body_encoder.encoder_id.startswith("world-body:")
+
+
+def test_differentiable_paths_reach_the_pixels(face_encoder, body_encoder, held_out):
+    pixels = held_out.pixels(torch.arange(4)).requires_grad_(True)
+    boxes = held_out.face_boxes[:4]
+    face = face_encoder.embed_pixels(pixels, boxes)
+    body = body_encoder.embed_pixels(pixels, boxes).pooled
+    assert face.shape == (4, 128) and body.shape == (4, 128)
+    (face.sum() + body.sum()).backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    # Same box: the differentiable path and the numpy path (uint8 aligned crop) give the same embedding.
+    image = held_out.images[0].permute(1, 2, 0).numpy()
+    detected = face_encoder.detect(image)[0]
+    by_numpy = face_encoder.embed([face_encoder.align(image, detected)])[0]
+    by_torch = face_encoder.embed_pixels(pixels[:1].detach(), torch.from_numpy(detected.box)[None])[0]
+    assert float(np.dot(by_numpy, by_torch.numpy())) > 0.99
+
+
+def test_crop_square_fills_outside_and_keeps_inside():
+    pixels = torch.zeros(1, 3, 8, 8)
+    pixels[..., 2:6, 2:6] = 1.0
+    inside = crop_square(pixels, torch.tensor([[2.0, 2.0, 6.0, 6.0]]), 4)
+    assert torch.allclose(inside, torch.ones_like(inside))
+    outside = crop_square(pixels, torch.tensor([[20.0, 20.0, 24.0, 24.0]]), 4)
+    assert torch.allclose(outside, torch.full_like(outside, 0.5))
+
+
+def test_backends_build_world_encoders_for_the_precompute(tmp_path):
+    cfg = IdentityConfig(device="cpu")
+    assert cfg.face_backend == "world" and cfg.body_model == "world"
+    face, body = backends.face_encoder(cfg), backends.body_encoder(cfg)
+    assert isinstance(face, WorldFaceEncoder) and isinstance(body, WorldBodyEncoder)
+    data = DataConfig(data_dir=tmp_path / "w", world=WorldConfig(characters=3, images_per_character=3, size=128))
+    ensure_world(data, progress=False)
+    index = scan_dataset(data, seed=0, progress=False)
+    report = IdentityPrecomputer(face, body, tmp_path / "cache", 10**8).run(index, progress=False)
+    assert report.images == 9 and report.faces_found == 9 and report.body_encoder_calls == 9
+
+
+def test_a_missing_world_component_names_the_command_that_builds_it(tmp_path):
+    # Loaders load, never train: an empty components folder is a clear error, for every world part.
+    for load in (lambda: backends.face_encoder(IdentityConfig(device="cpu"), tmp_path),
+                 lambda: backends.body_encoder(IdentityConfig(device="cpu"), tmp_path),
+                 lambda: backends.reader(tmp_path)):
+        with pytest.raises(MissingModelError, match="dtback world-components --out"):
+            load()
+    assert not any(tmp_path.iterdir())  # nothing was trained or written there
+
+
+@pytest.mark.slow
+def test_training_code_runs_and_round_trips(tmp_path):
+    recipe = EncoderRecipe(characters=6, images_per_character=3, detector_steps=2, face_steps=2, body_steps=2,
+                           batch=8, eval_characters=3, eval_images=2)
+    darker = lambda images: (images.float() * 0.9).to(torch.uint8)  # stands in for a VAE round trip  # noqa: E731
+    face_figures = build_face_components(tmp_path, recipe, progress=False, round_trip=darker)
+    body_figures = build_body_component(tmp_path, recipe, progress=False)
+    assert set(face_figures["held_out"]) == {"render", "decoded"}
+    assert set(face_figures["held_out"]["decoded"]) == {"auc", "detection_rate", "mean_iou"}
+    assert set(body_figures["held_out"]) == {"render"} and "auc" in body_figures["held_out"]["render"]
+    face = WorldFaceEncoder.from_folder(tmp_path)
+    body = WorldBodyEncoder.from_folder(tmp_path)
+    crops = torch.rand(2, 3, 48, 48)
+    assert face.torch_module()(crops).shape == (2, 128)
+    assert body(torch.rand(2, 3, 64, 64)).tokens.shape == (2, 16, 128)
+    net = Embedder(EmbedderConfig(size=16, widths=(4, 8), dim=8)).eval()
+    save_net(net, tmp_path / "x", "tiny", {"note": 1})
+    loaded, meta = load_net(tmp_path / "x", "tiny", Embedder)
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.equal(net(x), loaded(x)) and meta["note"] == 1
+
+
+def test_auc_helper():
+    labels = torch.tensor([0, 0, 1, 1])
+    perfect = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert roc_auc_same_vs_different(perfect, labels) == 1.0

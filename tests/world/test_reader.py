@@ -1,0 +1,71 @@
+"""The identity reader reads every face and body attribute of held-out characters from whole images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtback.world.nets import load_net, save_net
+from dtback.world.people import ATTRIBUTES, BODY_ATTRIBUTES, FACE_ATTRIBUTES, render_image, render_world_set, sample_characters
+from dtback.world.reader import IdentityReader, ReaderConfig, ReaderNet, attribute_accuracy, attribute_labels, load_reader
+from dtback.world_build.reader import ReaderRecipe, build_reader, evaluate_reader
+
+HELD_OUT_SEED = 778  # neither the reader's training seed nor its recorded evaluation seed
+
+
+@pytest.fixture(scope="module")
+def reader() -> IdentityReader:
+    return load_reader()
+
+
+def test_reader_reads_every_attribute_of_held_out_characters(reader):
+    recipe = ReaderRecipe()
+    seen = sample_characters(recipe.characters, recipe.seed)
+    held = sample_characters(60, HELD_OUT_SEED, exclude=seen, exclude_bodies=False)
+    assert not {c.face_key for c in held} & {c.face_key for c in seen}
+    accuracy = evaluate_reader(reader, render_world_set(held, 3, 128, HELD_OUT_SEED))
+    assert set(accuracy) == set(ATTRIBUTES)
+    low = {name: value for name, value in accuracy.items() if value < 0.95}
+    assert not low, accuracy
+
+
+def test_read_returns_value_names(reader):
+    character = sample_characters(1, HELD_OUT_SEED + 1)[0]
+    image = np.asarray(render_image(character, 0, 128, 5).image)
+    values = reader.read([image, image])
+    assert len(values) == 2 and values[0] == values[1]
+    assert all(values[0][name] in ATTRIBUTES[name] for name in ATTRIBUTES)
+
+
+def test_labels_follow_the_attribute_tables():
+    world = render_world_set(sample_characters(3, 1), 2, 32, 1)
+    labels = attribute_labels(world)
+    assert labels.shape == (6, len(ATTRIBUTES))
+    first = world.characters[0].attributes
+    assert [ATTRIBUTES[n][int(i)] for n, i in zip(ATTRIBUTES, labels[0])] == [first[n] for n in ATTRIBUTES]
+
+
+@pytest.mark.slow
+def test_training_code_runs_and_round_trips(tmp_path):
+    recipe = ReaderRecipe(characters=8, detector_steps=2, steps=2, batch=4, eval_characters=3, eval_images=1, size=64)
+    figures = build_reader(tmp_path, recipe, progress=False, round_trip=lambda images: images // 2)
+    assert set(figures["held_out_accuracy"]["render"]) == set(ATTRIBUTES)
+    assert set(figures["held_out_accuracy"]["decoded"]) == set(ATTRIBUTES)
+    loaded = IdentityReader.from_folder(tmp_path)
+    assert loaded.name.startswith("world-reader:")
+    net = ReaderNet(ReaderConfig(detector_size=32, detector_widths=(4,), face_size=16, face_widths=(4,), body_size=16,
+                                 body_widths=(4, 8))).eval()
+    save_net(net, tmp_path / "tiny", "reader", {})
+    again, _ = load_net(tmp_path / "tiny", "reader", ReaderNet)
+    x = torch.rand(2, 3, 32, 32)
+    assert all(torch.equal(net(x)[k], again(x)[k]) for k in ATTRIBUTES)
+
+
+def test_attribute_accuracy_counts_face_and_body_separately():
+    truth = {"face": {name: values[0] for name, values in FACE_ATTRIBUTES.items()},
+             "body": {name: values[0] for name, values in BODY_ATTRIBUTES.items()}}
+    read = {**truth["face"], **truth["body"], "hair_colour": FACE_ATTRIBUTES["hair_colour"][1],
+            "build": BODY_ATTRIBUTES["build"][1], "top_colour": BODY_ATTRIBUTES["top_colour"][2]}
+    face, body = attribute_accuracy(read, truth)
+    assert face == pytest.approx(6 / 7) and body == pytest.approx(2 / 4)

@@ -1,9 +1,10 @@
 """Shared fixtures, and a test environment that does not depend on the user's.
 
-The suite must be green whatever the shell holds: ``HF_HUB_OFFLINE=1`` (common on offline clusters), a hub token or
-mirror, a populated Hugging Face cache in ``HF_HOME``, or the folder pytest is started from. Hub variables are
-removed and the cache points at an empty folder before any test module imports huggingface_hub (which reads them
-at import), and every test runs in its own temporary working folder.
+The suite must be green whatever the shell holds: ``HF_HUB_OFFLINE`` set or not, a hub token or mirror, a populated
+Hugging Face cache in ``HF_HOME``, or the folder pytest is started from. Before any test module imports
+huggingface_hub (which reads them at import), hub variables are replaced: offline mode on (nothing in the suite may
+reach a hub; ``tests/test_download.py`` talks to local stand-ins and turns it off for itself), the cache an empty
+folder. Every test runs in its own temporary working folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ for _name in HUB_VARIABLES:
     os.environ.pop(_name, None)
 _HF_HOME = tempfile.mkdtemp(prefix="dtback-tests-hf-home-")
 os.environ["HF_HOME"] = _HF_HOME  # an empty cache: nothing of the user's downloads is found
+os.environ["HF_HUB_OFFLINE"] = "1"
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 
 

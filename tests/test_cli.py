@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 from dtback.cli import EXIT_BAD_INPUT, EXIT_MISSING, main
@@ -54,6 +56,7 @@ def test_inspect_missing_folder_exits_2_naming_it(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_train_on_a_missing_data_dir_names_it(tmp_path):
     result = run(
         "train/run_training.py", "--config", "train/config.yaml", "--set", f"data_dir={tmp_path / 'nowhere'}",
@@ -63,6 +66,7 @@ def test_train_on_a_missing_data_dir_names_it(tmp_path):
     assert str(tmp_path / "nowhere") in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_config_fails_before_any_work(tmp_path):
     run_dir = tmp_path / "run"
     result = run(
@@ -75,6 +79,7 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_generate_shim_names_a_missing_model_and_download_check_names_missing_files(tmp_path):
     generate = run("inference/generate.py", "--model", "m.pt", "--reference", "r.jpg", "--prompt", "x", "--output", "o")
     assert generate.returncode == EXIT_BAD_INPUT and "--model m.pt does not exist" in generate.stderr

@@ -67,6 +67,16 @@ class FakeHub(BaseHTTPRequestHandler):
                                "Content-Type": "application/octet-stream"})
 
 
+@pytest.fixture(autouse=True)
+def online_against_local_stand_ins(monkeypatch):
+    """The suite runs with hub offline mode on (tests/conftest.py); these tests talk to servers on 127.0.0.1 only,
+    so they turn it off for themselves, whatever the user's environment says."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture
 def fake_hub():
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)

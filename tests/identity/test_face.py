@@ -55,6 +55,7 @@ def test_dlib_models_are_found_without_importing_pkg_resources():
     assert dlib_models_dir().is_dir()
 
 
+@pytest.mark.slow
 def test_dlib_separates_identities_on_real_photos(people_dir, dlib_encoder):
     """krasserm_lfw: 10 people x 10 photos. Same-person vs different-person cosine similarity, ROC AUC >= 0.98."""
     files = sorted((people_dir / "krasserm_lfw").glob("*/*"))

@@ -17,6 +17,7 @@ from dtback.training.trainer import train
 from helpers import make_dataset, save_tiny_dinov2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                     reason="training.optimizer=adamw8bit needs bitsandbytes: pip install 'dtback[memory]'")
 def test_a_run_with_the_memory_modes_trains_and_checkpoints(tmp_path, monkeypatch):

@@ -63,6 +63,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(sorted((run_dir / "checkpoints").iterdir())[-1] / "trainable.safetensors")
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_model_grids_and_report(tiny, tmp_path):
     run_dir = tmp_path / "run"
     # Validation with true CFG against no identity, and the person-weighted flow loss, on the way.
@@ -153,6 +154,7 @@ def test_hyper_parameters_are_flat_scalars():
     assert "data.world.seed" in flat and not any(isinstance(value, dict) for value in flat.values())
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reaches_the_uninterrupted_weights(tiny, tmp_path):
     settings = dict(**{"training.max_steps": 24, "training.checkpoint_every": 4})
     straight = tmp_path / "straight"
@@ -179,6 +181,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(tiny, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
     cfg = load_config(REPO / "train" / "config.yaml", overrides(tiny, tmp_path / "run", **{"training.checkpoint_every": 2}))
     real = trainer_module.compute_loss
@@ -200,6 +203,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny, 
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_nan_through_the_cli_exits_2_without_traceback(tiny, tmp_path):
     result = run_shim(set_args(overrides(tiny, tmp_path / "run", learning_rate=1e20, **{"training.max_grad_norm": "null",
                                                                                          "training.warmup_steps": 0})))
@@ -207,6 +211,7 @@ def test_nan_through_the_cli_exits_2_without_traceback(tiny, tmp_path):
     assert "loss is" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_end_with_identical_weights_and_one_writer(tiny, tmp_path):
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "COLUMNS": "300", "OMP_NUM_THREADS": "1"}
@@ -225,6 +230,7 @@ def test_two_cpu_ranks_end_with_identical_weights_and_one_writer(tiny, tmp_path)
     assert len(list((run_dir / "tensorboard" / "dtback").glob("events.out.tfevents.*"))) == 1  # main process only
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path):
     run_dir = tmp_path / "run"
     args = set_args(overrides(tiny, run_dir, **{"training.max_steps": 100000, "training.checkpoint_every": 4}))

@@ -31,6 +31,7 @@ def test_shipped_base_is_the_simple_architecture_with_the_world_vae(world_base):
         assert torch.equal(world_base.vae.state_dict()[name], tensor), name
 
 
+@pytest.mark.slow
 def test_shipped_base_knows_the_world_better_than_random_weights(world_base):
     # Characters of a seed the base never saw; a random transformer scores ~2.4 here.
     pretrained = held_out_flow_loss(world_base)

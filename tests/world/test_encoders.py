@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dtback import backends
-from dtback.config import DataConfig, IdentityConfig, WorldConfig
+from dtback.config import DataConfig, IdentityConfig, ModelConfig, WorldConfig
 from dtback.data.layout import scan_dataset
 from dtback.errors import MissingModelError
 from dtback.identity.body import BodyFeatures
@@ -58,6 +58,7 @@ def test_body_encoder_separates_held_out_characters(body_encoder, held_out):
     assert figures["auc"] >= 0.95, figures
 
 
+@pytest.mark.slow
 def test_encoders_hold_on_vae_round_trips(face_encoder, body_encoder, held_out):
     """The identity loss sees decoded latents: both encoders still separate characters after the world VAE."""
     from dtback.world.vae import load_world_vae, round_trip, world_vae_folder
@@ -130,12 +131,17 @@ def test_backends_build_world_encoders_for_the_precompute(tmp_path):
 
 def test_a_missing_world_component_names_the_command_that_builds_it(tmp_path):
     # Loaders load, never train: an empty components folder is a clear error, for every world part.
-    for load in (lambda: backends.face_encoder(IdentityConfig(device="cpu"), tmp_path),
-                 lambda: backends.body_encoder(IdentityConfig(device="cpu"), tmp_path),
-                 lambda: backends.reader(tmp_path)):
-        with pytest.raises(MissingModelError, match="dtback world-components --out"):
+    empty = tmp_path / "components"
+    empty.mkdir()
+    model = ModelConfig(simple_model_dir=tmp_path / "simple")
+    for load in (lambda: backends.face_encoder(IdentityConfig(device="cpu"), empty),
+                 lambda: backends.body_encoder(IdentityConfig(device="cpu"), empty),
+                 lambda: backends.reader(empty),
+                 lambda: backends.simple_vae(model, empty),
+                 lambda: backends.load_base(model, tmp_path, world=empty)):
+        with pytest.raises(MissingModelError, match=f"dtback world-components --out {empty}"):
             load()
-    assert not any(tmp_path.iterdir())  # nothing was trained or written there
+    assert not any(empty.iterdir()) and not (tmp_path / "simple").exists()  # nothing was trained or written
 
 
 @pytest.mark.slow

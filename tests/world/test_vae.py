@@ -28,6 +28,7 @@ def test_config_gives_scale_factor_8_and_16_packed_channels():
     assert latent.shape == (1, 4, 16, 16)  # FLUX packs 2 x 2 latents: in_channels = 16
 
 
+@pytest.mark.slow
 def test_build_saves_and_from_pretrained_round_trips(tmp_path):
     recipe = VaeRecipe(characters=4, images_per_character=2, size=32, steps=2, batch=2, crop=32, eval_characters=2,
                        eval_images=1)
@@ -48,6 +49,7 @@ def test_build_saves_and_from_pretrained_round_trips(tmp_path):
         load_world_vae(tmp_path / "vae")
 
 
+@pytest.mark.slow
 def test_shipped_vae_reconstructs_held_out_renders():
     vae = load_world_vae(world_vae_folder())
     recipe = VaeRecipe()

@@ -168,3 +168,21 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(DEFAULT, ["training.batch_size=3", "data.max_chars_per_bundle=5"])
     cfg.save(tmp_path / "run" / "config.yaml")
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_keys_of_earlier_versions_load_with_a_note(tmp_path):
+    """A config.yaml written before the world setting moved (identity.world_models_dir) and with the removed
+    data.num_workers still loads, as a file and as --set, and says what changed."""
+    old = tmp_path / "config.yaml"
+    old.write_text("data:\n  num_workers: 2\nidentity:\n  world_models_dir: /somewhere/world\n")
+    with pytest.warns(FutureWarning, match="identity.world_models_dir is renamed data.world.components"):
+        cfg = load_config(old)
+    assert str(cfg.data.world.components) == "/somewhere/world"
+    with pytest.warns(FutureWarning, match="data.num_workers is no longer used"):
+        assert load_config(None, ["data.num_workers=4"]).data.world.components is None
+    with pytest.warns(FutureWarning, match="renamed"):
+        assert str(load_config(None, ["identity.world_models_dir=/w"]).data.world.components) == "/w"
+    both = tmp_path / "both.yaml"
+    both.write_text("identity:\n  world_models_dir: /a\ndata:\n  world:\n    components: /b\n")
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="both identity.world_models_dir"):
+        load_config(both)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FluxPipeline
@@ -31,6 +30,7 @@ from dtback.identity.body import BodyEncoder
 from dtback.identity.crops import BodyCropRule
 from dtback.identity.face import DlibFaceEncoder, FaceEncoder, InsightFaceEncoder
 from dtback.model import flux
+from dtback.model.identity_flux import RunRecord
 from dtback.world.base import load_world_base
 from dtback.world.encoders import WorldBodyEncoder, load_world_body_encoder, load_world_face_encoder
 from dtback.world.files import ensure_world
@@ -118,10 +118,10 @@ def reader(world: Path | None = None) -> IdentityReader:
     return load_reader(world)
 
 
-def identity_from_adapter(extra: dict[str, Any], device: str) -> tuple[IdentityConfig, Path | None]:
+def identity_from_adapter(extra: RunRecord, device: str) -> tuple[IdentityConfig, Path | None]:
     """The identity settings and world folder a trained adapter recorded (``spec.extra``), for inference and
     evaluation. Adapters written before the world setting moved keep it as ``identity.world_models_dir``."""
-    identity = dict(extra.get("identity", {}))
+    identity = dict(extra.identity)
     old_world = identity.pop("world_models_dir", None)
-    world = extra.get("world", old_world)
+    world = extra.world if extra.world is not None else old_world
     return IdentityConfig(**{**identity, "device": device}), Path(world) if world is not None else None

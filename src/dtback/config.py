@@ -519,10 +519,10 @@ def _renamed_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
         block = raw[section] = dict(block)
         value = block.pop(key)
         if new is None:
-            warnings.warn(f"{source}: {old} is no longer used ({REMOVED_KEYS[old]}); remove it", DeprecationWarning,
+            warnings.warn(f"{source}: {old} is no longer used ({REMOVED_KEYS[old]}); remove it", FutureWarning,
                           stacklevel=3)
             continue
-        warnings.warn(f"{source}: {old} is renamed {new}; the old name still works for now", DeprecationWarning,
+        warnings.warn(f"{source}: {old} is renamed {new}; the old name still works for now", FutureWarning,
                       stacklevel=3)
         if _get_path(raw, new) is not None and value is not None:
             raise ConfigError(f"{source}: both {old} (old name) and {new} are set; keep {new}")
@@ -547,10 +547,10 @@ def _parse_override(override: str) -> tuple[str | None, Any]:
         raise ConfigError(f"--set {override}: expected key=value, e.g. --set training.learning_rate=1e-4")
     key = SEED_KEY_PATHS.get(key, key)
     if key in RENAMED_KEYS:
-        warnings.warn(f"--set {override}: {key} is renamed {RENAMED_KEYS[key]}", DeprecationWarning, stacklevel=3)
+        warnings.warn(f"--set {override}: {key} is renamed {RENAMED_KEYS[key]}", FutureWarning, stacklevel=3)
         key = RENAMED_KEYS[key]
     if key in REMOVED_KEYS:
-        warnings.warn(f"--set {override}: {key} is no longer used ({REMOVED_KEYS[key]})", DeprecationWarning,
+        warnings.warn(f"--set {override}: {key} is no longer used ({REMOVED_KEYS[key]})", FutureWarning,
                       stacklevel=3)
         return None, None
     try:

@@ -205,3 +205,25 @@ def test_a_call_leaves_no_identity_behind_without_checkpointing(load_base):
     assert model._state is not None  # kept for the recomputation in backward
     model.clear_identity()
     assert torch.equal(run(None, base), reference)
+
+
+def test_run_record_is_typed_and_reads_adapters_of_earlier_versions(tmp_path):
+    """``spec.extra`` (what inference rebuilds a run from) is validated, keeps keys it does not know, and an adapter
+    written before the world setting moved (``identity.world_models_dir``) still gives its world folder."""
+    import json
+
+    from pydantic import ValidationError
+
+    from dtback.backends import identity_from_adapter
+    from dtback.model.identity_flux import AdapterSpec, RunRecord
+
+    record = RunRecord().update(base_model="base", input_size=128)
+    with pytest.raises(ValidationError):
+        record.update(input_size="large")
+    spec_json = json.loads(AdapterSpec(resampler=None, double_blocks=(), single_blocks=(), heads=1, head_dim=8,
+                                       base={}, extra=record).to_json())
+    assert spec_json["extra"]["base_model"] == "base" and spec_json["extra"]["input_size"] == 128
+    old = RunRecord.model_validate({"base_model": "base", "identity": {"face_backend": "world", "world_models_dir":
+                                    str(tmp_path)}, "input_size": 64, "future_key": 1})
+    identity, world = identity_from_adapter(old, "cpu")
+    assert world == tmp_path and identity.face_backend == "world" and old.future_key == 1

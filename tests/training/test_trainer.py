@@ -85,7 +85,7 @@ def test_training_writes_checkpoints_model_grids_and_report(tiny, tmp_path):
 
     base = FluxTransformer2DModel.from_pretrained(run_dir / "base" / "transformer")
     model = IdentityPreservingFlux.from_pretrained(run_dir / "best_model.pt", transformer=base)
-    assert model.spec.extra["base_model"] == "base"
+    assert model.spec.extra.base_model == "base"
     assert f"report: {run_dir / 'report.html'}" in result.stdout + result.stderr
     assert "<img" in (run_dir / "report.html").read_text()  # the report shows the run's curves and grids
     # A second run resumes from the latest checkpoint: the run is complete, nothing more is trained.

@@ -12,7 +12,7 @@ from dtback.errors import MissingModelError
 from dtback.model.flux import SIMPLE_TRANSFORMER, build_simple_pipeline, save_pipeline_atomic
 from dtback.world.base import load_world_base
 from dtback.world.files import PACKAGED_WORLD_MODELS
-from dtback.world_build.base import BaseRecipe, build_world_base, held_out_flow_loss
+from dtback.world_build.base import held_out_flow_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -73,24 +73,3 @@ def test_a_base_of_another_world_version_is_refused(tmp_path):
     info.write_text(json.dumps({**json.loads(info.read_text()), "world_version": -1}))
     with pytest.raises(MissingModelError, match="world version -1.*--only base"):
         load_world_base(folder)
-
-
-@pytest.mark.slow
-def test_build_runs_the_trainer_and_saves_a_loadable_base(tmp_path):
-    # The real recipe with a few characters and steps, built from the VAE and encoders copied into its own
-    # components folder (reached through data.world.components, no environment variable).
-    folder = tmp_path / "components"
-    folder.mkdir()
-    for name in ("vae", "face_detector.json", "face_detector.safetensors", "face_encoder.json",
-                 "face_encoder.safetensors", "body_encoder.json", "body_encoder.safetensors", "reader.json",
-                 "reader.safetensors"):
-        source = PACKAGED_WORLD_MODELS / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, folder / name)
-    recipe = BaseRecipe(characters=12, images_per_character=3, steps=2, batch=4, warmup=1)
-    figures = build_world_base(folder / "base", recipe, progress=False)
-    assert figures["history"]["steps"] == 2 and figures["held_out"]["flow_loss"] > 0
-    info = json.loads((folder / "base" / "world_base.json").read_text())
-    assert info["recipe"]["characters"] == 12
-    assert not (folder / "base" / "vae").exists()  # the world VAE ships once
-    loaded = load_world_base(folder)
-    assert loaded.transformer.config.num_layers == SIMPLE_TRANSFORMER["num_layers"]

@@ -19,10 +19,9 @@ from dtback.identity.face import FaceResult
 from dtback.identity.precompute import IdentityPrecomputer
 from dtback.world.encoders import WorldBodyEncoder, WorldFaceEncoder, load_world_body_encoder, load_world_face_encoder
 from dtback.world.files import ensure_world
-from dtback.world.nets import Embedder, EmbedderConfig, load_net, save_net
 from dtback.world.people import render_world_set, sample_characters
 from dtback.world_build.encoders import (
-    EncoderRecipe, build_body_component, build_face_components, evaluate_body_encoder, evaluate_face_encoder,
+    EncoderRecipe, evaluate_body_encoder, evaluate_face_encoder,
     training_characters,
 )
 from dtback.world_build.train import box_iou, roc_auc_same_vs_different
@@ -142,28 +141,6 @@ def test_a_missing_world_component_names_the_command_that_builds_it(tmp_path):
         with pytest.raises(MissingModelError, match=f"dtback world-components --out {empty}"):
             load()
     assert not any(empty.iterdir()) and not (tmp_path / "simple").exists()  # nothing was trained or written
-
-
-@pytest.mark.slow
-def test_training_code_runs_and_round_trips(tmp_path):
-    recipe = EncoderRecipe(characters=6, images_per_character=3, detector_steps=2, face_steps=2, body_steps=2,
-                           batch=8, eval_characters=3, eval_images=2)
-    darker = lambda images: (images.float() * 0.9).to(torch.uint8)  # stands in for a VAE round trip  # noqa: E731
-    face_figures = build_face_components(tmp_path, recipe, progress=False, round_trip=darker)
-    body_figures = build_body_component(tmp_path, recipe, progress=False)
-    assert set(face_figures["held_out"]) == {"render", "decoded"}
-    assert set(face_figures["held_out"]["decoded"]) == {"auc", "detection_rate", "mean_iou"}
-    assert set(body_figures["held_out"]) == {"render"} and "auc" in body_figures["held_out"]["render"]
-    face = WorldFaceEncoder.from_folder(tmp_path)
-    body = WorldBodyEncoder.from_folder(tmp_path)
-    crops = torch.rand(2, 3, 48, 48)
-    assert face.torch_module()(crops).shape == (2, 128)
-    assert body(torch.rand(2, 3, 64, 64)).tokens.shape == (2, 16, 128)
-    net = Embedder(EmbedderConfig(size=16, widths=(4, 8), dim=8)).eval()
-    save_net(net, tmp_path / "x", "tiny", {"note": 1})
-    loaded, meta = load_net(tmp_path / "x", "tiny", Embedder)
-    x = torch.rand(3, 3, 16, 16)
-    assert torch.equal(net(x), loaded(x)) and meta["note"] == 1
 
 
 def test_auc_helper():

@@ -146,7 +146,7 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     pipe = IdentityFluxPipeline.from_pretrained(settings.model, base=settings.base, device=device)
     pipe.pipeline.set_progress_bar_config(disable=True)
     extra = pipe.model.spec.extra
-    size = int(extra.get("input_size", 512))
+    size = extra.input_size
     steps = settings.steps if settings.steps is not None else default_steps(extra)
     identity, world = backends.identity_from_adapter(extra, device)
     clip = ClipScorer.from_pretrained(settings.clip_model, device) if settings.clip_model is not None else None

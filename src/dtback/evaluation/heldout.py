@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 50_000_000
 
-# Scene captions in the world's own words (data.world.caption_for): scenes, poses and lights of the world's captions.
+# Scene captions in the world's own words (dtback.world.people.caption_for): scenes, poses and lights of the world's captions.
 WORLD_SHOTS = (
     ("beach", "standing", "up", "front", "daylight"),
     ("forest", "walking", "down", "left", "warm"),

@@ -278,7 +278,7 @@ def generate(settings: GenerateSettings, output: Path, progress: bool = True) ->
     for path, scale in zip(settings.lora, settings.lora_scale):
         pipe.load_lora_weights(path, scale=scale)
     extra = pipe.model.spec.extra
-    size = int(extra.get("input_size", 512))
+    size = extra.input_size
     settings = settings.model_copy(update={
         "height": settings.height or size, "width": settings.width or size,
         "steps": settings.steps if settings.steps is not None else default_steps(extra),

@@ -38,7 +38,7 @@ from dtback import backends, devices
 from dtback.errors import DtbackError, MissingModelError, NoFaceError
 from dtback.identity.resampler import IdentityInputs
 from dtback.model.flux import DTYPE_KWARG
-from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, read_adapter
+from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, RunRecord, read_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +100,11 @@ def _adapter_name(path: Path, taken: set[str]) -> str:
 SIMPLE_BASE_STEPS, FLUX_STEPS = 20, 28
 
 
-def default_steps(spec_extra: dict[str, Any]) -> int:
+def default_steps(spec_extra: RunRecord) -> int:
     """Sampling steps when none are given, from the adapter's ``spec.extra``: 20 for the small simple base trained
     with the adapter (``base_model == "base"``), 28 for a real FLUX base. ``dtback generate`` and ``dtback
     evaluate`` both use it."""
-    return SIMPLE_BASE_STEPS if spec_extra.get("base_model") == "base" else FLUX_STEPS
+    return SIMPLE_BASE_STEPS if spec_extra.base_model == "base" else FLUX_STEPS
 
 
 class IdentityFluxPipeline:
@@ -131,7 +131,7 @@ class IdentityFluxPipeline:
         adapter = Path(adapter)
         device = str(offload_device(offload, device)) if offload != "none" else (device or "cpu")
         spec, _ = read_adapter(adapter)
-        source = resolve_base(adapter, spec.extra.get("base_model"), base)
+        source = resolve_base(adapter, spec.extra.base_model, base)
         dtype = dtype or devices.resolve_dtype("auto", device)
         try:
             pipeline = FluxPipeline.from_pretrained(source, **{DTYPE_KWARG: dtype}, local_files_only=local_files_only)
@@ -142,7 +142,7 @@ class IdentityFluxPipeline:
         face = backends.face_encoder(identity, world) if spec.resampler.face_dim else None
         body = backends.body_encoder(identity, world) if spec.resampler.body_dim else None
         model.eval()
-        pipe = cls(pipeline, model, face, body, int(spec.extra.get("max_sequence_length", 512)))
+        pipe = cls(pipeline, model, face, body, spec.extra.max_sequence_length)
         if offload == "none":
             pipeline.to(device)
             model.to(device=device)

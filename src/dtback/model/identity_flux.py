@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dtback.config import IdentityConfig, ModelConfig
@@ -51,6 +52,27 @@ LORA_PREFIX = "lora."
 BASE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels")
 
 
+class RunRecord(BaseModel):
+    """What inference and evaluation need to rebuild a run's setting from its adapter file alone (``spec.extra``):
+    the base it was trained with (``"base"``: the simple model saved next to it; else a folder or hub id), the
+    identity settings (``IdentityConfig`` as JSON), training size, prompt length and the world components folder.
+    Keys of other versions are kept as they are (``extra="allow"``)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    base_model: str | None = None
+    identity: dict[str, Any] = Field(default_factory=dict)
+    input_size: int = 512
+    max_sequence_length: int = 512
+    world: str | None = None
+
+    def update(self, **values: Any) -> "RunRecord":
+        """Set several fields at once, each validated."""
+        for key, value in values.items():
+            setattr(self, key, value)
+        return self
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """Everything needed to rebuild the trainable part; saved as JSON next to the weights."""
@@ -64,10 +86,11 @@ class AdapterSpec:
     face_scale: float = 1.0
     body_scale: float = 1.0
     lora: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: RunRecord = field(default_factory=RunRecord)
 
     def to_json(self) -> str:
-        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self),
+                   "extra": self.extra.model_dump(mode="json")}
         return json.dumps(payload, indent=2, sort_keys=True)
 
     @classmethod
@@ -93,7 +116,7 @@ class AdapterSpec:
                 face_scale=float(payload.get("face_scale", 1.0)),
                 body_scale=float(payload.get("body_scale", 1.0)),
                 lora=payload.get("lora"),
-                extra=dict(payload.get("extra", {})),
+                extra=RunRecord.model_validate(payload.get("extra") or {}),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise AdapterMismatchError(f"{source}: adapter config key missing or malformed: {err}") from err

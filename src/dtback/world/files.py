@@ -1,4 +1,4 @@
-"""Write an identity world to disk in the standard dataset layout, and generate it on first use.
+"""Write an identity world to disk in the standard dataset layout, and generate it when its data_dir is missing.
 
 Layout: ``<out>/<bundle>/<character>/<NNN>.png`` with ``<NNN>.txt`` (caption) and ``<NNN>.json`` (metadata: face
 box, body box, attributes, pose, scene, lighting) beside each image, plus ``<out>/world.json`` (the settings and

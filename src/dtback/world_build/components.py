@@ -6,10 +6,10 @@ Components (each trained by the project's own code on world renders, each a few 
 name       files in the folder                         used by
 =========  ==========================================  ================================================
 vae        ``vae/`` (diffusers) + ``vae/world_vae.json`` the simple model's latents (``dtback.world.vae``)
-face       ``face_detector.*``, ``face_encoder.*``     ``identity.face_backend: world`` (``identity.world``)
+face       ``face_detector.*``, ``face_encoder.*``     ``identity.face_backend: world`` (``dtback.world.encoders``)
 body       ``body_encoder.*``                          ``identity.body_model: world``
 reader     ``reader.*``                                evaluation only (``dtback.world.reader``)
-base       ``base/`` (diffusers, no VAE)               ``model.simple_base: world`` (``model.world_base``)
+base       ``base/`` (diffusers, no VAE)               ``model.simple_base: world`` (``dtback.world.base``)
 =========  ==========================================  ================================================
 
 Encoders and reader are trained on renders and on their VAE round trips (half each), because the identity loss and

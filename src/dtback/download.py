@@ -31,6 +31,7 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 from dtback.errors import DownloadError, GatedModelError
+from dtback.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def download_target(target: Target, models_dir: Path, timeout: float = 10.0, sha
         target.repo_id, revision=revision, local_dir=path, allow_patterns=list(target.patterns),
         etag_timeout=timeout, endpoint=endpoint))
     manifest = {"repo_id": target.repo_id, "revision": revision, "files": files}
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json(path / MANIFEST, manifest, indent=2)
     return check_target(target, models_dir, sha256=sha256)
 
 

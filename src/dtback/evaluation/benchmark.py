@@ -182,7 +182,8 @@ def generate_all(pipe, held: HeldOut, prompts: list[str], settings: EvaluateSett
                               true_cfg_scale=settings.true_cfg if inputs is not None else 1.0)
                 for i, image in enumerate(images):
                     path = folder / f"p{p:02d}_{i:02d}.png"
-                    image.save(path)
+                    with atomic_path(path, fsync=False) as tmp:
+                        image.save(tmp, format="PNG")
                     out.append(Generated(condition, row, source, p, i, image,
                                          path.relative_to(settings.out).as_posix()))
                 bar.update(1)

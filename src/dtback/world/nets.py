@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dtback.errors import MissingModelError
+from dtback.io import atomic_path, write_json
 
 Net = TypeVar("Net", bound=nn.Module)
 FACE_CROP_SIDE, FACE_CROP_CENTRE = 1.5, 0.3
@@ -156,11 +157,10 @@ class FaceDetectorNet(nn.Module):
 def save_net(net: nn.Module, folder: Path, name: str, info: dict[str, Any]) -> None:
     """``<folder>/<name>.safetensors`` (weights, buffers included) and ``<name>.json`` (class, config, ``info``).
     ``net.config`` must be a dataclass."""
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    save_file(state, str(folder / f"{name}.safetensors"))
-    meta = {"class": type(net).__name__, "config": asdict(net.config), **info}
-    (folder / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    with atomic_path(Path(folder) / f"{name}.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(Path(folder) / f"{name}.json", {"class": type(net).__name__, "config": asdict(net.config), **info})
 
 
 def load_net(folder: Path, name: str, cls: type[Net]) -> tuple[Net, dict[str, Any]]:

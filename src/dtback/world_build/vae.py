@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from dtback.io import write_json
+from dtback.io import replace_folder, write_json
 from dtback.world.people import WORLD_VERSION, WorldSet, render_world_set, sample_characters
 from dtback.world.vae import INFO_FILE, latent_statistics, reconstruction_psnr, to_model_range, world_vae_config
 from dtback.world_build.train import optimizer_step, training_history, warmup_cosine
@@ -105,11 +105,12 @@ def build_world_vae(folder: Path, recipe: VaeRecipe = VaeRecipe(), config: dict[
     held = render_pixels(recipe.eval_characters, recipe.eval_images, recipe.size, recipe.eval_seed, exclude=train_chars)
     psnr = reconstruction_psnr(vae, held)
     folder = Path(folder)
-    vae.save_pretrained(folder)
     info = {"world_version": WORLD_VERSION, "recipe": asdict(recipe), "history": history,
             "held_out_psnr_db": round(psnr, 2), "shift_factor": shift, "scaling_factor": scale,
             "rebuild": "dtback world-components --out <folder> --only vae"}
-    write_json(folder / INFO_FILE, info)
+    with replace_folder(folder) as tmp:
+        vae.save_pretrained(tmp)
+        write_json(tmp / INFO_FILE, info)
     log.info("world VAE -> %s: held-out PSNR %.2f dB, shift %.4f, scale %.4f; trained in %.0f s", folder, psnr, shift,
              scale, history["seconds"])
     return {"vae": history, "held_out_psnr_db": round(psnr, 2), "shift_factor": shift, "scaling_factor": scale}

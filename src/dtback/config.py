@@ -220,6 +220,10 @@ class ModelConfig(_Section):
         description="Simple model only: its VAE. world: the identity world's trained VAE; a diffusers AutoencoderKL "
         "folder; null: random weights (tests).",
     )
+    train_simple_base: bool = Field(
+        True, description="Simple model only: train its transformer together with the adapters (base_learning_rate); "
+        "false freezes it, as real FLUX always is."
+    )
     simple_base: str | None = Field(
         "world",
         description="Simple model only: its starting weights. world: pretrained on the identity world without identity "

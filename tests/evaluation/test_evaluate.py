@@ -250,3 +250,20 @@ def test_results_files_are_complete_and_settings_recorded(evaluated):
     settings = results["settings"]
     assert (settings["steps"], settings["seed"], settings["images_per_prompt"]) == (2, 3, 1)
     assert settings["model"].endswith("best_model.pt") and settings["out"] == str(out)
+
+
+def test_per_attribute_reader_table_agrees_with_the_means_and_shows_the_ceiling(evaluated):
+    out, results = evaluated
+    attributes = results["reader_attributes"]
+    from dtback.world.people import BODY_ATTRIBUTES, FACE_ATTRIBUTES
+
+    assert set(attributes) == set(FACE_ATTRIBUTES) | set(BODY_ATTRIBUTES)
+    for condition in ("with_identity", "no_identity", "shuffled"):
+        face = np.mean([attributes[name][condition] for name in FACE_ATTRIBUTES])
+        body = np.mean([attributes[name][condition] for name in BODY_ATTRIBUTES])
+        assert face == pytest.approx(results["conditions"][condition]["reader_face"])
+        assert body == pytest.approx(results["conditions"][condition]["reader_body"])
+    # The reader's recorded accuracy on VAE round trips (the ceiling) sits beside each attribute.
+    assert 0 < attributes["eye_colour"]["reader_on_decoded"] < attributes["eye_colour"]["reader_on_render"] <= 1
+    table = (out / "results.md").read_text()
+    assert "| eye_colour | face |" in table and "decoded (reader)" in table

@@ -252,3 +252,23 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path):
     assert saved[-1] >= 4 and not [p for p in (run_dir / "checkpoints").iterdir() if is_temporary(p)]
     state = json.loads((run_dir / "checkpoints" / f"checkpoint-{saved[-1]:06d}" / "state.json").read_text())
     assert state["progress"]["step"] == saved[-1]
+
+
+@pytest.mark.slow
+def test_a_frozen_simple_base_keeps_its_weights_and_only_the_adapters_train(tiny, tmp_path):
+    """model.train_simple_base=false: the simple model stays as it started (as real FLUX would), the adapters
+    train, and best_model.pt still finds its base next to it."""
+    from diffusers import FluxTransformer2DModel
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(REPO / "train" / "config.yaml", overrides(tiny, run_dir, **{
+        "model.train_simple_base": "false", "training.validate_every": 8}))
+    train(cfg, resume=None, progress_bar=False)
+    start = FluxTransformer2DModel.from_pretrained(run_dir / "simple_base" / "transformer").state_dict()
+    saved = FluxTransformer2DModel.from_pretrained(run_dir / "base" / "transformer")
+    assert all(torch.equal(start[name], tensor) for name, tensor in saved.state_dict().items())
+    trainable = final_weights(run_dir)
+    assert trainable and not any(name.startswith("transformer.") for name in trainable)
+    model = IdentityPreservingFlux.from_pretrained(run_dir / "best_model.pt", transformer=saved)
+    assert model.spec.extra.base_model == "base"
+    assert any(p.abs().sum() > 0 for name, p in model.named_parameters() if "to_out" in name)  # zero-init moved

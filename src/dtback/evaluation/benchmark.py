@@ -35,7 +35,8 @@ from dtback import backends, devices
 from dtback.config import IdentityConfig
 from dtback.errors import ConfigError, DtbackError
 from dtback.io import atomic_path, write_json, write_text
-from dtback.world.reader import attribute_accuracy
+from dtback.world.people import BODY_ATTRIBUTES, FACE_ATTRIBUTES
+from dtback.world.reader import attribute_accuracy, attribute_hits
 from dtback.evaluation.heldout import HeldOut, load_held_out, read_prompts, run_config
 from dtback.evaluation.metrics import (
     ClipScorer, body_embedding, body_similarity, copy_paste_score, face_similarity, unit_mean,
@@ -119,6 +120,7 @@ class Generated:
     image: Image.Image
     path: str
     scores: dict[str, float | None] = field(default_factory=dict)
+    attributes: dict[str, float] = field(default_factory=dict)  # reader hit (1/0) per attribute, on the world
 
 
 def check_settings(settings: EvaluateSettings) -> None:
@@ -273,8 +275,10 @@ class Scorer:
                 g.scores["body_sim"] = sim
         if self.reader is not None:
             for g, values in zip(generated, self.reader.read([np.asarray(image) for image in images])):
-                face, body = attribute_accuracy(values, self.held.characters[g.row].truth)
+                truth = self.held.characters[g.row].truth
+                face, body = attribute_accuracy(values, truth)
                 g.scores.update(reader_face=face, reader_body=body, reader_mean=(face + body) / 2)
+                g.attributes = attribute_hits(values, truth)
         if self.clip is not None:
             sims = self.clip.similarity(images, [self.prompts[g.prompt] for g in generated])
             for g, sim in zip(generated, sims):
@@ -339,12 +343,40 @@ def summarise(generated: list[Generated], held: HeldOut, prompts: list[str], sco
         "columns": [{"metric": key, "header": header} for key, header in scorer.columns()],
         "conditions": table,
         "deltas": deltas,
+        "reader_attributes": reader_attributes(generated, scorer),
         "unavailable": scorer.unavailable,
         "per_character": per_character,
         "images": [{"condition": g.condition, "character": held.characters[g.row].key,
                     "reference_of": None if g.source is None else held.characters[g.source].key,
                     "prompt": g.prompt, "index": g.index, "path": g.path, "scores": g.scores} for g in generated],
     }
+
+
+def reader_attributes(generated: list[Generated], scorer: Scorer) -> dict[str, Any] | None:
+    """Per attribute: the reader's accuracy on the images of each condition, beside its own recorded accuracy on
+    held-out renders and on their VAE round trips (the ceiling for generated images). None off the world."""
+    if scorer.reader is None:
+        return None
+    out: dict[str, Any] = {}
+    for name in (*FACE_ATTRIBUTES, *BODY_ATTRIBUTES):
+        row = {"part": "face" if name in FACE_ATTRIBUTES else "body"}
+        for condition in CONDITIONS:
+            row[condition] = _mean([g.attributes[name] for g in generated if g.condition == condition and g.attributes])
+        for split, figures in scorer.reader.held_out.items():
+            row[f"reader_on_{split}"] = figures.get(name)
+        out[name] = row
+    return out
+
+
+def attribute_table(attributes: dict[str, Any]) -> str:
+    """The per-attribute table of ``results.md``."""
+    splits = [key for key in next(iter(attributes.values())) if key.startswith("reader_on_")]
+    header = ["attribute", "part", *CONDITIONS.values(), *(key.removeprefix("reader_on_") + " (reader)" for key in splits)]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for name, row in attributes.items():
+        cells = [f"{row[key]:.3f}" if row.get(key) is not None else "n/a" for key in (*CONDITIONS, *splits)]
+        lines.append(f"| {name} | {row['part']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -373,6 +405,10 @@ def markdown_table(results: dict[str, Any]) -> str:
         "(high = the output copies the reference picture instead of following the prompt).",
         f"Recognizers: {', '.join(f'{k}: {v}' for k, v in results['recognizers'].items() if v)}.",
     ]
+    if results.get("reader_attributes"):
+        notes.append("Reader accuracy per attribute; the last columns are the reader's own recorded accuracy on "
+                     "held-out renders and on their round trips through the world VAE (decoded: the ceiling for "
+                     "generated images, which are decoded latents):\n\n" + attribute_table(results["reader_attributes"]))
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 

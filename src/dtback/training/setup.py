@@ -147,8 +147,8 @@ class RunParts:
 
     def save_best(self) -> None:
         """``best_model.pt`` (tensors-only adapter) and, for the simple model, its trained base next to it."""
-        if self.base_trainable:
-            save_pipeline_atomic(self.pipeline, self.run_dir / TRAINED_BASE)
+        if self.base_trainable or (self.cfg.model.use_simple_model and not (self.run_dir / TRAINED_BASE).is_dir()):
+            save_pipeline_atomic(self.pipeline, self.run_dir / TRAINED_BASE)  # a frozen simple base: saved once
         self.model.save_pretrained(self.run_dir / BEST_MODEL)
 
     def report(self) -> None:
@@ -221,7 +221,7 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
         max_sequence_length=max_sequence_length(cfg.model),
     )
     model.to(accelerator.device).attach(transformer)
-    base_trainable = cfg.model.use_simple_model
+    base_trainable = cfg.model.use_simple_model and cfg.model.train_simple_base
     transformer.requires_grad_(base_trainable).train(base_trainable)
     model.train()
     identity_loss = None

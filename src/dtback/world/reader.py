@@ -13,6 +13,7 @@ attributes from the person crop (``(B, n_values)`` logits each).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,14 +86,18 @@ class ReaderNet(nn.Module):
 class IdentityReader:
     """A trained :class:`ReaderNet` with value names: ``read(images)`` -> one {attribute: value} dict per image."""
 
-    def __init__(self, net: ReaderNet, name: str):
+    def __init__(self, net: ReaderNet, name: str, held_out: Mapping[str, Mapping[str, float]] | None = None):
         self.net = net
         self.name = name
+        # Its recorded per-attribute accuracy on held-out renders ("render") and their VAE round trips ("decoded":
+        # the ceiling for generated images, which are decoded latents).
+        self.held_out = dict(held_out or {})
 
     @classmethod
     def from_folder(cls, folder: Path) -> "IdentityReader":
         net, component_id = load_component(folder, READER, ReaderNet)
-        return cls(net, f"world-{component_id}")
+        info = json.loads((Path(folder) / f"{READER}.json").read_text(encoding="utf-8"))
+        return cls(net, f"world-{component_id}", info.get("held_out_accuracy"))
 
     @torch.no_grad()
     def read_pixels(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -115,12 +120,18 @@ def attribute_labels(world: WorldSet, names: Sequence[str] = tuple(ATTRIBUTES)) 
     return torch.tensor(rows, dtype=torch.long)[world.labels]
 
 
+def attribute_hits(read: Mapping[str, str], truth: Mapping[str, Mapping[str, str]]) -> dict[str, float]:
+    """1.0 / 0.0 per attribute: does ``read`` (attribute -> value, from the reader) equal ``truth`` (``{"face":
+    {...}, "body": {...}}``, as in ``world.json`` and the images' ``.json`` sidecars)?"""
+    hits = {name: float(read[name] == truth["face"][name]) for name in FACE_ATTRIBUTES}
+    hits.update({name: float(read[name] == truth["body"][name]) for name in BODY_ATTRIBUTES})
+    return hits
+
+
 def attribute_accuracy(read: Mapping[str, str], truth: Mapping[str, Mapping[str, str]]) -> tuple[float, float]:
-    """(face, body) fraction of attributes in ``read`` (attribute -> value, from the reader) equal to ``truth``
-    (``{"face": {...}, "body": {...}}``, as in ``world.json`` and the images' ``.json`` sidecars)."""
-    face = float(np.mean([read[name] == truth["face"][name] for name in FACE_ATTRIBUTES]))
-    body = float(np.mean([read[name] == truth["body"][name] for name in BODY_ATTRIBUTES]))
-    return face, body
+    """(face, body) fraction of attributes in ``read`` equal to ``truth`` (see :func:`attribute_hits`)."""
+    hits = attribute_hits(read, truth)
+    return float(np.mean([hits[name] for name in FACE_ATTRIBUTES])), float(np.mean([hits[name] for name in BODY_ATTRIBUTES]))
 
 
 def load_reader(folder: Path | None = None) -> IdentityReader:

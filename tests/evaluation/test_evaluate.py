@@ -17,6 +17,7 @@ from dtback.evaluation.benchmark import CONDITIONS, grid_cell
 from dtback.evaluation.heldout import WORLD_PROMPTS
 from dtback.world.reader import load_reader
 from dtback.viz.grid import grid_layout
+from helpers import make_dataset
 
 RANGES = {"reader_face": (0, 1), "reader_body": (0, 1), "reader_mean": (0, 1), "face_detected": (0, 1)}
 
@@ -267,3 +268,25 @@ def test_per_attribute_reader_table_agrees_with_the_means_and_shows_the_ceiling(
     assert 0 < attributes["eye_colour"]["reader_on_decoded"] < attributes["eye_colour"]["reader_on_render"] <= 1
     table = (out / "results.md").read_text()
     assert "| eye_colour | face |" in table and "decoded (reader)" in table
+
+
+def test_another_world_is_evaluated_on_every_character_and_the_same_world_on_the_split(world_run, tmp_path):
+    """``--data-dir`` may point at any world: one of another seed holds no trained character, so every character is
+    held out; the training world, even copied elsewhere, keeps the run's split; a photo folder without the run's
+    held-out characters is another dataset too."""
+    from dtback.config import WorldConfig
+    from dtback.evaluation.heldout import held_out_keys, run_config
+    from dtback.world.files import write_world
+
+    cfg = run_config(world_run, None)
+    split = json.loads((world_run / "split.json").read_text())["val"]
+    other = write_world(tmp_path / "seed5", WorldConfig(characters=5, images_per_character=2, size=128, seed=5),
+                        progress=False).root
+    keys, source = held_out_keys(world_run, cfg, other, [])
+    assert len(keys) == 5 and source.startswith(f"every character of {other}")
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg.data.data_dir, copy)
+    assert held_out_keys(world_run, cfg, copy, []) == (split, str(world_run / "split.json"))
+    photos = make_dataset(tmp_path / "photos", {"film": {"ann": 2, "bo": 2, "cy": 2}})
+    keys, source = held_out_keys(world_run, cfg, photos, [])
+    assert keys == ["film/ann", "film/bo", "film/cy"] and source.startswith("every character of")

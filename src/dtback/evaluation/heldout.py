@@ -1,6 +1,8 @@
 """What ``dtback evaluate`` evaluates on: the held-out characters of a training run, their images, and the prompts.
 
-Held-out characters are found as training split them, in this order: ``--characters`` when given; the run folder's
+Held-out characters are found as training split them, in this order: ``--characters`` when given; every character
+of ``--data-dir`` when that is another dataset than the run's (an identity world of other settings, e.g. another
+seed, or a folder without the run's held-out characters: nothing in it was trained on); the run folder's
 ``split.json`` (written by training, see :mod:`dtback.data.split`); else the run's config: ``data.val_characters``,
 or ``data.val_fraction`` applied again by :func:`~dtback.data.split.split_characters` (same seed, same split).
 
@@ -24,6 +26,7 @@ from dtback.config import Config, load_config
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.data.layout import CONTACT_SHEET, SIDECAR_SUFFIXES, scan_dataset
 from dtback.data.split import SPLIT_FILE, read_split, split_characters
+from dtback.world.files import read_manifest, world_settings
 from dtback.world.people import caption_for
 from dtback.errors import DatasetError, DtbackError
 
@@ -93,8 +96,15 @@ def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: l
     if explicit:
         return list(explicit), "--characters"
     split_path = run_dir / SPLIT_FILE
-    if split_path.is_file():
-        return list(read_split(split_path).val), str(split_path)
+    split_val = list(read_split(split_path).val) if split_path.is_file() else None
+    if cfg is not None and another_dataset(cfg, data_dir, split_val or []):
+        # A reference and one gallery image are enough to be evaluated.
+        data_cfg = cfg.data.model_copy(update={"data_dir": data_dir, "max_chars_per_bundle": None,
+                                               "min_images_per_char": 2})
+        keys = [c.key for c in scan_dataset(data_cfg, cfg.seed, progress=False).characters]
+        return keys, f"every character of {data_dir} (another dataset than the run's {cfg.data.data_dir})"
+    if split_val is not None:
+        return split_val, str(split_path)
     if cfg is None:
         raise DtbackError(
             f"no held-out characters: {run_dir} has neither {SPLIT_FILE} nor config.yaml; pass --characters "
@@ -105,6 +115,22 @@ def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: l
     data_cfg = cfg.data.model_copy(update={"data_dir": data_dir})
     split = split_characters(scan_dataset(data_cfg, cfg.seed, progress=False), data_cfg, cfg.seed)
     return list(split.val), f"config data.val_fraction={cfg.data.val_fraction} (seed {cfg.seed})"
+
+
+def another_dataset(cfg: Config, data_dir: Path, split_val: list[str]) -> bool:
+    """Is ``data_dir`` another dataset than the one the run trained on (so none of its characters was trained on)?
+    An identity world is another one when its settings (seed, characters, images, size, version) differ from the
+    run's world (its ``world.json``, else the run's ``data.world`` settings); any other folder when it lacks one of
+    the run's held-out characters."""
+    run_data = Path(cfg.data.data_dir)
+    if run_data.resolve() == Path(data_dir).resolve():
+        return False
+    theirs = read_manifest(data_dir)
+    if theirs is not None:
+        mine = read_manifest(run_data) if run_data.is_dir() else None
+        reference = mine if mine is not None else world_settings(cfg.data.world)
+        return any(theirs.get(key) != reference.get(key) for key in world_settings(cfg.data.world))
+    return bool(split_val) and not all((Path(data_dir) / key).is_dir() for key in split_val)
 
 
 def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, explicit: list[str],

@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -40,6 +41,7 @@ from adapter_overhead import BODY_DIM, BODY_TOKENS, FACE_DIM, FLUX_DEV
 from dtback.config import IdentityConfig, ModelConfig
 from dtback.identity.resampler import IdentityInputs
 from dtback.inference.pipeline import IdentityFluxPipeline
+from dtback.io import write_json
 from dtback.model.flux import FLUX_SCHEDULER, build_simple_tokenizers
 from dtback.model.identity_flux import IdentityPreservingFlux
 
@@ -123,16 +125,21 @@ def build_identity(pipeline: FluxPipeline, spec: dict, device: torch.device, dty
 
 def sample_once(pipe: IdentityFluxPipeline, references, mode: str, size: int, steps: int,
                 device: torch.device) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds for one image in ``mode`` (base: adapters detached; attached: hooks in
-    place, no identity; identity). CPU seconds are what a shared CPU machine measures fairly: time spent waiting for
-    other people's processes is not in them."""
+    """Wall-clock and process CPU seconds for one image in ``mode`` (base: adapters detached, diffusers' FluxPipeline
+    called as ``IdentityFluxPipeline`` calls it; attached: hooks in place, no identity; identity). CPU seconds are
+    what a shared CPU machine measures fairly: time spent waiting for other people's processes is not in them."""
     if mode == "base":
         pipe.model.detach()
     try:
         _sync(device)
         wall, cpu = time.perf_counter(), time.process_time()
-        pipe(PROMPT, references if mode == "identity" else None, num_inference_steps=steps, height=size, width=size,
-             seed=0, face_scale=1.0, body_scale=1.0)
+        if mode == "base":
+            pipe.pipeline(prompt=[PROMPT], num_inference_steps=steps, height=size, width=size,
+                          generator=torch.Generator().manual_seed(0), max_sequence_length=pipe.max_sequence_length,
+                          output_type="pil")
+        else:
+            pipe(PROMPT, references if mode == "identity" else None, num_inference_steps=steps, height=size,
+                 width=size, seed=0, face_scale=1.0, body_scale=1.0)
         _sync(device)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
@@ -141,13 +148,19 @@ def sample_once(pipe: IdentityFluxPipeline, references, mode: str, size: int, st
     return wall, cpu
 
 
-def time_modes(pipe, references, size: int, steps: int, repeats: int, device: torch.device) -> dict:
+def time_modes(pipe, references, size: int, steps: int, repeats: int, device: torch.device,
+               deadline: float | None = None) -> dict:
+    """Medians of ``repeats`` interleaved samples per mode; past ``deadline`` (a ``perf_counter`` time) no further
+    repeat starts, after the first."""
     modes = ("base", "attached", "identity")
     for mode in modes:  # warm-up: allocator, kernels, lazy imports
         sample_once(pipe, references, mode, size, steps, device)
     wall: dict[str, list[float]] = {mode: [] for mode in modes}
     cpu: dict[str, list[float]] = {mode: [] for mode in modes}
     for repeat in range(repeats):
+        if repeat and deadline is not None and time.perf_counter() > deadline:
+            print(f"time limit: stopped after {repeat} of {repeats} repeats", flush=True)
+            break
         order = modes if repeat % 2 == 0 else modes[::-1]  # no mode always runs first or last
         for mode in order:
             seconds = sample_once(pipe, references, mode, size, steps, device)
@@ -158,7 +171,8 @@ def time_modes(pipe, references, size: int, steps: int, repeats: int, device: to
     medians = {mode: statistics.median(values) for mode, values in wall.items()}
     cpu_medians = {mode: statistics.median(values) for mode, values in cpu.items()}
     paired = [i / b for i, b in zip(wall["identity"], wall["base"])]
-    return {"seconds": wall, "cpu_seconds": cpu, "median_s": medians, "median_cpu_s": cpu_medians,
+    return {"repeats_done": len(wall["base"]), "seconds": wall, "cpu_seconds": cpu, "median_s": medians,
+            "median_cpu_s": cpu_medians,
             "identity_ratio": medians["identity"] / medians["base"],
             "attached_ratio": medians["attached"] / medians["base"], "paired_ratio_median": statistics.median(paired),
             "identity_ratio_cpu_time": cpu_medians["identity"] / cpu_medians["base"]}
@@ -197,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="sampling steps (default: 8, or 28 with --full)")
     parser.add_argument("--size", type=int, help="image side in px (default: 256, or 1024 with --full)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--time-limit", type=float, help="seconds from the start after which no further timed "
+                        "repeat starts (at least one runs; the memory measurement always does)")
     args = parser.parse_args(argv)
     spec = FULL if args.full else SMALL
     device = torch.device(args.device)
@@ -212,15 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'FLUX.1-dev' if args.full else 'scaled-down FLUX'}: transformer {params['transformer'] / 1e6:.1f} M "
           f"parameters, identity model {adapters / 1e6:.1f} M ({len(pipe.model.adapters)} adapters); {size} px, "
           f"{steps} steps, {device} {dtype}; built in {time.perf_counter() - start:.1f} s", flush=True)
-    timing = time_modes(pipe, references, size, steps, args.repeats, device)
-    memory = peak_memory(pipe, references, size, device)
+    deadline = start + args.time_limit if args.time_limit is not None else None
+    timing = time_modes(pipe, references, size, steps, args.repeats, device, deadline)
     results = {
         "config": "full" if args.full else "small", "size": size, "steps": steps, "repeats": args.repeats,
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
         platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "parameters": params, "identity_parameters": adapters, "adapters": list(pipe.model.adapters), **timing,
-        "memory": memory, "load_average_1_5_15": os.getloadavg(),
+        "memory": None, "load_average_1_5_15": os.getloadavg(),
     }
+    if args.json:  # the timings are kept if the memory measurement is stopped from outside
+        write_json(Path(args.json), results, indent=2)
+    results["memory"] = memory = peak_memory(pipe, references, size, device)
+    results["seconds_total"] = time.perf_counter() - start
     medians = timing["median_s"]
     print(f"median s/image: base {medians['base']:.3f}, attached (no identity) {medians['attached']:.3f}, "
           f"identity {medians['identity']:.3f}")
@@ -231,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({time.perf_counter() - start:.1f} s in all; load average now {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores)")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(Path(args.json), results, indent=2)
     return 0
 
 

@@ -51,6 +51,7 @@ from adapter_overhead import BODY_DIM, FACE_DIM, FLUX_DEV, identity_inputs, meas
 
 from dtback.config import IdentityConfig, ModelConfig, TrainingConfig  # noqa: E402
 from dtback.errors import DtbackError  # noqa: E402
+from dtback.io import write_json  # noqa: E402
 from dtback.model.identity_flux import IdentityPreservingFlux  # noqa: E402
 from dtback.model.memory import enable_checkpointing, make_adamw, quantize_base, weight_bytes  # noqa: E402
 
@@ -251,7 +252,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU; default: by device name (GPU)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="also write the results here (rewritten after every row)")
+    parser.add_argument("--time-limit", type=float, help="seconds: rows not started by then are recorded as skipped "
+                        "(benchmarks/gpu_check.sh fits its window this way)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.scaled_down:
@@ -295,20 +298,31 @@ def main(argv: list[str] | None = None) -> int:
             quantized = True
             results["base_weight_gb_int8"] = weight_bytes(transformer) / 2**30
         for size in args.sizes:
-            try:
-                row = run_mode(transformer, model, mode, size, args, device, dtype, flops[size])
-            except DtbackError as err:  # bitsandbytes missing for adamw8bit
-                row = {"mode": mode, "size": size, "status": f"skipped: {err}"}
+            elapsed = time.perf_counter() - started
+            if args.time_limit is not None and elapsed > args.time_limit:
+                row = {"mode": mode, "size": size, "status": f"skipped: time limit ({elapsed:.0f} s > "
+                                                           f"--time-limit {args.time_limit:.0f} s)"}
+            else:
+                try:
+                    row = run_mode(transformer, model, mode, size, args, device, dtype, flops[size])
+                except DtbackError as err:  # bitsandbytes missing for adamw8bit
+                    row = {"mode": mode, "size": size, "status": f"skipped: {err}"}
             results["rows"].append(row)
             print(format_row(row), flush=True)
+            write_results(args.json, results, started)  # a run stopped from outside keeps the rows it finished
     results["seconds_total"] = time.perf_counter() - started
     print(f"{results['device']}, {args.preset} config ({results['base_parameters'] / 1e9:.3f} B base parameters, "
           f"{results['trainable_parameters'] / 1e6:.1f} M trainable), base {results['base_dtype']}, batch "
           f"{args.batch}, median of {args.steps} steps after {args.warmup}; {results['seconds_total']:.0f} s in all")
     print(markdown_table(results["rows"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_results(args.json, results, started)
     return 0
+
+
+def write_results(path: str | None, results: dict, started: float) -> None:
+    if path:
+        results["seconds_total"] = time.perf_counter() - started
+        write_json(Path(path), results, indent=2)
 
 
 def format_row(row: dict) -> str:

@@ -1,0 +1,183 @@
+"""The CUDA paths on tiny models: bf16 autocast training with both identity losses, resume on the GPU, the memory
+modes' steps (int8 base, 8-bit AdamW, checkpointing), the pipeline on ``cuda`` with diffusers' model and sequential
+CPU offload, ``dtback evaluate``, and DDP with one GPU process.
+
+Marked ``cuda`` and skipped without a GPU: ``pytest -m cuda`` collects them everywhere; ``benchmarks/gpu_check.sh``
+runs them first on a GPU machine. Each asserts numbers: finite losses, weights that moved, images that agree with
+the other path within a tolerance.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+def world_settings(world: Path, run: Path, **extra) -> list[str]:
+    values = {
+        "data_dir": world, "output_dir": run, "batch_size": 2, "data.val_fraction": 0.25,
+        "data.world.generate_if_missing": "false", "face_weight": 0.05, "body_weight": 0.1,
+        "training.max_steps": 4, "training.checkpoint_every": 2, "training.validate_every": 4,
+        "training.val_sampling_steps": 2, "training.num_val_characters": 1, "training.warmup_steps": 1,
+        "training.log_every": 1, **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from dtback.config import WorldConfig
+    from dtback.world.files import write_world
+
+    root = tmp_path_factory.mktemp("cuda_world")
+    write_world(root / "world", WorldConfig(characters=6, images_per_character=3, size=128, seed=0), progress=False)
+    return root / "world"
+
+
+@pytest.fixture(scope="module")
+def gpu_run(world, tmp_path_factory):
+    """4 steps of the embedded default's recipe on the GPU (auto: bf16 autocast), face and body losses on."""
+    from dtback.config import load_config
+    from dtback.training import trainer as trainer_module
+
+    run = tmp_path_factory.mktemp("gpu_run") / "run"
+    seen = []
+    real = trainer_module.Accelerator
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    cfg = load_config(REPO / "train" / "config.yaml", world_settings(world, run))
+    trainer_module.Accelerator = spy
+    try:
+        result = trainer_module.train(cfg, resume=None, progress_bar=False)
+    finally:
+        trainer_module.Accelerator = real
+    return run, result, seen[0]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_training_runs_on_the_gpu_in_bf16_with_both_identity_losses(gpu_run):
+    run, result, accelerator = gpu_run
+    assert accelerator.device.type == "cuda" and accelerator.mixed_precision == "bf16"
+    assert result.steps == 4 and result.best_model is not None
+    rows = metrics(run)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert np.isfinite(row["loss"]) and 0 < row["loss/flow"] < 10
+        assert "loss/face" in row and "loss/body" in row  # the differentiable world encoders ran under autocast
+        assert 0 <= row["loss/face"] <= 2 and 0 <= row["loss/body"] <= 2
+    first = load_file(run / "checkpoints" / "checkpoint-000002" / "trainable.safetensors")
+    last = load_file(run / "checkpoints" / "checkpoint-000004" / "trainable.safetensors")
+    assert all(torch.isfinite(value.float()).all() for value in last.values())
+    assert sum(not torch.equal(first[key], last[key]) for key in last) > len(last) // 2  # the adapters trained
+
+
+def test_resume_on_the_gpu_continues_from_the_checkpoint(gpu_run, world, tmp_path):
+    from dtback.config import load_config
+    from dtback.training.trainer import train
+
+    run, _, _ = gpu_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
+    cfg = load_config(REPO / "train" / "config.yaml", world_settings(world, copy, **{"training.max_steps": 6}))
+    result = train(cfg, resume="auto", progress_bar=False)
+    assert result.steps == 6
+    steps = [row["step"] for row in metrics(copy)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # continued at 5, nothing repeated
+    before = load_file(copy / "checkpoints" / "checkpoint-000004" / "trainable.safetensors")
+    after = load_file(copy / "checkpoints" / "checkpoint-000006" / "trainable.safetensors")
+    assert any(not torch.equal(before[key], after[key]) for key in after)
+
+
+def test_the_pipeline_on_cuda_agrees_with_itself_under_offload_and_with_the_cpu(gpu_run, world):
+    from PIL import Image
+
+    from dtback.inference.pipeline import IdentityFluxPipeline
+
+    run, _, _ = gpu_run
+    character = json.loads((run / "split.json").read_text())["val"][0]
+    reference = Image.open(sorted((world / character).glob("*.png"))[0])
+    images = {}
+    for mode, kwargs in {"gpu": dict(device="cuda"), "model": dict(offload="model"),
+                         "sequential": dict(offload="sequential"),
+                         "cpu": dict(device="cpu", dtype=torch.float32)}.items():
+        pipe = IdentityFluxPipeline.from_pretrained(run / "best_model.pt", **kwargs)
+        references, _ = pipe.encode_references([reference])
+        image = pipe("a person standing in a park", references, num_inference_steps=4, seed=0, height=128,
+                     width=128)[0]
+        images[mode] = np.asarray(image, dtype=np.float32) / 255
+        del pipe
+        torch.cuda.empty_cache()
+    # Offload moves weights, not numbers: the same kernels on the same device.
+    assert np.abs(images["model"] - images["gpu"]).mean() < 0.01
+    assert np.abs(images["sequential"] - images["gpu"]).mean() < 0.01
+    # The GPU (bf16 where the weights allow it) vs the CPU in float32: the same picture up to precision.
+    assert np.abs(images["cpu"] - images["gpu"]).mean() < 0.08
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="the memory modes need pip install 'dtback[memory]'")
+def test_memory_mode_steps_on_the_gpu_int8_base_and_8bit_adamw(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("train_step_cuda", BENCHMARKS / "train_step.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = tmp_path / "train_step.json"
+    assert module.main(["--preset", "tiny", "--sizes", "128", "--warmup", "2", "--steps", "2", "--device", "cuda",
+                        "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["base_dtype"] == "bfloat16" and result["base_weight_gb_int8"] < result["base_weight_gb"]
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert [rows[mode]["status"] for mode in module.MODES] == ["ok"] * 4, result["rows"]
+    for row in rows.values():
+        assert row["seconds"] > 0 and 0 < row["peak_memory_gb"] < 20
+    assert rows["int8"]["peak_memory_gb"] <= rows["checkpointing"]["peak_memory_gb"]
+
+
+def test_evaluate_runs_on_the_gpu(gpu_run, tmp_path):
+    from dtback.cli import main
+
+    run, _, _ = gpu_run
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--model", str(run / "best_model.pt"), "--steps", "2", "--seed", "3",
+                 "--device", "cuda", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    text = json.dumps(results)
+    assert "NaN" not in text and "Infinity" not in text
+    assert (out / "results.md").is_file()
+
+
+def test_ddp_with_one_gpu_process_trains(world, tmp_path):
+    run = tmp_path / "run"
+    args = [part for value in world_settings(world, run, **{"training.max_steps": 2, "training.validate_every": 1000})
+            for part in ("--set", value)]
+    env = {**os.environ, "COLUMNS": "300"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                             str(REPO / "train" / "run_training.py"), "--config", str(REPO / "train" / "config.yaml"),
+                             "--no-progress", *args], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(run)
+    assert [row["step"] for row in rows] == [1, 2] and all(np.isfinite(row["loss"]) for row in rows)

@@ -12,6 +12,7 @@
 # Usage: benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: $OUT, else ./gpu_check)
 #   --dry-run   the same script on the CPU with the scaled-down configs (tiny train step, small sampler), in ~1 min
 # Limits in seconds (environment): GPU_CHECK_TESTS_S (120), GPU_CHECK_TRAIN_S (200), GPU_CHECK_SAMPLE_S (140).
+# GPU_CHECK_PARTS: the parts to run (default "cuda_tests train_step sample").
 # GPU_CHECK_WHEELS: the wheel folder (default REPO/.whl; empty: none). Build it with the command in benchmarks/README.
 # Output: env.json, cuda_tests.xml, train_step.json, sample.json, parts.json, rows.md, gpu_check.log.
 set -uo pipefail
@@ -21,7 +22,7 @@ OUT_DIR=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
         -*) echo "gpu_check.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
         *) OUT_DIR="$arg" ;;
     esac
@@ -83,11 +84,13 @@ print(json.dumps(env))
 EOF
 
 PARTS=()
-part() {  # part NAME LIMIT_S COMMAND...: run with a hard limit (+30 s over the python-side one), record the exit
+ONLY=" ${GPU_CHECK_PARTS:-cuda_tests train_step sample} "
+part() {  # part NAME LIMIT_S COMMAND...: run with a hard limit (+20 s over the python-side one), record the exit
     local name="$1" limit="$2"; shift 2
+    if [[ "$ONLY" != *" $name "* ]]; then log "part $name: not in GPU_CHECK_PARTS"; return; fi
     log "part $name (limit ${limit} s): $*"
     local start=$SECONDS
-    timeout --kill-after 10 "$((limit + 30))" "$@" 2>&1 | tee -a "$LOG"
+    timeout --kill-after 5 "$((limit + 20))" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     log "part $name: exit $rc after $((SECONDS - start)) s"
     PARTS+=("{\"part\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - start)), \"limit_s\": $limit}")
@@ -95,12 +98,13 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a hard limit (+30 s over the 
 
 part cuda_tests "$TESTS_S" "$PY" -m pytest -m cuda tests/cuda -p no:cacheprovider -q -rA \
     --junitxml "$OUT_DIR/cuda_tests.xml" -o "junit_family=xunit1"
-part train_step "$TRAIN_S" "$PY" benchmarks/train_step.py "${TRAIN_ARGS[@]}" --time-limit "$TRAIN_S" \
-    --json "$OUT_DIR/train_step.json"
+# shellcheck disable=SC2086  # GPU_CHECK_TRAIN_EXTRA: extra arguments, split on spaces (e.g. "--sizes 512")
+part train_step "$TRAIN_S" "$PY" benchmarks/train_step.py "${TRAIN_ARGS[@]}" ${GPU_CHECK_TRAIN_EXTRA:-} \
+    --time-limit "$TRAIN_S" --json "$OUT_DIR/train_step.json"
 part sample "$SAMPLE_S" "$PY" benchmarks/sample.py "${SAMPLE_ARGS[@]}" --time-limit "$SAMPLE_S" \
     --json "$OUT_DIR/sample.json"
 
-(IFS=,; echo "[${PARTS[*]}]") > "$OUT_DIR/parts.json"
+(IFS=,; echo "[${PARTS[*]:-}]") > "$OUT_DIR/parts.json"
 "$PY" benchmarks/gpu_record.py "$OUT_DIR" > "$OUT_DIR/rows.md" 2>> "$LOG"
 record_rc=$?
 cat "$OUT_DIR/rows.md" | tee -a "$LOG"

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_overhead import BODY_DIM, FACE_DIM, FLUX_DEV, identity_inputs, measure, transformer_inputs  # noqa: E402
 
 from dtback.config import IdentityConfig, ModelConfig, TrainingConfig  # noqa: E402
+from dtback.devices import attention_backends  # noqa: E402
 from dtback.errors import DtbackError  # noqa: E402
 from dtback.io import write_json  # noqa: E402
 from dtback.model.identity_flux import IdentityPreservingFlux  # noqa: E402
@@ -253,6 +254,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU; default: by device name (GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here (rewritten after every row)")
+    parser.add_argument("--cudnn-attention", action="store_true", help="let attention use cuDNN (off, as in "
+                        "training: its backward failed on an H100, see dtback.devices.attention_backends)")
     parser.add_argument("--time-limit", type=float, help="seconds: rows not started by then are recorded as skipped "
                         "(benchmarks/gpu_check.sh fits its window this way)")
     args = parser.parse_args(argv)
@@ -268,6 +271,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with attention_backends(cudnn=args.cudnn_attention):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     device, params = args.device, PRESETS[args.preset]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
@@ -282,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
         "device": device_name, "peak_tflops": args.peak_tflops, "base_dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        "cudnn_attention": args.cudnn_attention,
         "base_parameters": sum(p.numel() for p in transformer.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters()),
         "base_weight_gb": weight_bytes(transformer) / 2**30, "rows": [],

@@ -320,6 +320,11 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, no mixed precision on a CPU."
     )
+    cudnn_attention: bool = Field(
+        False, description="Let scaled_dot_product_attention use cuDNN's attention while training. Off: on an H100 "
+        "(torch 2.11, CUDA 13.0) its backward gave NaN gradients and an illegal memory access (benchmarks/README.md); "
+        "flash / memory-efficient attention are used instead.",
+    )
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="adamw8bit: AdamW moments in 8 bits through bitsandbytes (GPU or CPU; a memory mode)."
     )

@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -37,6 +40,23 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu", low_precision_o
         return getattr(torch, name)
     on_gpu = torch.device(device).type == "cuda"
     return torch.bfloat16 if on_gpu and low_precision_ok else torch.float32
+
+
+@contextlib.contextmanager
+def attention_backends(cudnn: bool) -> Iterator[None]:
+    """Inside, torch's cuDNN attention backend for ``scaled_dot_product_attention`` is on or off as ``cudnn`` says
+    (flash and memory-efficient attention are left as they are); the previous setting is restored after.
+
+    Training switches it off: on an H100 with torch 2.11 + CUDA 13.0 its backward gave NaN gradients on the world
+    base and an illegal memory access on the FLUX.1-dev transformer at 512 px, while flash, memory-efficient and
+    math attention trained both (benchmarks/README.md, GPU check of 2026-11-26). Without CUDA the switch is inert.
+    """
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def auto_mixed_precision() -> str:

@@ -73,8 +73,14 @@ def train(cfg: Config, resume: str | Path | None = "auto", progress_bar: bool = 
     """Train the identity adapters (and the simple model's transformer) as ``cfg`` says; see the module docstring.
 
     ``resume``: ``"auto"`` continues from the latest checkpoint in the run folder when there is one, a path
-    continues from that checkpoint, ``None`` starts at step 0.
+    continues from that checkpoint, ``None`` starts at step 0. cuDNN attention is off while it runs unless
+    ``training.cudnn_attention`` (:func:`dtback.devices.attention_backends`).
     """
+    with devices.attention_backends(cudnn=cfg.training.cudnn_attention):
+        return _train(cfg, resume, progress_bar)
+
+
+def _train(cfg: Config, resume: str | Path | None, progress_bar: bool) -> TrainResult:
     t = cfg.training
     # On a machine without any GPU, accelerate only joins the processes torchrun starts (gloo) when told cpu=True.
     # Adapters are skipped for samples without identity (dropout, no face), so some parameters get no gradient

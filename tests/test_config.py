@@ -186,3 +186,26 @@ def test_keys_of_earlier_versions_load_with_a_note(tmp_path):
     both.write_text("identity:\n  world_models_dir: /a\ndata:\n  world:\n    components: /b\n")
     with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="both identity.world_models_dir"):
         load_config(both)
+
+
+def test_mixed_precision_no_survives_yaml_and_cudnn_attention_is_off_by_default(tmp_path):
+    # YAML 1.1 reads a bare `no` as false; the key means the string.
+    assert load_config(None, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  mixed_precision: no\n")
+    cfg = load_config(path)
+    assert cfg.training.mixed_precision == "no" and cfg.training.cudnn_attention is False
+
+
+def test_attention_backends_switch_cudnn_and_restore_it():
+    import torch
+
+    from dtback.devices import attention_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_backends(cudnn=False):
+        assert torch.backends.cuda.cudnn_sdp_enabled() is False
+        with attention_backends(cudnn=True):
+            assert torch.backends.cuda.cudnn_sdp_enabled() is True
+        assert torch.backends.cuda.cudnn_sdp_enabled() is False
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

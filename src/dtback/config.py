@@ -320,6 +320,12 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, no mixed precision on a CPU."
     )
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_false(cls, value):
+        # YAML 1.1 reads a bare `no` (`--set training.mixed_precision=no`, `mixed_precision: no`) as false.
+        return "no" if value is False else value
+
     cudnn_attention: bool = Field(
         False, description="Let scaled_dot_product_attention use cuDNN's attention while training. Off: on an H100 "
         "(torch 2.11, CUDA 13.0) its backward gave NaN gradients and an illegal memory access (benchmarks/README.md); "

@@ -120,7 +120,7 @@ def test_the_pipeline_on_cuda_agrees_with_itself_under_offload_and_with_the_cpu(
     reference = Image.open(sorted((world / character).glob("*.png"))[0])
     images = {}
     for mode, kwargs in {"gpu": dict(device="cuda"), "model": dict(offload="model"),
-                         "sequential": dict(offload="sequential"),
+                         "sequential": dict(offload="sequential"), "gpu_float32": dict(device="cuda", dtype=torch.float32),
                          "cpu": dict(device="cpu", dtype=torch.float32)}.items():
         pipe = IdentityFluxPipeline.from_pretrained(run / "best_model.pt", **kwargs)
         references, _ = pipe.encode_references([reference])
@@ -132,8 +132,11 @@ def test_the_pipeline_on_cuda_agrees_with_itself_under_offload_and_with_the_cpu(
     # Offload moves weights, not numbers: the same kernels on the same device.
     assert np.abs(images["model"] - images["gpu"]).mean() < 0.01
     assert np.abs(images["sequential"] - images["gpu"]).mean() < 0.01
-    # The GPU (bf16 where the weights allow it) vs the CPU in float32: the same picture up to precision.
-    assert np.abs(images["cpu"] - images["gpu"]).mean() < 0.08
+    # float32 on the GPU vs the CPU: the same numbers up to TF32 convolutions and summation order.
+    assert np.abs(images["cpu"] - images["gpu_float32"]).mean() < 0.03
+    # bf16 (the GPU's default) vs float32: the same picture, not the same pixels (H100, 2026-11-26: mean |diff| 0.080).
+    assert np.abs(images["cpu"] - images["gpu"]).mean() < 0.15
+    assert np.corrcoef(images["cpu"].ravel(), images["gpu"].ravel())[0, 1] > 0.9
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None or importlib.util.find_spec("bitsandbytes") is None,

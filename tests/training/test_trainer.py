@@ -272,3 +272,23 @@ def test_a_frozen_simple_base_keeps_its_weights_and_only_the_adapters_train(tiny
     model = IdentityPreservingFlux.from_pretrained(run_dir / "best_model.pt", transformer=saved)
     assert model.spec.extra.base_model == "base"
     assert any(p.abs().sum() > 0 for name, p in model.named_parameters() if "to_out" in name)  # zero-init moved
+
+
+def test_training_runs_with_cudnn_attention_as_the_config_says(monkeypatch):
+    import contextlib
+
+    seen = []
+
+    @contextlib.contextmanager
+    def backends(cudnn):
+        seen.append(("enter", cudnn))
+        yield
+        seen.append(("exit", cudnn))
+
+    monkeypatch.setattr(trainer_module.devices, "attention_backends", backends)
+    monkeypatch.setattr(trainer_module, "_train", lambda cfg, resume, progress_bar: seen.append("train") or "done")
+    for value in (False, True):
+        seen.clear()
+        cfg = load_config(None, [f"training.cudnn_attention={str(value).lower()}"])
+        assert train(cfg, resume=None, progress_bar=False) == "done"
+        assert seen == [("enter", value), "train", ("exit", value)]

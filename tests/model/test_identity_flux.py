@@ -227,3 +227,42 @@ def test_run_record_is_typed_and_reads_adapters_of_earlier_versions(tmp_path):
                                     str(tmp_path)}, "input_size": 64, "future_key": 1})
     identity, world = identity_from_adapter(old, "cpu")
     assert world == tmp_path and identity.face_backend == "world" and old.future_key == 1
+
+
+def test_identity_modulation_starts_at_zero_shifts_temb_trains_and_round_trips(load_base, tmp_path):
+    base = load_base()
+    reference = run(None, base)
+    model = make_model(base, identity_modulation=True).attach(base)
+    assert model.spec.modulation and model.modulation is not None
+    assert torch.equal(run(model, base, identity_inputs()), reference)  # zero-initialised: exactly the base
+    # Only the modulation is non-zero: the change comes through temb alone.
+    with torch.no_grad():
+        model.modulation.proj.weight.normal_(0, 0.1)
+    shifted = run(model, base, identity_inputs())
+    assert (shifted - reference).abs().max() > 1e-4
+    assert torch.equal(run(model, base, identity_inputs(), face_scale=0.0, body_scale=0.0), reference)
+    assert torch.equal(run(model, base, None), reference)
+    assert not torch.allclose(run(model, base, identity_inputs(), body_scale=0.0), shifted)
+    out = model(identity=identity_inputs(), **transformer_inputs())[0]
+    out.square().mean().backward()
+    assert model.modulation.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in base.parameters())  # the base is frozen by the caller, not touched here
+    path = model.save_pretrained(tmp_path / "adapter")
+    fresh = load_base()
+    loaded = IdentityPreservingFlux.from_pretrained(path, transformer=fresh)
+    assert loaded.spec.modulation and torch.equal(run(loaded, fresh, identity_inputs()), shifted)
+    model.detach()
+    assert torch.equal(run(None, base), reference)  # the temb hook is gone with the adapters'
+
+
+def test_adapters_saved_before_modulation_existed_load_without_it(load_base, tmp_path):
+    import json
+
+    base = load_base()
+    path = make_model(base).save_pretrained(tmp_path / "adapter")
+    config = path / "adapter_config.json"
+    payload = json.loads(config.read_text())
+    payload.pop("modulation")
+    config.write_text(json.dumps(payload))
+    loaded = IdentityPreservingFlux.from_pretrained(path, transformer=load_base())
+    assert loaded.spec.modulation is False and loaded.modulation is None

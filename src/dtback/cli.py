@@ -192,7 +192,8 @@ def _add_build_parser(dataset) -> None:
                        help="a folder of photos/videos or a single file (repeatable)")
     build.add_argument("--out", type=Path, required=True, help="dataset folder to create or extend (data.data_dir)")
     _add_config_args(build, default_config=None)
-    build.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
+    build.add_argument("--report", type=Path, default=None,
+                       help="also write the JSON report of this run here (with encoder runs, cache hits, images added)")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.set_defaults(func=cmd_dataset_build)
 

@@ -69,7 +69,12 @@ class BuildConfig(_Section):
         "complete", description="complete: every pair of faces in a character is closer than cluster_threshold."
     )
     cluster_threshold: float | None = Field(
-        None, gt=0, description="Embedding distance that separates identities (null: 0.5 dlib, 1.15 insightface)."
+        None, gt=0, description="Faces join a character when closer than this to all its faces (null: 0.44 dlib, "
+        "1.15 insightface)."
+    )
+    cluster_margin: float | None = Field(
+        None, ge=0, description="Faces or groups within cluster_threshold + this of a character, or as close to two, "
+        "are left out as ambiguous (null: 0.04 dlib, 0.05 insightface)."
     )
     face_backend: Literal["dlib", "insightface"] | None = Field(
         None, description="Face backend that groups photos; null: identity.face_backend, or dlib when that is world "

@@ -8,18 +8,21 @@ Steps, each rule documented where it lives:
 2. **Filter**: no face, too small, blurred, several faces (:func:`~dtback.curate.faces.face_verdict`); the same bytes
    twice; near-duplicates (:func:`~dtback.curate.cluster.near_duplicates`). Pictures are taken in a fixed order:
    those already in the dataset first, then the sources sorted by path and time, so the earlier one is kept.
-3. **Group** (:mod:`dtback.curate.cluster`): new faces join existing characters when close enough to all their
-   members, the rest are clustered with complete linkage; a group of at least ``data.min_images_per_char``
-   becomes a new character, smaller groups wait in the build state (skip reason ``unclustered``).
+3. **Group** (:func:`dtback.curate.cluster.group_faces`, sorted by content so that names and order do not matter):
+   new faces join existing characters when close enough to all their members, the rest are clustered with complete
+   linkage; a group of at least ``data.min_images_per_char`` becomes a new character, smaller groups are skipped as
+   ``unclustered``; faces and groups close to the threshold or to two characters are skipped as ``ambiguous``.
+   Both are tried again on every run.
 4. **Write** ``DATA_DIR/<bundle>/<character>/``: the images (photos copied byte for byte, frames as JPEG),
    ``character.json`` and ``contact_sheet.png`` (:mod:`dtback.curate.characters`); new characters fill bundles
    ``<bundle_prefix>_000, _001, ...`` of ``data.max_chars_per_bundle`` characters (one bundle when null).
 
 **Idempotent and resumable.** Existing characters are never split, merged, renamed or rewritten unless they gain
-images; a rerun with the same sources changes nothing (only ``build_report.json`` is rewritten). The state lives in
-``DATA_DIR/.dtback-build/`` (``state.json``: what each source gave; ``cache/``: face records, unless
-``identity.cache_dir`` is set; ``frames/``: frames with a face). ``character.json`` is written before its images,
-so an interrupted run leaves listed-but-missing images, which the next run copies again.
+images; a rerun with the same sources and settings writes the same bytes (``build_report.json`` holds only what the
+sources and settings decide). The state lives in ``DATA_DIR/.dtback-build/`` (``state.json``: what each source
+gave; ``cache/``: face records, unless ``identity.cache_dir`` is set; ``frames/``: frames with a face).
+``character.json`` is written before its images, so an interrupted run leaves listed-but-missing images, which the
+next run copies again.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from dtback.curate.characters import (
     write_character,
     write_contact_sheet,
 )
-from dtback.curate.cluster import DEFAULT_THRESHOLDS, assign_to_existing, cluster, near_duplicates
+from dtback.curate.cluster import DEFAULT_THRESHOLDS, group_faces, near_duplicates
 from dtback.curate.faces import FaceRecord, face_verdict, measure
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.data.layout import BUILD_STATE_DIR
@@ -100,8 +103,9 @@ class DatasetBuilder:
         if identity.face_backend not in DEFAULT_THRESHOLDS:
             raise ConfigError(f"identity.face_backend={identity.face_backend}: the dataset builder needs a photo face "
                               f"backend ({', '.join(DEFAULT_THRESHOLDS)}); set data.build.face_backend")
-        cluster_default, duplicate_default = DEFAULT_THRESHOLDS[identity.face_backend]
+        cluster_default, margin_default, duplicate_default = DEFAULT_THRESHOLDS[identity.face_backend]
         self.threshold = self.cfg.cluster_threshold if self.cfg.cluster_threshold is not None else cluster_default
+        self.margin = self.cfg.cluster_margin if self.cfg.cluster_margin is not None else margin_default
         dup = self.cfg.duplicate_face_distance
         self.duplicate_distance = dup if dup is not None else duplicate_default
         self.body_rule = BodyCropRule.from_config(identity)
@@ -117,7 +121,10 @@ class DatasetBuilder:
         self.root.mkdir(parents=True, exist_ok=True)
         files, skips = list_files(sources, exclude=self.root)
         characters = read_characters(self.root)
-        report = BuildReport(data_dir=str(self.root), sources=[str(s) for s in sources], settings=self._settings())
+        report = BuildReport(
+            data_dir=str(self.root.resolve()), sources=[str(Path(s).resolve()) for s in sources],
+            settings=self._settings(),
+        )
         report.skips.extend(skips)
         state_path = self.state_dir / STATE_FILE
         state = _load_state(state_path)
@@ -139,13 +146,14 @@ class DatasetBuilder:
         report.characters = len(characters)
         report.bundles = sorted({c.bundle for c in characters})
         report.seconds = round(time.perf_counter() - start, 2)
-        report.write(self.root / REPORT_FILE)
+        report.write(self.root / REPORT_FILE, run=False)
         return report
 
     def _settings(self) -> dict[str, Any]:
         return {
             **self.cfg.model_dump(mode="json"),
             "cluster_threshold_used": self.threshold,
+            "cluster_margin_used": self.margin,
             "duplicate_face_distance_used": self.duplicate_distance,
             "min_images_per_char": self.data.min_images_per_char,
             "max_chars_per_bundle": self.data.max_chars_per_bundle,
@@ -194,6 +202,9 @@ class DatasetBuilder:
             candidates.append((item, record))
 
         fixed = [(c, image, self._placed_record(c, image)) for c in characters for image in c.images]
+        # The larger face of near-duplicates is kept, ties by content: the same set of pictures gives the same
+        # choice whatever their names or the order of the sources.
+        candidates.sort(key=lambda m: (-_face_area(m[1]), m[0].key))
         records = [r for _, _, r in fixed] + [r for _, r in candidates]
         if not records:
             return {}, []
@@ -204,7 +215,8 @@ class DatasetBuilder:
             self.cfg.duplicate_hash_bits,
             fixed=len(fixed),
         )
-        labels = [f"{c.key}/{image.file}" for c, image, _ in fixed] + [item.label for item, _ in candidates]
+        labels = [Item(image.embedding_id, image.source, image.frame_time).label for _, image, _ in fixed]
+        labels += [item.label for item, _ in candidates]
         kept = []
         for offset, (item, record) in enumerate(candidates):
             original = duplicate_of[len(fixed) + offset]
@@ -212,6 +224,7 @@ class DatasetBuilder:
                 report.skips.append(SourceSkip(item.label, "duplicate", f"near-duplicate of {labels[original]}"))
             else:
                 kept.append((item, record))
+        kept.sort(key=lambda m: m[0].key)
         return self._group(kept, characters, fixed, report)
 
     def _group(
@@ -221,27 +234,30 @@ class DatasetBuilder:
         fixed: list[tuple[Character, PlacedImage, FaceRecord]],
         report: BuildReport,
     ) -> tuple[dict[int, list[Member]], list[list[Member]]]:
-        """Join ``kept`` faces to existing characters, cluster the rest; small groups become ``unclustered`` skips."""
+        """Place ``kept`` faces (sorted by content key) by :func:`~dtback.curate.cluster.group_faces`: join
+        existing characters, form new ones, or leave them out as ``ambiguous`` / ``unclustered`` skips."""
         members = [np.array([r.embedding for c, _, r in fixed if c is character]) for character in characters]
-        embeddings = np.stack([r.embedding for _, r in kept]) if kept else np.zeros((0, 1))
-        target = assign_to_existing(embeddings, members, self.threshold, self.cfg.cluster_linkage)
+        if not kept:
+            return {}, []
+        future = new_slots(
+            self.root, characters, len(kept) // self.data.min_images_per_char + 1, self.cfg.bundle_prefix,
+            self.cfg.character_prefix, self.data.max_chars_per_bundle,
+        )
+        grouping = group_faces(
+            members, np.stack([r.embedding for _, r in kept]), self.threshold, self.margin,
+            self.data.min_images_per_char, self.cfg.cluster_linkage,
+            names=[c.key for c in characters] + [f"{bundle}/{name}" for bundle, name in future],
+        )
         joined: dict[int, list[Member]] = {}
-        for index, member in zip(target, kept):
-            if index >= 0:
-                joined.setdefault(int(index), []).append(member)
-        rest = [member for index, member in zip(target, kept) if index < 0]
-        labels = []
-        if rest:
-            labels = cluster(np.stack([r.embedding for _, r in rest]), self.threshold, self.cfg.cluster_linkage)
-        groups = []
-        for label in range(int(max(labels, default=-1)) + 1):
-            group = [member for member, value in zip(rest, labels) if value == label]
-            if len(group) >= self.data.min_images_per_char:
-                groups.append(group)
-                continue
-            for item, _ in group:
-                detail = f"{len(group)} similar faces < min_images_per_char={self.data.min_images_per_char}"
-                report.skips.append(SourceSkip(item.label, "unclustered", detail))
+        groups: list[list[Member]] = [[] for _ in range(grouping.new_groups)]
+        for index, member in enumerate(kept):
+            target = int(grouping.target[index])
+            if target < 0:
+                report.skips.append(SourceSkip(member[0].label, grouping.reason[index], grouping.detail[index]))
+            elif target < len(characters):
+                joined.setdefault(target, []).append(member)
+            else:
+                groups[target - len(characters)].append(member)
         return joined, groups
 
     def _placed_record(self, character: Character, image: PlacedImage) -> FaceRecord:
@@ -344,6 +360,11 @@ class DatasetBuilder:
                 report.skips.append(SourceSkip(image.source, "source_missing", detail))
             write_character(self.root, character)
             write_contact_sheet(self.root, character, self.cfg.contact_sheet_tiles)
+
+
+def _face_area(record: FaceRecord) -> float:
+    x1, y1, x2, y2 = (float(v) for v in record.box)
+    return (x2 - x1) * (y2 - y1)
 
 
 def _load_state(path: Path) -> dict[str, Any]:

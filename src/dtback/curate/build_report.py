@@ -1,6 +1,9 @@
 """What a ``dtback dataset build`` run did: counts, every skip with its reason, the characters it made or grew.
 
 The same report is printed as a table (:meth:`BuildReport.table`) and written as JSON (:meth:`BuildReport.to_json`).
+``DATA_DIR/build_report.json`` holds only what the sources and settings decide (:meth:`BuildReport.dataset_json`),
+so a rerun with the same sources writes the same bytes; what one run cost and changed (encoder runs, cache hits,
+images added, seconds: :data:`RUN_FIELDS`) is printed and written only with ``--report``.
 """
 
 from __future__ import annotations
@@ -33,9 +36,15 @@ SKIP_REASONS = {
     "several_faces": "another face nearly as large as the chosen one (build.max_other_face_ratio)",
     "same_content": "the same bytes as an earlier picture",
     "duplicate": "near-duplicate of a kept picture (same face, nearly the same image)",
-    "unclustered": "fewer than data.min_images_per_char similar faces yet; kept in the build state for later runs",
+    "unclustered": "fewer than data.min_images_per_char similar faces yet; reconsidered on every rerun",
+    "ambiguous": "close to the threshold or to two characters (build.cluster_margin); left out rather than guessed",
     "source_missing": "the file vanished before it could be copied into its character",
 }
+
+
+# What one run did, left out of DATA_DIR/build_report.json (a rerun would change them).
+RUN_FIELDS = ("already_in_dataset", "images_added", "joined_existing", "new_characters", "grown_characters", "seconds")
+RUN_READ_FIELDS = ("encoder_calls", "cache_hits", "sources_unchanged")
 
 
 @dataclass
@@ -73,8 +82,17 @@ class BuildReport:
         data["skip_reasons"] = {reason: SKIP_REASONS[reason] for reason in self.skipped_by_reason}
         return data
 
-    def write(self, path: Path) -> Path:
-        write_atomic(path, (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8"))
+    def dataset_json(self) -> dict[str, Any]:
+        """:meth:`to_json` without the fields of this one run: a pure function of the sources and settings."""
+        data = {name: value for name, value in self.to_json().items() if name not in RUN_FIELDS}
+        data["skips"] = sorted(data["skips"], key=lambda skip: (skip["path"], skip["reason"], skip["detail"]))
+        data["read"] = {name: value for name, value in data["read"].items() if name not in RUN_READ_FIELDS}
+        return data
+
+    def write(self, path: Path, run: bool = True) -> Path:
+        """Write :meth:`to_json` (``run``) or :meth:`dataset_json` to ``path`` atomically."""
+        data = self.to_json() if run else self.dataset_json()
+        write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
         return path
 
     def table(self) -> Table:

@@ -194,6 +194,9 @@ def _add_build_parser(dataset) -> None:
     _add_config_args(build, default_config=None)
     build.add_argument("--report", type=Path, default=None,
                        help="also write the JSON report of this run here (with encoder runs, cache hits, images added)")
+    build.add_argument("--rebuild", action="store_true",
+                       help="the dataset was built with other settings: remove its built characters and group every "
+                       "source again with these (the face cache and corrections.yaml are kept)")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.set_defaults(func=cmd_dataset_build)
 
@@ -206,7 +209,8 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
     identity, which = backends.builder_identity(cfg)
     _say(which)
     encoder = backends.face_encoder(identity, backends.world_folder(cfg))
-    report = build_dataset(args.sources, cfg.data, identity, encoder, progress=not args.no_progress)
+    report = build_dataset(args.sources, cfg.data, identity, encoder, progress=not args.no_progress,
+                           rebuild=args.rebuild)
     console.print(report.table())
     if args.report is not None:
         report.write(args.report)

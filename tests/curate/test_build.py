@@ -36,10 +36,10 @@ def config(out: Path, cache: Path | None, *overrides: str):
     return load_config(None, settings)
 
 
-def build(sources: list[Path], out: Path, cache: Path | None = None, *overrides: str):
+def build(sources: list[Path], out: Path, cache: Path | None = None, *overrides: str, rebuild: bool = False):
     cfg = config(out, cache, *overrides)
     identity, _ = backends.builder_identity(cfg)
-    return build_dataset(sources, cfg.data, identity, backends.face_encoder(identity), progress=False)
+    return build_dataset(sources, cfg.data, identity, backends.face_encoder(identity), progress=False, rebuild=rebuild)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -186,6 +186,24 @@ def test_the_order_and_names_of_the_photos_do_not_matter(photos, tmp_path):
     assert report.skipped_by_reason == photos["report"].skipped_by_reason
 
 
+def test_a_rerun_with_other_settings_is_refused_until_rebuild(photos, tmp_path):
+    out = tmp_path / "dataset"
+    build([photos["flat"]], out, photos["cache"], "data.build.cluster_threshold=0.4", "data.min_images_per_char=4")
+    before = every_byte(out)
+    with pytest.raises(DatasetError) as refused:
+        build([photos["flat"]], out, photos["cache"])
+    message = str(refused.value)
+    assert "data.build.cluster_threshold: 0.4 when built, now 0.44" in message
+    assert "data.min_images_per_char: 4 when built, now 3" in message and "--rebuild" in message
+    assert "cluster_margin" not in message and every_byte(out) == before  # nothing written
+    # The same settings again: accepted. --rebuild: grouped again from scratch with the new settings.
+    build([photos["flat"]], out, photos["cache"], "data.build.cluster_threshold=0.4", "data.min_images_per_char=4")
+    build([photos["flat"]], out, photos["cache"], rebuild=True)
+    assert characters_by_content(out) == characters_by_content(photos["out"])
+    assert every_byte(out)[REPORT_FILE] == every_byte(photos["out"])[REPORT_FILE].replace(
+        str(photos["out"]).encode(), str(out).encode())
+
+
 def test_new_source_adds_only_new_images(photos, tmp_path):
     """First the LFW photos 1-7 of each person (+ the TV stills), then also photos 8-10: they join the right
     characters and nothing written before changes. Four characters per bundle."""
@@ -318,6 +336,9 @@ def test_bad_input_is_counted_and_nothing_usable_exits_2(tmp_path, capsys):
         check_usable(build([src], out))
     with pytest.raises(DatasetError, match="no such file or folder"):
         build([tmp_path / "missing"], out)
+    # A missing source leaves no --out folder behind.
+    assert main(["dataset", "build", "--from", str(tmp_path / "missing"), "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_interrupted_read_resumes_where_it_stopped(tmp_path, monkeypatch):

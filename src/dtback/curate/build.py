@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from dtback.curate.characters import (
 from dtback.curate.cluster import DEFAULT_THRESHOLDS, group_faces, near_duplicates
 from dtback.curate.faces import FaceRecord, face_verdict, measure
 from dtback.data.images import ImageSkip, load_rgb
-from dtback.data.layout import BUILD_STATE_DIR
+from dtback.data.layout import BUILD_STATE_DIR, CONTACT_SHEET
 from dtback.curate.sources import Item, SourceReader, SourceSkip, list_files
 from dtback.errors import ConfigError, DatasetError
 from dtback.identity.crops import BodyCropRule, person_box
@@ -71,12 +72,18 @@ MEASURE_VERSION = "2"  # bump when FaceRecord's measurements change, so old cach
 
 
 def build_dataset(
-    sources: list[Path], data: DataConfig, identity: IdentityConfig, encoder: FaceEncoder, progress: bool = True
+    sources: list[Path],
+    data: DataConfig,
+    identity: IdentityConfig,
+    encoder: FaceEncoder,
+    progress: bool = True,
+    rebuild: bool = False,
 ) -> BuildReport:
     """Build or extend ``data.data_dir`` from ``sources`` (files or folders) with the face ``encoder`` of
     ``identity.face_backend`` (a photo backend: :func:`dtback.backends.builder_identity` chooses it); returns the
-    report (also written to ``DATA_DIR/build_report.json``)."""
-    return DatasetBuilder(data, identity, encoder, progress).run(sources)
+    report (also written to ``DATA_DIR/build_report.json``). A dataset built with other settings is refused, or
+    with ``rebuild`` its characters are removed and every source grouped again."""
+    return DatasetBuilder(data, identity, encoder, progress).run(sources, rebuild)
 
 
 def check_usable(report: BuildReport) -> None:
@@ -114,20 +121,28 @@ class DatasetBuilder:
 
     # ------------------------------------------------------------------------------------------------- the run
 
-    def run(self, sources: list[Path]) -> BuildReport:
+    def run(self, sources: list[Path], rebuild: bool = False) -> BuildReport:
         start = time.perf_counter()
         if self.root.exists() and not self.root.is_dir():
             raise DatasetError(f"--out {self.root} exists and is not a folder")
+        files, skips = list_files(sources, exclude=self.root)  # before --out is made: a missing source leaves nothing
         self.root.mkdir(parents=True, exist_ok=True)
-        files, skips = list_files(sources, exclude=self.root)
+        state_path = self.state_dir / STATE_FILE
+        state = _load_state(state_path)
+        shaping = self.shaping_settings()
+        remembered = state.get("settings")
+        if remembered is not None and remembered != shaping:
+            if not rebuild:
+                raise DatasetError(_changed_settings_message(self.root, remembered, shaping))
+            removed = remove_built_characters(self.root, read_characters(self.root))
+            log.info("--rebuild: removed %d characters built with other settings", removed)
+        state["settings"] = shaping
         characters = read_characters(self.root)
         report = BuildReport(
             data_dir=str(self.root.resolve()), sources=[str(Path(s).resolve()) for s in sources],
             settings=self._settings(),
         )
         report.skips.extend(skips)
-        state_path = self.state_dir / STATE_FILE
-        state = _load_state(state_path)
         settings = {**self.encoder.settings(), "measure": MEASURE_VERSION}
         with EmbeddingCache(self.cache_root / "build", self.encoder.encoder_id, settings) as cache:
             self.cache = cache
@@ -148,6 +163,25 @@ class DatasetBuilder:
         report.seconds = round(time.perf_counter() - start, 2)
         report.write(self.root / REPORT_FILE, run=False)
         return report
+
+    def shaping_settings(self) -> dict[str, Any]:
+        """Every setting that shapes the dataset, by config key, with the defaults resolved: remembered in the build
+        state so that a rerun with other settings is refused (or, with ``rebuild``, applied from scratch)."""
+        build = {f"data.build.{name}": value for name, value in self.cfg.model_dump(mode="json").items()}
+        build.update({
+            "data.build.cluster_threshold": self.threshold,
+            "data.build.cluster_margin": self.margin,
+            "data.build.duplicate_face_distance": self.duplicate_distance,
+            "data.min_images_per_char": self.data.min_images_per_char,
+            "data.max_chars_per_bundle": self.data.max_chars_per_bundle,
+            "data.max_image_pixels": self.data.max_image_pixels,
+            "face encoder": self.encoder.encoder_id,
+            **{f"identity.face_{name}": value for name, value in self.encoder.settings().items()},
+            "identity.body_width_factor": self.body_rule.width_factor,
+            "identity.body_height_factor": self.body_rule.height_factor,
+            "identity.body_top_factor": self.body_rule.top_factor,
+        })
+        return dict(sorted(build.items()))
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -360,6 +394,34 @@ class DatasetBuilder:
                 report.skips.append(SourceSkip(image.source, "source_missing", detail))
             write_character(self.root, character)
             write_contact_sheet(self.root, character, self.cfg.contact_sheet_tiles)
+
+
+def _changed_settings_message(root: Path, before: dict[str, Any], now: dict[str, Any]) -> str:
+    changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
+    lines = ", ".join(f"{key}: {before.get(key)!r} when built, now {now.get(key)!r}" for key in changed)
+    return (
+        f"{root} was built with other settings ({lines}). Run again with the settings it was built with "
+        f"(--set), build into a new --out, or pass --rebuild to remove its built characters and group every "
+        f"source again with the new settings (the face cache and corrections.yaml are kept)"
+    )
+
+
+def remove_built_characters(root: Path, characters: list[Character]) -> int:
+    """Delete the folders of the builder's ``characters`` (their images are copies of the sources) and the report.
+    Refuses, naming the file, when a folder holds a file the builder did not write."""
+    for character in characters:
+        folder = character.folder(root)
+        ours = {CHARACTER_FILE, CONTACT_SHEET, *(image.file for image in character.images)}
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
+        if foreign:
+            raise DatasetError(f"--rebuild: {folder / foreign[0]} was not written by the builder; move it out first")
+    for character in characters:
+        shutil.rmtree(character.folder(root))
+        bundle = root / character.bundle
+        if not any(bundle.iterdir()):
+            bundle.rmdir()
+    (root / REPORT_FILE).unlink(missing_ok=True)
+    return len(characters)
 
 
 def _face_area(record: FaceRecord) -> float:

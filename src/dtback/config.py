@@ -267,10 +267,6 @@ class ModelConfig(_Section):
     tokens_per_embedding: int = Field(
         4, ge=1, description="Tokens each reference's global face/body vector is expanded to before the resampler."
     )
-    identity_modulation: bool = Field(
-        False, description="Also shift FLUX's conditioning vector (temb, read by every block's adaptive norms) by the "
-        "mean identity tokens through a zero-initialised projection (adaLN-Zero conditioning, as DiT's class label).",
-    )
     face_scale: float = Field(1.0, ge=0.0, description="Strength of the face identity adapters (0: off).")
     body_scale: float = Field(1.0, ge=0.0, description="Strength of the body identity adapters (0: off).")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the base transformer through peft (0: no LoRA).")

@@ -123,43 +123,6 @@ class InjectionState:
         self.active = self.face_scale.is_meta or bool((self.face_scale != 0).any() or (self.body_scale != 0).any())
 
 
-class IdentityModulation(nn.Module):
-    """The identity as a shift of FLUX's conditioning vector ``temb`` (timestep + guidance + pooled text), which
-    every block's adaptive norms read: the mean face and body tokens, scaled per sample, -> LayerNorm -> Linear,
-    zero at the start. DiT's adaLN-Zero carries global conditions (class, colour, build) better than cross-attention
-    does; the cross-attention adapters keep the spatial detail."""
-
-    def __init__(self, dim: int, temb_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.proj = nn.Linear(dim, temb_dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, identity: IdentityTokens, face_scale: torch.Tensor, body_scale: torch.Tensor) -> torch.Tensor:
-        """``(B, temb_dim)`` shift; a part whose scale is 0 contributes nothing."""
-        pooled = None
-        for tokens, scale in ((identity.face, face_scale), (identity.body, body_scale)):
-            if tokens is None:
-                continue
-            part = self.norm(tokens.mean(dim=1)) * scale.view(-1, 1).to(tokens.dtype)
-            pooled = part if pooled is None else pooled + part
-        return self.proj(pooled)
-
-
-def make_modulation_hook(modulation: IdentityModulation, state: Callable[[], InjectionState | None]):
-    """A forward hook for the transformer's ``time_text_embed`` that adds the identity shift to ``temb``."""
-
-    def hook(module: nn.Module, args, output):
-        current = state()
-        if current is None or not current.active:
-            return None
-        shift = modulation(current.identity, current.face_scale, current.body_scale)
-        return output + shift.to(output.device, output.dtype)
-
-    return hook
-
-
 def make_hook(adapter: IdentityCrossAttention, state: Callable[[], InjectionState | None]):
     """A forward hook for a FLUX block that adds ``adapter``'s update to the image tokens of its output."""
 

@@ -37,14 +37,7 @@ from dtback.config import IdentityConfig, ModelConfig
 from dtback.errors import AdapterMismatchError
 from dtback.identity.resampler import IdentityInputs, IdentityResampler, IdentityTokens, ResamplerSpec
 from dtback.io import atomic_path
-from dtback.model.adapters import (
-    AdapterLayout,
-    IdentityCrossAttention,
-    IdentityModulation,
-    InjectionState,
-    make_hook,
-    make_modulation_hook,
-)
+from dtback.model.adapters import AdapterLayout, IdentityCrossAttention, InjectionState, make_hook
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +86,6 @@ class AdapterSpec:
     face_scale: float = 1.0
     body_scale: float = 1.0
     lora: dict[str, Any] | None = None
-    modulation: bool = False
     extra: RunRecord = field(default_factory=RunRecord)
 
     def to_json(self) -> str:
@@ -124,7 +116,6 @@ class AdapterSpec:
                 face_scale=float(payload.get("face_scale", 1.0)),
                 body_scale=float(payload.get("body_scale", 1.0)),
                 lora=payload.get("lora"),
-                modulation=bool(payload.get("modulation", False)),
                 extra=RunRecord.model_validate(payload.get("extra") or {}),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -168,7 +159,7 @@ def spec_from_config(
         lora = {"rank": model_cfg.lora_rank, "alpha": model_cfg.lora_alpha or float(model_cfg.lora_rank),
                 "targets": list(model_cfg.lora_targets)}
     return AdapterSpec(resampler, layout.double, layout.single, heads, inner // heads, base,
-                       model_cfg.face_scale, model_cfg.body_scale, lora, model_cfg.identity_modulation)
+                       model_cfg.face_scale, model_cfg.body_scale, lora)
 
 
 class IdentityPreservingFlux(nn.Module):
@@ -184,8 +175,6 @@ class IdentityPreservingFlux(nn.Module):
             {name: IdentityCrossAttention(width, spec.heads, spec.head_dim, face=spec.resampler.face_dim > 0,
                                           body=spec.resampler.body_dim > 0) for name in layout.names()}
         )
-        # FLUX's temb has the transformer's width (time_text_embed projects to inner_dim).
-        self.modulation = IdentityModulation(width, width) if spec.modulation else None
         self._handles: list[Any] = []
         self._transformer: list[nn.Module] = []  # a list, so the base is not registered as a submodule
         self._state: InjectionState | None = None
@@ -210,9 +199,6 @@ class IdentityPreservingFlux(nn.Module):
             kind, index = name.split("_")
             blocks = transformer.transformer_blocks if kind == "double" else transformer.single_transformer_blocks
             self._handles.append(blocks[int(index)].register_forward_hook(make_hook(adapter, self._current_state)))
-        if self.modulation is not None:
-            self._handles.append(transformer.time_text_embed.register_forward_hook(
-                make_modulation_hook(self.modulation, self._current_state)))
         if self.spec.lora:
             self._add_lora(transformer)
         self._transformer.append(transformer)

@@ -64,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
     inspect.set_defaults(func=cmd_dataset_inspect)
     _add_build_parser(dataset)
+    fix = dataset.add_parser(
+        "fix",
+        help="correct a built dataset: exclude a photo, split, merge or rename characters (kept by later builds)",
+        description="Record a correction in DATA_DIR/corrections.yaml and apply it now; every later `dataset build` "
+        "into DATA_DIR applies the file again. Photos are named by their path in the dataset "
+        "(bundle/character/file), a source path or a sha256; characters as bundle/character. "
+        "Examples: fix D exclude built_000/person_0001/a_1b2c3d4e.jpg; fix D split PHOTO... [--into built_000/bob]; "
+        "fix D merge built_000/person_0004 built_000/person_0002; fix D rename built_000/person_0002 alice.",
+    )
+    fix.add_argument("data_dir", type=Path, help="the dataset folder (--out of dataset build)")
+    fix.add_argument("operation", choices=["exclude", "split", "merge", "rename"],
+                     help="exclude PHOTO...; split PHOTO... [--into]; merge FROM INTO; rename CHARACTER NEW_NAME")
+    fix.add_argument("args", nargs="+", help="photos or characters, as the operation needs")
+    fix.add_argument("--into", default=None, help="split: the character the photos form (default: a new one)")
+    fix.set_defaults(func=cmd_dataset_fix)
 
     precompute = commands.add_parser(
         "precompute",
@@ -219,6 +234,15 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_fix(args: argparse.Namespace) -> int:
+    from dtback.curate.build import remembered_setting
+    from dtback.curate.corrections import fix
+
+    tiles = remembered_setting(args.data_dir, "data.build.contact_sheet_tiles", default=64)
+    _say(fix(args.data_dir, args.operation, args.args, args.into, tiles))
+    return 0
+
+
 def cmd_precompute(args: argparse.Namespace) -> int:
     from dtback import backends
     from dtback.data.layout import scan_dataset
@@ -329,6 +353,9 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--characters", action="append", default=[], metavar="BUNDLE/CHARACTER",
                           help="held-out characters (repeatable; default: the run's split.json val characters)")
     evaluate.add_argument("--num-characters", type=int, help="evaluate the first N held-out characters (default all)")
+    evaluate.add_argument("--references", type=int, default=1,
+                          help="reference images per character given to the adapter: the first N by name; the rest "
+                               "is the gallery (default 1)")
     evaluate.add_argument("--prompts-file", type=Path, help="one prompt per line (default: a built-in set for the data)")
     evaluate.add_argument("--images-per-prompt", type=int, default=1)
     evaluate.add_argument("--steps", type=int, help="sampling steps (default: 28, or 20 for the simple model)")
@@ -351,7 +378,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or args.model.parent / "evaluation"
     evaluate(EvaluateSettings.create(
         model=args.model, out=out, data_dir=args.data_dir, config=args.config, characters=args.characters,
-        num_characters=args.num_characters, prompts_file=args.prompts_file, images_per_prompt=args.images_per_prompt,
+        num_characters=args.num_characters, references=args.references, prompts_file=args.prompts_file, images_per_prompt=args.images_per_prompt,
         steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg, seed=args.seed, clip_model=args.clip_model, base=args.base,
         device=args.device, progress=not args.no_progress,
     ))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -16,45 +15,22 @@ import skimage.data
 from PIL import Image, ImageFilter
 from sklearn.metrics import completeness_score, homogeneity_score
 
-from dtback import backends
 from dtback.cli import EXIT_BAD_INPUT, main
-from dtback.config import load_config
-from dtback.curate.build import REPORT_FILE, build_dataset, check_usable
+from dtback.curate.build import REPORT_FILE, check_usable
 from dtback.curate.characters import CHARACTER_FILE, read_characters
 from dtback.curate.cluster import purity_completeness
 from dtback.data.layout import scan_dataset
 from dtback.errors import DatasetError
+from curate_helpers import (
+    PEOPLE_BUNDLES,
+    build,
+    characters_by_content,
+    config,
+    every_byte,
+    placed_sources,
+    snapshot,
+)
 from helpers import write_image, write_noise
-
-PEOPLE_BUNDLES = ("krasserm_lfw", "faceapi_bbt")
-
-
-def config(out: Path, cache: Path | None, *overrides: str):
-    settings = [f"data.data_dir={json.dumps(str(out))}", *overrides]
-    if cache is not None:
-        settings.append(f"identity.cache_dir={json.dumps(str(cache))}")
-    return load_config(None, settings)
-
-
-def build(sources: list[Path], out: Path, cache: Path | None = None, *overrides: str, rebuild: bool = False):
-    cfg = config(out, cache, *overrides)
-    identity, _ = backends.builder_identity(cfg)
-    return build_dataset(sources, cfg.data, identity, backends.face_encoder(identity), progress=False, rebuild=rebuild)
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file below ``root`` except the run report: (size, modification time in ns)."""
-    return {
-        p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != REPORT_FILE
-    }
-
-
-def placed_sources(root: Path) -> dict[str, str]:
-    """source file name -> character key, over every character the builder wrote."""
-    return {Path(image.source).name: c.key for c in read_characters(root) for image in c.images}
-
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 4) -> Path:
     """Encode (H, W, 3) uint8 frames as an MPEG-4 video at ``fps`` frames per second."""
@@ -76,30 +52,6 @@ def on_canvas(image: np.ndarray, size=(256, 256), x: int = 0, y: int = 0) -> np.
 
 
 # ------------------------------------------------------------------------------------------------ real photos
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """LFW + TV stills + full-body crops flattened into one folder with shuffled names, built once (the embedding
-    cache is shared by the other tests of this module, so they never run the encoder on these photos again)."""
-    from helpers import PEOPLE
-
-    if not PEOPLE.is_dir():
-        pytest.skip(f"real photos not present at {PEOPLE}")
-    root = tmp_path_factory.mktemp("photos")
-    files = sorted(p for bundle in (*PEOPLE_BUNDLES, "reid_market") for p in (PEOPLE / bundle).glob("*/*"))
-    names = list(range(len(files)))
-    random.Random(0).shuffle(names)
-    truth = {}
-    for path, number in zip(files, names):
-        target = root / "flat" / f"{number:04d}{path.suffix}"
-        target.parent.mkdir(exist_ok=True)
-        shutil.copyfile(path, target)
-        truth[target.name] = (path.parts[-3], path.parent.name)
-    cache = root / "cache"
-    out = root / "dataset"
-    report = build([root / "flat"], out, cache)
-    return {"root": root, "flat": root / "flat", "truth": truth, "cache": cache, "out": out, "report": report}
 
 
 def test_real_photos_faces_found_purity_completeness(photos):
@@ -155,14 +107,6 @@ def test_rerun_changes_nothing(photos):
     assert snapshot(photos["out"]) == before
     assert (report.images_added, report.new_characters, report.read.encoder_calls) == (0, [], 0)
     assert report.read.sources_unchanged == 146 and report.already_in_dataset == photos["report"].images_added
-
-
-def every_byte(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def characters_by_content(root: Path) -> dict[str, set[str]]:
-    return {c.key: {image.embedding_id for image in c.images} for c in read_characters(root)}
 
 
 def test_rerun_writes_the_same_bytes(photos):
@@ -288,18 +232,50 @@ def test_video_of_the_astronaut_and_interrupted_writes(tmp_path, capsys):
     assert report.read.frames == 4 and report.skipped_by_reason == grey | {"unclustered": 2}
     assert report.characters == 0
     run_report = tmp_path / "run.json"
-    code = main(["dataset", "build", "--from", str(source), "--out", str(out), "--no-progress", "--report", str(run_report)])
+    code = main(["dataset", "build", "--from", str(source), "--out", str(out), "--no-progress", "--report",
+                 str(run_report), "--rebuild"])  # other sampling settings: --rebuild applies them
     assert code == 0 and "new characters" in capsys.readouterr().err
     report = json.loads(run_report.read_text())
     assert report["read"]["frames"] == 5 and report["read"]["encoder_calls"] == 1  # sampling changed: 4 cached
     assert report["new_characters"] == ["built_000/person_0001"] and report["skipped_by_reason"] == grey
     character = read_characters(out)[0]
     assert [image.frame_time for image in character.images] == [2.0, 3.0, 4.0]
+    # Deleted by hand: recorded as excluded in corrections.yaml and never copied back.
     lost = character.folder(out) / character.images[1].file
-    data = lost.read_bytes()
     lost.unlink()
     report = build([source], out, None)
-    assert lost.read_bytes() == data and report.images_added == 0 and report.read.encoder_calls == 0
+    assert not lost.exists() and report.images_added == 0 and report.read.encoder_calls == 0
+    assert report.skipped_by_reason["excluded"] == 1
+    assert [i.frame_time for i in read_characters(out)[0].images] == [2.0, 4.0]
+    assert "deleted by hand" in (out / "corrections.yaml").read_text()
+
+
+def test_an_interrupted_write_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    from dtback.curate import build as build_module
+
+    astronaut = skimage.data.astronaut()
+    src = tmp_path / "src"
+    for number, size in enumerate((512, 400, 300)):
+        write_image(src / f"{number}.png", size=(8, 8))
+        Image.fromarray(astronaut).resize((size, size), Image.Resampling.LANCZOS).save(src / f"{number}.png")
+    copy_in = build_module.DatasetBuilder._copy_in
+    calls = []
+
+    def stop_at_the_second(self, image, character):
+        calls.append(image)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return copy_in(self, image, character)
+
+    monkeypatch.setattr(build_module.DatasetBuilder, "_copy_in", stop_at_the_second)
+    out = tmp_path / "dataset"
+    with pytest.raises(KeyboardInterrupt):
+        build([src], out, None, "data.build.duplicate_face_distance=0")
+    monkeypatch.setattr(build_module.DatasetBuilder, "_copy_in", copy_in)
+    build([src], out, None, "data.build.duplicate_face_distance=0")
+    character = read_characters(out)[0]
+    assert len(character.images) == 3 and all((character.folder(out) / i.file).is_file() for i in character.images)
+    assert not (out / "corrections.yaml").exists()
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -52,6 +52,13 @@ from dtback.curate.characters import (
     write_character,
     write_contact_sheet,
 )
+from dtback.curate.corrections import (
+    CORRECTIONS_FILE,
+    append_correction,
+    apply_corrections,
+    corrected_names,
+    read_corrections,
+)
 from dtback.curate.cluster import DEFAULT_THRESHOLDS, group_faces, near_duplicates
 from dtback.curate.faces import FaceRecord, face_verdict, measure
 from dtback.data.images import ImageSkip, load_rgb
@@ -152,9 +159,15 @@ class DatasetBuilder:
             )
             items = self._read_all(files, reader, report, state, state_path)
             cache.flush()
-            self._heal(characters, report)
+            self._heal(characters, report, state)
+            entries = read_corrections(self.root)
+            known = {item.key for item in items}
+            self.excluded = apply_corrections(self.root, entries, known, self.cfg.contact_sheet_tiles).excluded
+            characters = read_characters(self.root)
+            self.reserved = corrected_names(entries)
             joined, new_groups = self._select(items, characters, reader, report)
-            self._write(characters, joined, new_groups, report)
+            self._write(characters, joined, new_groups, report, state, state_path)
+            apply_corrections(self.root, entries, known, self.cfg.contact_sheet_tiles)  # characters made just now
         _save_state(state, state_path)
         characters = read_characters(self.root)
         report.read = reader.counts
@@ -229,6 +242,9 @@ class DatasetBuilder:
             if item.key in placed:
                 report.already_in_dataset += 1
                 continue
+            if item.key in self.excluded:
+                report.skips.append(SourceSkip(item.label, "excluded", f"excluded in {CORRECTIONS_FILE}"))
+                continue
             verdict = face_verdict(record, self.cfg)
             if verdict is not None:
                 report.skips.append(SourceSkip(item.label, *verdict))
@@ -275,7 +291,7 @@ class DatasetBuilder:
             return {}, []
         future = new_slots(
             self.root, characters, len(kept) // self.data.min_images_per_char + 1, self.cfg.bundle_prefix,
-            self.cfg.character_prefix, self.data.max_chars_per_bundle,
+            self.cfg.character_prefix, self.data.max_chars_per_bundle, self.reserved,
         )
         grouping = group_faces(
             members, np.stack([r.embedding for _, r in kept]), self.threshold, self.margin,
@@ -322,15 +338,22 @@ class DatasetBuilder:
         joined: dict[int, list[Member]],
         groups: list[list[Member]],
         report: BuildReport,
+        state: dict[str, Any],
+        state_path: Path,
     ) -> None:
-        """Add the joined members to their characters and make one character per group; write what changed."""
+        """Add the joined members to their characters and make one character per group; write what changed. The
+        characters being written are noted in the state first, so that an image missing afterwards is known to be
+        an interrupted write (copied again) rather than a deletion by hand (an exclusion)."""
         slots = new_slots(
             self.root, characters, len(groups), self.cfg.bundle_prefix, self.cfg.character_prefix,
-            self.data.max_chars_per_bundle,
+            self.data.max_chars_per_bundle, self.reserved,
         )
         encoder = {"id": self.encoder.encoder_id, "cache_namespace": self.cache.namespace}
         work = [(characters[i], members, False) for i, members in sorted(joined.items())]
         work += [(Character(bundle, name, encoder), group, True) for (bundle, name), group in zip(slots, groups)]
+        if work:
+            state["writing"] = sorted(character.key for character, _, _ in work)
+            _save_state(state, state_path)
         for character, members, is_new in tqdm(work, desc="writing characters", unit="char", disable=not self.progress):
             added = self._add_images(character, members, report)
             if not added:
@@ -346,6 +369,7 @@ class DatasetBuilder:
             else:
                 report.joined_existing += len(added)
                 report.grown_characters.append(character.key)
+        state.pop("writing", None)
 
     def _add_images(self, character: Character, members: list[Member], report: BuildReport) -> list[PlacedImage]:
         added = []
@@ -376,15 +400,27 @@ class DatasetBuilder:
         source = self._pixels_path(image.embedding_id, image.source, image.frame_time)
         copy_atomic(source, character.folder(self.root) / image.file, link=image.frame_time is not None)
 
-    def _heal(self, characters: list[Character], report: BuildReport) -> None:
-        """Copy again images listed in a ``character.json`` but missing (a run interrupted while writing); drop
-        entries whose source is gone or changed, with a ``source_missing`` skip."""
+    def _heal(self, characters: list[Character], report: BuildReport, state: dict[str, Any]) -> None:
+        """Images listed in a ``character.json`` but missing: copied again when the run that wrote them was
+        interrupted (the state still lists the character as being written); otherwise deleted by hand, which is
+        recorded as an exclusion in ``corrections.yaml``. Entries whose source is gone are dropped with a
+        ``source_missing`` skip."""
+        interrupted = set(state.get("writing", []))
         for character in characters:
             missing = [image for image in character.images if not (character.folder(self.root) / image.file).is_file()]
             if not missing:
                 continue
             for image in missing:
                 source = self._pixels_path(image.embedding_id, image.source, image.frame_time)
+                if character.key not in interrupted:
+                    append_correction(self.root, {
+                        "exclude": {"id": image.embedding_id, "file": f"{character.key}/{image.file}"},
+                        "note": "deleted by hand",
+                    })
+                    character.images.remove(image)
+                    log.warning("%s: %s was deleted by hand; recorded as excluded in %s", character.key, image.file,
+                                CORRECTIONS_FILE)
+                    continue
                 if source.is_file() and content_hash(source) == image.embedding_id:
                     self._copy_in(image, character)
                     log.info("%s: copied %s again (missing after an interrupted run)", character.key, image.file)
@@ -392,8 +428,12 @@ class DatasetBuilder:
                 character.images.remove(image)
                 detail = f"{character.key}/{image.file} was missing and its source is gone or changed"
                 report.skips.append(SourceSkip(image.source, "source_missing", detail))
-            write_character(self.root, character)
-            write_contact_sheet(self.root, character, self.cfg.contact_sheet_tiles)
+            if character.images:
+                write_character(self.root, character)
+                write_contact_sheet(self.root, character, self.cfg.contact_sheet_tiles)
+            else:
+                remove_built_characters(self.root, [character], report_too=False)
+        state.pop("writing", None)
 
 
 def _changed_settings_message(root: Path, before: dict[str, Any], now: dict[str, Any]) -> str:
@@ -406,7 +446,7 @@ def _changed_settings_message(root: Path, before: dict[str, Any], now: dict[str,
     )
 
 
-def remove_built_characters(root: Path, characters: list[Character]) -> int:
+def remove_built_characters(root: Path, characters: list[Character], report_too: bool = True) -> int:
     """Delete the folders of the builder's ``characters`` (their images are copies of the sources) and the report.
     Refuses, naming the file, when a folder holds a file the builder did not write."""
     for character in characters:
@@ -420,8 +460,14 @@ def remove_built_characters(root: Path, characters: list[Character]) -> int:
         bundle = root / character.bundle
         if not any(bundle.iterdir()):
             bundle.rmdir()
-    (root / REPORT_FILE).unlink(missing_ok=True)
+    if report_too:
+        (root / REPORT_FILE).unlink(missing_ok=True)
     return len(characters)
+
+
+def remembered_setting(root: Path, key: str, default: Any) -> Any:
+    """The value of setting ``key`` the dataset at ``root`` was built with (``default`` when not recorded)."""
+    return _load_state(root / BUILD_STATE_DIR / STATE_FILE).get("settings", {}).get(key, default)
 
 
 def _face_area(record: FaceRecord) -> float:

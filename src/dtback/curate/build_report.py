@@ -38,6 +38,7 @@ SKIP_REASONS = {
     "duplicate": "near-duplicate of a kept picture (same face, nearly the same image)",
     "unclustered": "fewer than data.min_images_per_char similar faces yet; reconsidered on every rerun",
     "ambiguous": "close to the threshold or to two characters (build.cluster_margin); left out rather than guessed",
+    "excluded": "excluded in corrections.yaml (by `dtback dataset fix exclude` or deleted by hand)",
     "source_missing": "the file vanished before it could be copied into its character",
 }
 

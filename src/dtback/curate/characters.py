@@ -146,11 +146,18 @@ def copy_atomic(source: Path, dest: Path, link: bool = False) -> None:
 
 
 def new_slots(
-    root: Path, characters: list[Character], count: int, bundle_prefix: str, character_prefix: str, limit: int | None
+    root: Path,
+    characters: list[Character],
+    count: int,
+    bundle_prefix: str,
+    character_prefix: str,
+    limit: int | None,
+    reserved: set[str] = frozenset(),
 ) -> list[tuple[str, str]]:
     """(bundle, name) for ``count`` new characters: ``<character_prefix>_NNNN`` numbers continue after the highest
     existing one; bundle ``<bundle_prefix>_NNN`` takes up to ``limit`` character folders (None: no limit) before
-    the next one is opened. A folder the builder did not make keeps its name (the number is skipped)."""
+    the next one is opened. A folder the builder did not make keeps its name (the number is skipped), and so does
+    a ``reserved`` key (named by a correction)."""
     pattern = re.compile(rf"{re.escape(character_prefix)}_(\d+)")
     number = max((int(m.group(1)) for c in characters if (m := pattern.fullmatch(c.name))), default=0)
     bundle_pattern = re.compile(rf"{re.escape(bundle_prefix)}_(\d+)")
@@ -165,7 +172,9 @@ def new_slots(
             index += 1
         bundle = f"{bundle_prefix}_{index:03d}"
         number += 1
-        while (root / bundle / f"{character_prefix}_{number:04d}").exists():
+        while (root / bundle / f"{character_prefix}_{number:04d}").exists() or (
+            f"{bundle}/{character_prefix}_{number:04d}" in reserved
+        ):
             number += 1
         slots.append((bundle, f"{character_prefix}_{number:04d}"))
     return slots

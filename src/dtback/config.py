@@ -59,12 +59,15 @@ class BuildConfig(_Section):
         40.0, ge=0, description="Faces softer than this (Laplacian variance at 64 px) are skipped as blurred; 0 keeps all."
     )
     max_other_face_ratio: float = Field(
-        0.5, gt=0, description="Skip as several_faces when another face is this fraction of the chosen face's area."
+        0.3, gt=0, description="Skip as several_faces when another face is this fraction of the chosen face's area "
+        "(0.3: about 55 % of its width, a co-subject)."
     )
     duplicate_face_distance: float | None = Field(
-        None, ge=0, description="Near-duplicate: faces closer than this (null: 0.16 dlib, 0.35 insightface) and ..."
+        None, ge=0, description="Near-duplicate: faces closer than this (null: 0.2 dlib, 0.4 insightface) and ..."
     )
-    duplicate_hash_bits: int = Field(12, ge=0, le=64, description="... whole-image 64-bit difference hashes this close.")
+    duplicate_face_correlation: float = Field(
+        0.95, ge=-1, le=1, description="... the centres of their aligned face crops correlating at least this much."
+    )
     cluster_linkage: Literal["complete", "average"] = Field(
         "complete", description="complete: every pair of faces in a character is closer than cluster_threshold."
     )

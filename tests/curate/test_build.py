@@ -227,13 +227,15 @@ def test_video_of_the_astronaut_and_interrupted_writes(tmp_path, capsys):
         frames += [on_canvas(astronaut, size=(768, 384), x=x)] * 10
     source = write_video(tmp_path / "astronaut.mp4", frames, fps=10)
     out = tmp_path / "dataset"
-    report = build([source], out, None, "data.build.max_frames_per_video=4")
+    # The same photo at three places of the frame is one picture (a near-duplicate): switched off to get three.
+    same = "data.build.duplicate_face_distance=0"
+    report = build([source], out, None, "data.build.max_frames_per_video=4", same)
     grey = {"no_face": 1, "same_content": 1}  # two byte-identical grey frames
     assert report.read.frames == 4 and report.skipped_by_reason == grey | {"unclustered": 2}
     assert report.characters == 0
     run_report = tmp_path / "run.json"
     code = main(["dataset", "build", "--from", str(source), "--out", str(out), "--no-progress", "--report",
-                 str(run_report), "--rebuild"])  # other sampling settings: --rebuild applies them
+                 str(run_report), "--rebuild", "--set", same])  # other sampling settings: --rebuild applies them
     assert code == 0 and "new characters" in capsys.readouterr().err
     report = json.loads(run_report.read_text())
     assert report["read"]["frames"] == 5 and report["read"]["encoder_calls"] == 1  # sampling changed: 4 cached
@@ -243,11 +245,37 @@ def test_video_of_the_astronaut_and_interrupted_writes(tmp_path, capsys):
     # Deleted by hand: recorded as excluded in corrections.yaml and never copied back.
     lost = character.folder(out) / character.images[1].file
     lost.unlink()
-    report = build([source], out, None)
+    report = build([source], out, None, same)
     assert not lost.exists() and report.images_added == 0 and report.read.encoder_calls == 0
     assert report.skipped_by_reason["excluded"] == 1
     assert [i.frame_time for i in read_characters(out)[0].images] == [2.0, 4.0]
     assert "deleted by hand" in (out / "corrections.yaml").read_text()
+
+
+def test_crops_letterboxes_and_resizes_of_a_kept_photo_are_duplicates(people_dir, tmp_path):
+    """Three photos of one person and, of the first, a crop, a letterbox and a resize: one character of three
+    photos; of the four versions of the first one is kept and the other three are skipped as its duplicates."""
+    paths = sorted((people_dir / "krasserm_lfw" / "Tony_Blair").iterdir())[:3]
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in paths:
+        shutil.copyfile(path, src / path.name)
+    photo = Image.open(paths[0]).convert("RGB")
+    photo.crop((30, 20, 225, 240)).save(src / "crop.png")
+    letterbox = Image.new("RGB", (375, 250))
+    letterbox.paste(photo, (62, 0))
+    letterbox.save(src / "letterbox.jpg", quality=92)
+    photo.resize((400, 400), Image.Resampling.BICUBIC).save(src / "resize.jpg", quality=90)
+    out = tmp_path / "dataset"
+    report = build([src], out)
+    duplicates = {Path(skip.path).name: skip.detail for skip in report.skips if skip.reason == "duplicate"}
+    versions = {paths[0].name, "crop.png", "letterbox.jpg", "resize.jpg"}
+    assert len(duplicates) == 3 and set(duplicates) < versions, report.skipped_by_reason
+    (kept,) = versions - set(duplicates)
+    assert kept == "resize.jpg"  # the largest face is kept
+    assert all(detail.endswith(kept) for detail in duplicates.values())
+    placed = {Path(i.source).name for c in read_characters(out) for i in c.images}
+    assert placed == {kept, paths[1].name, paths[2].name} and len(read_characters(out)) == 1
 
 
 def test_an_interrupted_write_is_finished_by_the_next_run(tmp_path, monkeypatch):

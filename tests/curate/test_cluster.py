@@ -11,6 +11,7 @@ from dtback.curate.cluster import (
     distances,
     group_faces,
     near_duplicates,
+    patch_correlation,
     purity_completeness,
 )
 
@@ -111,15 +112,17 @@ def test_grouping_is_a_fixed_point_and_ignores_the_order():
     assert partition(shuffled.target, order) == partition(first.target, np.arange(len(faces)))
 
 
-def test_near_duplicates_need_the_same_face_and_nearly_the_same_picture():
+def test_near_duplicates_need_the_same_face_and_the_same_picture():
     face = unit([1, 0, 0], [1, 0.05, 0], [1, 0.05, 0], [0, 1, 0])
-    hashes = np.zeros((4, 64), dtype=bool)
-    hashes[2, :20] = True  # item 2: same face as 1, different picture
-    hashes[3] = False  # item 3: same picture, another face
-    result = near_duplicates(face, hashes, face_distance=0.16, hash_bits=12)
+    rng = np.random.default_rng(0)
+    patch = rng.integers(0, 255, size=(14, 16))
+    patches = np.stack([patch, patch + 3, rng.integers(0, 255, size=(14, 16)), patch])  # 1: brighter copy of 0
+    # item 1: same face and picture as 0 -> duplicate; 2: same face, another picture; 3: same picture, another face.
+    result = near_duplicates(face, patches, face_distance=0.2, min_correlation=0.95)
     assert result.tolist() == [-1, 0, -1, -1]
     # Items already in the dataset are never dropped, even when they duplicate each other.
-    assert near_duplicates(face, hashes, 0.16, 12, fixed=2).tolist() == [-1, -1, -1, -1]
+    assert near_duplicates(face, patches, 0.2, 0.95, fixed=2).tolist() == [-1, -1, -1, -1]
+    assert patch_correlation(patches[:1], patches[1:2])[0, 0] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(

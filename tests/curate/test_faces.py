@@ -33,6 +33,8 @@ def test_measure_records_everything_and_survives_the_cache_format(encoder, astro
     again = FaceRecord.from_tensors(record.to_tensors())
     np.testing.assert_array_equal(again.embedding, record.embedding)
     np.testing.assert_array_equal(again.dhash, record.dhash)
+    assert record.face_patch.shape == (14, 16) and record.face_patch.dtype == np.uint8
+    np.testing.assert_array_equal(again.face_patch, record.face_patch)
     assert (again.size, again.num_faces) == (record.size, record.num_faces)
     assert again.sharpness == pytest.approx(record.sharpness)
     assert face_verdict(record, BuildConfig()) is None
@@ -78,3 +80,18 @@ def test_real_photos_pass_the_sharpness_rule_and_blurred_copies_fail(people_dir,
         sharp.append(record.sharpness)
         soft.append(sharpness(np.asarray(image.filter(ImageFilter.GaussianBlur(3))), record.box))
     assert min(sharp) > BuildConfig().min_sharpness > max(soft), (min(sharp), max(soft))
+
+
+def test_a_co_subject_is_several_faces_a_small_passer_by_is_not(encoder, astronaut):
+    """The astronaut with a second copy of her beside her at 0.7 of the size (0.49 of the area, the two-person photo
+    of issue 15) is skipped; at 0.45 of the size (0.2 of the area) it is a passer-by and the photo is kept."""
+    verdicts = {}
+    for scale in (0.7, 0.45):
+        canvas = Image.new("RGB", (1024, 512), (90, 90, 90))
+        canvas.paste(astronaut, (0, 0))
+        side = round(512 * scale)
+        canvas.paste(astronaut.resize((side, side), Image.Resampling.LANCZOS), (560, 512 - side))
+        record = measure(encoder, np.asarray(canvas))
+        verdicts[scale] = (record.other_face_ratio, face_verdict(record, BuildConfig()))
+    assert verdicts[0.7][0] == pytest.approx(0.49, abs=0.08) and verdicts[0.7][1][0] == "several_faces"
+    assert verdicts[0.45][0] == pytest.approx(0.2, abs=0.06) and verdicts[0.45][1] is None

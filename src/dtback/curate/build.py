@@ -75,7 +75,7 @@ STATE_FILE = "state.json"
 STATE_FORMAT = "dtback-build-state"
 REPORT_FILE = "build_report.json"
 Member = tuple[Item, FaceRecord]  # a picture and its face, on its way into a character
-MEASURE_VERSION = "2"  # bump when FaceRecord's measurements change, so old cache entries are not reused
+MEASURE_VERSION = "3"  # bump when FaceRecord's measurements change, so old cache entries are not reused
 
 
 def build_dataset(
@@ -260,9 +260,9 @@ class DatasetBuilder:
             return {}, []
         duplicate_of = near_duplicates(
             np.stack([r.embedding for r in records]),
-            np.stack([r.dhash for r in records]),
+            np.stack([r.face_patch for r in records]),
             self.duplicate_distance,
-            self.cfg.duplicate_hash_bits,
+            self.cfg.duplicate_face_correlation,
             fixed=len(fixed),
         )
         labels = [Item(image.embedding_id, image.source, image.frame_time).label for _, image, _ in fixed]

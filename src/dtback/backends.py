@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL, FluxPipeline
 
 from dtback import devices
 from dtback.config import Config, DataConfig, IdentityConfig, ModelConfig
+from dtback.errors import ConfigError
 from dtback.identity.body import BodyEncoder
 from dtback.identity.crops import BodyCropRule
 from dtback.identity.face import DlibFaceEncoder, FaceEncoder, InsightFaceEncoder
@@ -33,7 +34,7 @@ from dtback.model import flux
 from dtback.model.identity_flux import RunRecord
 from dtback.world.base import load_world_base
 from dtback.world.encoders import WorldBodyEncoder, load_world_body_encoder, load_world_face_encoder
-from dtback.world.files import ensure_world
+from dtback.world.files import MANIFEST, ensure_world, read_manifest
 from dtback.world.reader import IdentityReader, load_reader
 from dtback.world.vae import load_world_vae, world_vae_folder
 
@@ -96,6 +97,33 @@ def world_data(data: DataConfig, progress: bool = True) -> Path:
     """``data.data_dir``, with the identity world generated there first when it is missing and
     ``data.world.generate_if_missing`` is on (:func:`dtback.world.files.ensure_world`)."""
     return ensure_world(data, progress=progress)
+
+
+def photo_backends(cfg: Config) -> tuple[Config, str | None]:
+    """``cfg`` with encoders that fit its ``data.data_dir``, and a line saying what was changed (None: nothing).
+
+    The identity world's encoders know only drawn characters: on a photo folder (one without the world's
+    ``world.json``) they would give meaningless embeddings without a word. There ``identity.face_backend=world``
+    becomes ``dlib`` (offline, licence-clean), and ``identity.body_model=world`` stops with a
+    :class:`ConfigError` naming the keys to set (there is no body model that is always on hand). A missing
+    ``data_dir`` is left alone: the world is generated there (:func:`world_data`).
+    """
+    root = Path(cfg.data.data_dir)
+    identity = cfg.identity
+    if not root.is_dir() or read_manifest(root) is not None or WORLD not in (identity.face_backend, identity.body_model):
+        return cfg, None
+    if identity.body_model == WORLD:
+        raise ConfigError(
+            f"data.data_dir={root} holds photos, not an identity world (no {MANIFEST}), but identity.body_model=world "
+            "would run the world's body encoder on them. Set identity.body_model to a DINOv2 folder or hub id "
+            "(`dtback download --only body` fetches facebook/dinov2-small and prints the --set), or to null to train "
+            "without body identity; and identity.face_backend to dlib (offline) or insightface."
+        )
+    changed = identity.model_copy(update={"face_backend": "dlib"})
+    note = (f"data.data_dir={root} holds photos, not an identity world: identity.face_backend world -> dlib "
+            "(set identity.face_backend=insightface for ArcFace)")
+    log.info(note)
+    return cfg.model_copy(update={"identity": changed}), note
 
 
 def builder_identity(cfg: Config) -> tuple[IdentityConfig, str]:

@@ -141,7 +141,11 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
 def cmd_train(args: argparse.Namespace) -> int:
     from dtback.training.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    from dtback import backends
+
+    cfg, note = backends.photo_backends(load_config(args.config, args.overrides))
+    if note:
+        _say(note, "yellow")
     resume = None if args.no_resume else (args.resume or "auto")
     result = train(cfg, resume=resume, progress_bar=not args.no_progress)
     if result.interrupted:
@@ -249,7 +253,9 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from dtback.identity.precompute import IdentityPrecomputer
     from dtback.io import write_json
 
-    cfg = load_config(args.config, args.overrides)
+    cfg, note = backends.photo_backends(load_config(args.config, args.overrides))
+    if note:
+        _say(note, "yellow")
     index = scan_dataset(cfg.data, cfg.seed, progress=not args.no_progress)
     cache_dir = cfg.cache_dir()
     world = backends.world_folder(cfg)

@@ -1,0 +1,59 @@
+"""backends.photo_backends: the identity world's encoders never run on a photo folder unasked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dtback import backends
+from dtback.cli import EXIT_BAD_INPUT, main
+from dtback.config import load_config
+from dtback.errors import ConfigError
+from helpers import make_dataset
+
+CONFIG = Path(__file__).resolve().parents[1] / "train" / "config.yaml"
+
+
+@pytest.fixture
+def no_world_encoders(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a world encoder was loaded for a photo folder")
+
+    monkeypatch.setattr(backends, "load_world_face_encoder", refuse)
+    monkeypatch.setattr(backends, "load_world_body_encoder", refuse)
+
+
+def precompute(photos: Path, out: Path, *overrides: str) -> int:
+    settings = [f"data.data_dir={json.dumps(str(photos))}", f"output.output_dir={json.dumps(str(out))}", *overrides]
+    return main(["precompute", "--config", str(CONFIG), "--no-progress",
+                 *(item for setting in settings for item in ("--set", setting))])
+
+
+def test_precompute_on_photos_with_the_default_config_never_runs_the_world_encoders(
+    tmp_path, capsys, no_world_encoders
+):
+    photos = make_dataset(tmp_path / "photos", {"holiday": {"anna": 3}})
+    assert load_config(CONFIG, []).identity.face_backend == "world"  # the embedded default
+    assert precompute(photos, tmp_path / "run") == EXIT_BAD_INPUT
+    printed = capsys.readouterr().err
+    assert "identity.body_model=world" in printed and "not an identity world" in printed
+    # With a body model chosen (here none), the faces go to dlib, never to the world's encoder.
+    assert precompute(photos, tmp_path / "run", "identity.body_model=null") == 0
+    assert "identity.face_backend world -> dlib" in capsys.readouterr().err
+    report = json.loads((tmp_path / "run" / "precompute_report.json").read_text())
+    assert report["images"] == 3 and report["face_encoder_calls"] == 3
+
+
+def test_a_world_folder_and_a_missing_folder_keep_the_world_encoders(tmp_path):
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "world.json").write_text("{}")
+    cfg = load_config(CONFIG, [f"data.data_dir={json.dumps(str(world))}"])
+    assert backends.photo_backends(cfg) == (cfg, None)
+    missing = load_config(CONFIG, [f"data.data_dir={json.dumps(str(tmp_path / 'not_yet'))}"])
+    assert backends.photo_backends(missing) == (missing, None)
+    photos = make_dataset(tmp_path / "photos", {"b": {"c": 2}})
+    with pytest.raises(ConfigError, match="identity.body_model"):
+        backends.photo_backends(load_config(CONFIG, [f"data.data_dir={json.dumps(str(photos))}"]))

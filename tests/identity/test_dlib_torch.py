@@ -206,3 +206,15 @@ def test_gradient_descent_on_a_noised_face_raises_similarity(encoder, net, astro
         return float(encoder.embed([encoder.align(pic, face)])[0] @ reference.numpy())
 
     assert dlib_similarity(pixels) > dlib_similarity(noisy) + 0.03
+
+
+def test_dlib_encoder_embed_pixels_is_its_embed_with_gradients(encoder, astronaut):
+    """The one encoder interface: the differentiable path gives the embedding ``encode`` gives."""
+    image, face, _ = astronaut
+    assert encoder.differentiable
+    pixels = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(255).requires_grad_(True)
+    embedding = encoder.embed_pixels(pixels, torch.from_numpy(face.box)[None], torch.from_numpy(face.landmarks)[None])
+    assert embedding.shape == (1, 128)
+    assert cosine(embedding[0].detach().numpy(), encoder.encode(image).embedding) >= 0.999
+    embedding.sum().backward()
+    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0

@@ -5,7 +5,8 @@ Two backends behind one interface (:class:`FaceEncoder`):
 - ``insightface``: SCRFD detection + ArcFace recognition ONNX models from a local model pack folder (antelopev2,
   buffalo_l), run by onnxruntime. The weights are non-commercial; they are never downloaded at run time.
 - ``dlib``: HOG (or CNN) detector + 5-point landmarks + ResNet descriptor from the ``face_recognition_models``
-  package (``dlib-bin`` wheels). Works offline; the models are not under a non-commercial licence.
+  package (``dlib-bin`` wheels). Works offline; the models are public domain (CC0). Its differentiable path is the
+  same ResNet read into torch (:mod:`dtback.identity.dlib_torch`).
 
 Images are ``(H, W, 3)`` uint8 RGB numpy arrays throughout.
 """
@@ -131,7 +132,7 @@ class FaceEncoder(ABC):
         """Differentiable: images ``(B, 3, H, W)`` in [0, 1] with each one's face box ``(B, 4)`` and 5 landmarks
         ``(B, 5, 2)`` (pixels of those images) -> ``(B, D)`` embeddings; gradients flow to ``pixels``."""
         raise ConfigError(f"the {self.encoder_id} face encoder has no differentiable path (a face identity loss "
-                          "needs identity.face_backend insightface or world; or set training.face_weight=0)")
+                          "needs identity.face_backend dlib, insightface or world; or set training.face_weight=0)")
 
 
 def _as_rgb_array(image: Any) -> np.ndarray:
@@ -191,6 +192,7 @@ class DlibFaceEncoder(FaceEncoder):
             self._detector = dlib.get_frontal_face_detector()
         self._shape = dlib.shape_predictor(str(self.models / "shape_predictor_5_face_landmarks.dat"))
         self._recognizer = dlib.face_recognition_model_v1(str(self.models / "dlib_face_recognition_resnet_model_v1.dat"))
+        self._torch = None  # the differentiable recognizer, read on first use
 
     @cached_property
     def encoder_id(self) -> str:
@@ -222,6 +224,26 @@ class DlibFaceEncoder(FaceEncoder):
         points = [dlib.point(int(round(x)), int(round(y))) for x, y in face.landmarks]
         shape = dlib.full_object_detection(rect, points)
         return np.asarray(dlib.get_face_chip(_as_rgb_array(image), shape, self.aligned_size, self.CHIP_PADDING))
+
+    differentiable = True
+
+    def torch_recognizer(self):
+        """The recognizer as a torch module (:class:`~dtback.identity.dlib_torch.DlibResNet`): chips
+        ``(N, 3, 150, 150)`` RGB 0..255 -> the (unnormalised) descriptors dlib computes."""
+        from dtback.identity.dlib_torch import MODEL_FILE, load_dlib_resnet
+
+        return load_dlib_resnet(self.models / MODEL_FILE)
+
+    def embed_pixels(self, pixels: torch.Tensor, face_boxes: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """dlib's ResNet in torch on chips cut like ``get_face_chip`` from dlib's 5 landmarks
+        (:func:`~dtback.identity.dlib_torch.cut_face_chips`, a differentiable warp); ``face_boxes`` is not needed."""
+        from dtback.identity.dlib_torch import cut_face_chips
+
+        if self._torch is None:
+            self._torch = self.torch_recognizer()
+        self._torch.to(pixels.device)
+        chips = cut_face_chips(pixels.float(), landmarks.to(pixels.device), self.aligned_size, self.CHIP_PADDING)
+        return self._torch(chips * 255.0)
 
     def embed(self, aligned: Sequence[np.ndarray]) -> np.ndarray:
         chips = [_as_rgb_array(chip) for chip in aligned]

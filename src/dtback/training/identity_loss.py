@@ -8,7 +8,11 @@ landmarks and person box:
 - InsightFace: the ArcFace ONNX model converted to torch, after a similarity warp of the cached 5 landmarks onto
   ArcFace's 112 px template (``grid_sample``, differentiable w.r.t. the pixels);
 - transformers body backbones: the cached person box, squared and resampled, through ``forward``;
-- dlib has no torch path (``differentiable`` is false): a face loss with it is refused before training starts.
+- dlib: its face recognition ResNet read into torch, on chips cut like ``dlib.get_face_chip`` from the cached
+  5 landmarks (``grid_sample``), so the licence-clean backend trains a face loss too.
+
+Samples whose target has no usable face geometry (no face found, or landmarks that are not finite or span under
+2 pixels) get no face loss and are counted (``face_skipped``), never fed to a warp.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from dtback.training.batches import Batch
 from dtback.training.features import decode_latents
 from dtback.training.losses import IdentityLossTerms, cosine_identity_loss
 
+def usable_face_geometry(landmarks: torch.Tensor) -> torch.Tensor:
+    """``(B, 5, 2)`` landmarks -> ``(B,)`` bool: finite and spanning at least 2 pixels, so a chip can be cut."""
+    finite = torch.isfinite(landmarks).flatten(1).all(dim=1)
+    spread = torch.nan_to_num(landmarks.amax(dim=1) - landmarks.amin(dim=1), nan=0.0).amax(dim=-1)
+    return finite & (spread >= 2)
+
+
 class IdentityLoss:
     """Decode the x0 prediction of the selected samples and score it against the references' embeddings."""
 
@@ -38,8 +49,8 @@ class IdentityLoss:
             if not self.face_encoder.differentiable:
                 raise ConfigError(
                     f"training.face_weight={cfg.face_weight} needs a differentiable face recognizer, but the "
-                    f"{self.face_encoder.encoder_id} backend has none: use identity.face_backend insightface (or "
-                    "world), or set training.face_weight=0"
+                    f"{self.face_encoder.encoder_id} backend has none: use identity.face_backend dlib, insightface "
+                    "or world, or set training.face_weight=0"
                 )
 
     @property
@@ -61,9 +72,12 @@ class IdentityLoss:
         device = x0_packed.device
         zeros = torch.zeros(len(batch.targets), device=device)
         low_noise = sigmas.to(device) < self.cfg.identity_loss_max_sigma
-        face_rows = low_noise & batch.target_has_face.to(device) & batch.face_reference_valid.to(device)
+        face_candidates = low_noise & batch.face_reference_valid.to(device)
         if self.face_encoder is None or batch.face_reference is None:
-            face_rows = torch.zeros_like(low_noise)
+            face_candidates = torch.zeros_like(low_noise)
+        geometry = batch.target_has_face.to(device) & usable_face_geometry(batch.face_landmarks.float()).to(device)
+        face_rows = face_candidates & geometry
+        face_skipped = int((face_candidates & ~geometry).sum())
         body_rows = low_noise if self.body_encoder is not None and batch.body_reference is not None else \
             torch.zeros_like(low_noise)
         rows = face_rows | body_rows
@@ -88,4 +102,4 @@ class IdentityLoss:
                 embeddings = self.body_embed(pixels[pick], batch, selected[pick].cpu())
                 body_loss = body_loss.index_put((selected[pick],), cosine_identity_loss(
                     embeddings, batch.body_reference[selected[pick].cpu()].to(device)))
-        return IdentityLossTerms(face_loss, body_loss, face_rows, body_rows)
+        return IdentityLossTerms(face_loss, body_loss, face_rows, body_rows, face_skipped)

@@ -81,12 +81,14 @@ def predict_x0(noisy: torch.Tensor, prediction: torch.Tensor, sigmas: torch.Tens
 
 @dataclass
 class IdentityLossTerms:
-    """Per-sample identity losses ``(B,)`` (zero where not applied) and which samples were used."""
+    """Per-sample identity losses ``(B,)`` (zero where not applied), which samples were used, and how many samples
+    would have had a face loss but their target has no usable face geometry."""
 
     face: torch.Tensor
     body: torch.Tensor
     face_used: torch.Tensor
     body_used: torch.Tensor
+    face_skipped: int = 0
 
 
 def cosine_identity_loss(embeddings: torch.Tensor, references: torch.Tensor) -> torch.Tensor:

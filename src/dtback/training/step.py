@@ -94,6 +94,8 @@ def compute_loss(
             terms["loss/face"] = face.item()
         if (identity_terms.body_used & kept).any():
             terms["loss/body"] = body.item()
+        if identity_loss.face_encoder is not None:
+            terms["identity/face_skipped"] = float(identity_terms.face_skipped)  # no face geometry in the target
         terms["identity_loss_fraction"] = (identity_terms.face_used | identity_terms.body_used).float().mean().item()
     terms["loss"] = total.item()
     return StepOutput(total, terms)

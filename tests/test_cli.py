@@ -33,6 +33,18 @@ def test_inspect_prints_table_and_writes_json(tmp_path, capsys):
     assert "TOTAL" in printed
 
 
+def test_inspect_writes_nothing_unasked_and_never_cuts_a_bundle_name(tmp_path, capsys, monkeypatch):
+    name = "a_rather_long_bundle_name_from_a_photo_library"
+    root = make_dataset(tmp_path / "data", {name: {"a": 3}}, size=(16, 16))
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("COLUMNS", "60")
+    assert main(["dataset", "inspect", str(root), "--no-progress"]) == 0
+    assert list(here.iterdir()) == [] and list(root.glob("*.json")) == []  # no dataset_report.json anywhere
+    assert name in capsys.readouterr().err
+
+
 def test_inspect_real_photos(people_dir, tmp_path):
     out = tmp_path / "people.json"
     result = run("-m", "dtback", "dataset", "inspect", str(people_dir), "--json", str(out), "--set", "min_images_per_char=3")

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("data_dir", type=Path, help="dataset root (overrides data.data_dir)")
     _add_config_args(inspect, default_config=None)
-    inspect.add_argument("--json", type=Path, default=Path("dataset_report.json"), help="where to write the JSON report")
+    inspect.add_argument("--json", type=Path, default=None, help="also write the JSON report here (default: none)")
     inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
     inspect.set_defaults(func=cmd_dataset_inspect)
     _add_build_parser(dataset)
@@ -193,8 +193,9 @@ def cmd_dataset_inspect(args: argparse.Namespace) -> int:
     index = scan_dataset(cfg.data, cfg.seed, progress=not args.no_progress)
     report = index.report()
     _print_report(report)
-    write_report(index, args.json)
-    _say(f"report written to {args.json}")
+    if args.json is not None:
+        write_report(index, args.json)
+        _say(f"report written to {args.json}")
     return 0
 
 
@@ -233,8 +234,9 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
     console.print(report.table())
     if args.report is not None:
         report.write(args.report)
-    _say(f"report written to {args.report or args.out / REPORT_FILE}; check each character's contact_sheet.png")
-    check_usable(report)
+    check_usable(report)  # no character: says why, exit 2
+    _say(f"report written to {args.report or args.out / REPORT_FILE}; check each character's contact_sheet.png "
+         f"and correct with `dtback dataset fix {args.out} ...`")
     return 0
 
 
@@ -414,9 +416,12 @@ def _say(text: str, style: str | None = None) -> None:
 
 def _print_report(report: dict) -> None:
     table = Table(title=escape(f"dataset {report['data_dir']}"))
-    for column in ("bundle", "chars", "kept", "dropped", "images", "kept", "skipped", "skip reasons"):
-        table.add_column(column, justify="left" if column in ("bundle", "skip reasons") else "right", overflow="fold")
     rows = list(report["bundles"].items()) + [("TOTAL", report["totals"])]
+    widest = max(len(name) for name, _ in rows)
+    table.add_column("bundle", justify="left", no_wrap=True, min_width=widest)  # a bundle name is never cut
+    for column in ("chars", "kept", "dropped", "images", "kept", "skipped"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("skip reasons", justify="left", overflow="fold")
     for name, row in rows:
         reasons = ", ".join(f"{k}: {v}" for k, v in row["skipped_by_reason"].items()) or "-"
         table.add_row(

@@ -107,6 +107,7 @@ def test_rerun_changes_nothing(photos):
     assert snapshot(photos["out"]) == before
     assert (report.images_added, report.new_characters, report.read.encoder_calls) == (0, [], 0)
     assert report.read.sources_unchanged == 146 and report.already_in_dataset == photos["report"].images_added
+    assert report.read.cache_hits == 146  # every face record came from the cache
 
 
 def test_rerun_writes_the_same_bytes(photos):
@@ -336,6 +337,7 @@ def test_bad_input_is_counted_and_nothing_usable_exits_2(tmp_path, capsys):
     printed = capsys.readouterr().err
     for words in ("skipped: unreadable_video", "skipped: blurred", "characters in total", "error: nothing usable in"):
         assert words in printed
+    assert "contact_sheet.png" not in printed  # no character, no sheet to check
     with pytest.raises(DatasetError, match="nothing usable"):
         check_usable(build([src], out))
     with pytest.raises(DatasetError, match="no such file or folder"):

@@ -14,8 +14,9 @@ measured::
 Boxes are pixels of the stored image, clipped to it (right/bottom exclusive, as ``PIL.Image.crop``); the body box
 is :func:`dtback.identity.body.person_box` of the face box. ``embedding_id`` is the key of the face record in the
 builder's embedding cache. The file is the builder's memory: characters without it are not the builder's and are
-left alone. ``contact_sheet.png`` shows each image's person crop with its face box, numbered as in the JSON, for a
-person to check the character at a glance; the dataset scan skips both files.
+left alone. ``contact_sheet.png`` shows each image's person crop with its face box, captioned with its number in
+the JSON and its file name (as ``dtback dataset fix`` takes it), for a person to check the character at a glance;
+the dataset scan skips both files.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ FORMAT_VERSION = 1
 TILE = (128, 192)  # contact sheet tile (width, height): person crops are taller than wide
 COLUMNS = 8
 FACE_COLOUR = (40, 220, 60)
+CAPTION = 13  # px: the strip under each tile with its number and file name
+CAPTION_CHARS = 21  # characters of PIL's default font that fit a tile's width
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
@@ -208,7 +211,8 @@ def clip_box(box: np.ndarray, size: tuple[int, int]) -> list[float]:
 
 def write_contact_sheet(root: Path, character: Character, max_tiles: int) -> Path:
     """Draw up to ``max_tiles`` of the character's images (evenly spread when there are more) as person crops with
-    their face box in green, numbered as in ``character.json``; a grid of at most 8 columns. Returns the PNG path."""
+    their face box in green, captioned with their number in ``character.json`` and file name; a grid of at most 8
+    columns. Returns the PNG path."""
     folder = character.folder(root)
     count = len(character.images)
     chosen = np.unique(np.linspace(0, count - 1, min(count, max_tiles)).round().astype(int)) if count else []
@@ -226,7 +230,7 @@ def write_contact_sheet(root: Path, character: Character, max_tiles: int) -> Pat
 
 
 def _tile(folder: Path, image: PlacedImage, number: int) -> Image.Image:
-    """The person crop of one image letterboxed into a TILE, face box drawn, ``number`` in the corner."""
+    """The person crop of one image letterboxed into a TILE, face box drawn, its number and file name below."""
     tile = Image.new("RGB", TILE, (235, 235, 235))
     draw = ImageDraw.Draw(tile)
     try:
@@ -244,6 +248,15 @@ def _tile(folder: Path, image: PlacedImage, number: int) -> Image.Image:
     face = [offset[0] + (x1 - left) * scale, offset[1] + (y1 - top) * scale]
     face += [offset[0] + (x2 - left) * scale, offset[1] + (y2 - top) * scale]
     draw.rectangle(face, outline=FACE_COLOUR, width=2)
-    draw.rectangle((0, 0, 8 + 7 * len(str(number)), 14), fill=(0, 0, 0))
-    draw.text((3, 1), str(number), fill=(255, 255, 255))
+    draw.rectangle((0, TILE[1] - CAPTION, TILE[0], TILE[1]), fill=(0, 0, 0))
+    draw.text((2, TILE[1] - CAPTION + 1), tile_caption(number, image.file), fill=(255, 255, 255))
     return tile
+
+
+def tile_caption(number: int, file: str, width: int = CAPTION_CHARS) -> str:
+    """``<number> <file name>``, the start of the name cut (``~``) to fit ``width`` characters: the end, with the
+    content key (``_3fa2b1c0.jpg``), is what tells files apart and what ``dtback dataset fix`` matches."""
+    text = f"{number} {file}"
+    if len(text) <= width:
+        return text
+    return f"{number} ~{file[-(width - len(str(number)) - 2):]}"

@@ -133,6 +133,7 @@ class SourceReader:
         previous = self.known.get(str(path))
         if previous is not None and self._unchanged(previous, entry):
             self.counts.sources_unchanged += 1
+            self.counts.cache_hits += len(previous["items"])  # each item's face record is read from the cache
             self.counts.frames += len(previous["items"]) if video else 0
             entry = previous
         else:

@@ -38,9 +38,12 @@ Pixels enter as ``(value - channel mean) / 256`` with the means the file stores 
   - ``fc_2``: num_outputs, num_inputs, params, weights alias (num_inputs, num_outputs), biases alias, bias mode
     (1: none), 4 multipliers.
 
-**Licence.** The model file is Davis King's, trained by him for dlib; dlib-models' README (github.com/davisking/
-dlib-models) puts the face recognition ResNet and the 5-point shape predictor in the public domain (CC0), and the
-``face_recognition_models`` package that ships them is MIT. Nothing here is InsightFace's.
+**Licence.** The model file is Davis King's, trained by him for dlib. dlib-models' README (github.com/davisking/
+dlib-models) releases the face recognition ResNet and the 5-point shape predictor into the public domain (CC0); that
+page could not be opened from the machine this was written on, so it is stated from the project's notes, not
+re-read. Verified here: the ``face_recognition_models`` package that ships the file declares the MIT licence in its
+metadata. (The 68-point predictor, not used here, is trained on iBUG 300-W, whose terms exclude commercial use.)
+Nothing here is InsightFace's.
 """
 
 from __future__ import annotations

@@ -55,6 +55,9 @@ class BuildConfig(_Section):
     video_fps: float = Field(1.0, gt=0, le=120, description="Video frames sampled per second of video.")
     max_frames_per_video: int | None = Field(None, ge=1, description="Sample at most this many frames per video; null: all.")
     min_face_size: int = Field(48, ge=8, description="Faces narrower or shorter than this (px) are skipped as face_too_small.")
+    upscale_small_faces: bool = Field(
+        True, description="No face found: search again at 2x (images up to 2000 px), for full-body photos' small faces."
+    )
     min_sharpness: float = Field(
         40.0, ge=0, description="Faces softer than this (Laplacian variance at 64 px) are skipped as blurred; 0 keeps all."
     )

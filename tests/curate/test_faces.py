@@ -95,3 +95,20 @@ def test_a_co_subject_is_several_faces_a_small_passer_by_is_not(encoder, astrona
         verdicts[scale] = (record.other_face_ratio, face_verdict(record, BuildConfig()))
     assert verdicts[0.7][0] == pytest.approx(0.49, abs=0.08) and verdicts[0.7][1][0] == "several_faces"
     assert verdicts[0.45][0] == pytest.approx(0.2, abs=0.06) and verdicts[0.45][1] is None
+
+
+def test_a_small_face_of_a_full_body_photo_is_found_at_2x_and_counted_with_advice(encoder, astronaut):
+    """The astronaut shrunk to a ~23 px face on a 300 x 500 canvas (a full-body framing): no face at the detector's
+    own upsampling; searched at 2x it is found, boxed in the photo's pixels, and skipped as too small with advice."""
+    canvas = Image.new("RGB", (300, 500), (120, 120, 120))
+    canvas.paste(astronaut.resize((128, 128), Image.Resampling.LANCZOS), (60, 40))
+    pixels = np.asarray(canvas)
+    assert measure(encoder, pixels).num_faces == 0
+    record = measure(encoder, pixels, upscale=True)
+    assert record.num_faces >= 1 and record.upscaled and record.size == (300, 500)
+    x1, y1, x2, y2 = record.box
+    assert 16 <= x2 - x1 <= 32 and 95 <= x1 <= 112 and 50 <= y1 <= 66  # her face: 104-126 x 59-81 at this scale
+    reason, detail = face_verdict(record, BuildConfig())
+    assert reason == "face_too_small" and "full-body" in detail and "min_face_size" in detail
+    again = FaceRecord.from_tensors(record.to_tensors())
+    assert again.upscaled and np.allclose(again.box, record.box)

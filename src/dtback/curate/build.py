@@ -75,7 +75,7 @@ STATE_FILE = "state.json"
 STATE_FORMAT = "dtback-build-state"
 REPORT_FILE = "build_report.json"
 Member = tuple[Item, FaceRecord]  # a picture and its face, on its way into a character
-MEASURE_VERSION = "3"  # bump when FaceRecord's measurements change, so old cache entries are not reused
+MEASURE_VERSION = "4"  # bump when FaceRecord's measurements change, so old cache entries are not reused
 
 
 def build_dataset(
@@ -150,7 +150,7 @@ class DatasetBuilder:
             settings=self._settings(),
         )
         report.skips.extend(skips)
-        settings = {**self.encoder.settings(), "measure": MEASURE_VERSION}
+        settings = {**self.encoder.settings(), "measure": MEASURE_VERSION, "upscale": self.cfg.upscale_small_faces}
         with EmbeddingCache(self.cache_root / "build", self.encoder.encoder_id, settings) as cache:
             self.cache = cache
             reader = SourceReader(
@@ -322,7 +322,7 @@ class DatasetBuilder:
         except ImageSkip as skip:
             listed = f"{path}: listed in {character.key}/{CHARACTER_FILE}"
             raise DatasetError(f"{listed} but {skip.reason.value}: {skip.detail}") from None
-        record = measure(self.encoder, pixels)
+        record = measure(self.encoder, pixels, self.cfg.upscale_small_faces)
         if record.num_faces == 0:
             raise DatasetError(
                 f"{path}: listed in {character.key}/{CHARACTER_FILE} but {self.encoder.encoder_id} finds no face in it"

@@ -6,7 +6,10 @@ cached and the filters re-applied with other thresholds without running the enco
 
 - ``no_face``: the detector finds no face.
 - ``face_too_small``: the chosen face box is narrower or shorter than ``min_face_size`` pixels (the recognizer
-  and the person crop need detail; dlib's HOG detector finds faces down to ~40 px with upsample 1).
+  and the person crop need detail). dlib's HOG detector finds faces down to ~40 px with upsample 1; with
+  ``upscale_small_faces`` an image without a face (long side up to 2000 px) is searched again at 2x, which finds
+  the ~20-30 px faces of full-body photos (skimage's astronaut shrunk to a 23 px face on a 300 x 500 canvas: none
+  at 1x, found at 2x), so they are counted here with what to do, not as ``no_face``.
 - ``blurred``: the face is soft. Sharpness is the variance of the 4-neighbour Laplacian of the inner 80 % of the
   face box, in grey, resized to 64 x 64 px (so it measures blur relative to the face, whatever its size). Real
   photos measure 68 or more (140 LFW / TV-still faces); the same photos after a Gaussian blur of radius 3 px
@@ -35,6 +38,7 @@ from dtback.identity.face import FaceEncoder, choose_face
 SHARPNESS_SIZE = 64
 SHARPNESS_INNER = 0.8
 HASH_SIZE = 8  # 8 x 8 difference hash: 64 bits
+UPSCALE_MAX_SIDE = 2000  # px: a larger image searched at 2x would cost too much; its faces are rarely that small
 OTHER_FACE_MIN_SCORE = 0.5  # of the chosen face's detector score, for another detection to count as a face
 
 
@@ -60,6 +64,7 @@ class FaceRecord:
     sharpness: float = 0.0
     other_face_ratio: float = 0.0
     face_patch: np.ndarray | None = None
+    upscaled: bool = False
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Cache entry: the fields of :func:`dtback.identity.precompute.face_entry` plus the builder's own."""
@@ -77,6 +82,7 @@ class FaceRecord:
             dhash=torch.from_numpy(self.dhash.astype(np.uint8)),
             sharpness=torch.tensor(self.sharpness, dtype=torch.float32),
             other_face_ratio=torch.tensor(self.other_face_ratio, dtype=torch.float32),
+            upscaled=torch.tensor(self.upscaled),
         )
         return entry
 
@@ -98,18 +104,26 @@ class FaceRecord:
             dhash=entry["dhash"].numpy().astype(bool),
             sharpness=float(entry["sharpness"]),
             other_face_ratio=float(entry["other_face_ratio"]),
+            upscaled=bool(entry["upscaled"]),
             **face,
         )
 
 
-def measure(encoder: FaceEncoder, image: np.ndarray) -> FaceRecord:
-    """Detect all faces of ``image`` (H, W, 3) uint8 RGB, choose one by the encoder's rule, embed it, measure it."""
-    faces = encoder.detect(image)  # checks the shape and dtype
+def measure(encoder: FaceEncoder, image: np.ndarray, upscale: bool = False) -> FaceRecord:
+    """Detect all faces of ``image`` (H, W, 3) uint8 RGB, choose one by the encoder's rule, embed it, measure it.
+    With ``upscale``, an image without a face whose long side is at most :data:`UPSCALE_MAX_SIDE` is searched
+    again at twice its size (small faces of full-body photos); boxes and landmarks are given in ``image``'s pixels."""
     size = (image.shape[1], image.shape[0])
     dhash = difference_hash(image)
+    faces = encoder.detect(image)  # checks the shape and dtype
+    scale = 1
+    if not faces and upscale and max(size) <= UPSCALE_MAX_SIDE:
+        scale = 2
+        image = np.asarray(Image.fromarray(image).resize((size[0] * 2, size[1] * 2), Image.Resampling.LANCZOS))
+        faces = encoder.detect(image)
     if not faces:
         return FaceRecord(size=size, num_faces=0, dhash=dhash)
-    face = choose_face(faces, size, encoder.choice)
+    face = choose_face(faces, (image.shape[1], image.shape[0]), encoder.choice)
     chip = encoder.align(image, face)
     embedding = encoder.embed([chip])[0]
     others = [other.area for other in faces if other is not face and other.score >= OTHER_FACE_MIN_SCORE * face.score]
@@ -118,22 +132,29 @@ def measure(encoder: FaceEncoder, image: np.ndarray) -> FaceRecord:
         num_faces=len(faces),
         dhash=dhash,
         embedding=embedding,
-        box=face.box,
-        landmarks=face.landmarks,
+        box=np.asarray(face.box, dtype=np.float32) / scale,
+        landmarks=np.asarray(face.landmarks, dtype=np.float32) / scale,
         face_patch=face_patch(chip),
         score=face.score,
         sharpness=sharpness(image, face.box),
         other_face_ratio=max(others) / max(face.area, 1e-6) if others else 0.0,
+        upscaled=scale > 1,
     )
 
 
 def face_verdict(record: FaceRecord, cfg: BuildConfig) -> tuple[str, str] | None:
     """``(reason, detail)`` when ``record`` cannot join a character (rules in the module docstring), else None."""
     if record.num_faces == 0:
-        return "no_face", "the face detector found no face"
+        searched = " (also at 2x)" if cfg.upscale_small_faces and max(record.size) <= UPSCALE_MAX_SIDE else ""
+        return "no_face", (f"the face detector found no face{searched}; faces under ~20 px are not found: crop the "
+                           "photo closer to the person, or set identity.face_detector=cnn")
     width, height = record.box[2] - record.box[0], record.box[3] - record.box[1]
     if min(width, height) < cfg.min_face_size:
-        return "face_too_small", f"face box {width:.0f}x{height:.0f} px < min_face_size={cfg.min_face_size}"
+        return "face_too_small", (
+            f"face box {width:.0f}x{height:.0f} px < min_face_size={cfg.min_face_size}: too small to tell who it is "
+            "(a full-body photo?). Add closer photos of the person; lowering data.build.min_face_size lets such "
+            "faces group, less reliably below ~40 px"
+        )
     if record.sharpness < cfg.min_sharpness:
         return "blurred", f"face sharpness {record.sharpness:.1f} < min_sharpness={cfg.min_sharpness}"
     if record.other_face_ratio >= cfg.max_other_face_ratio:

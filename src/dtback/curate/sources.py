@@ -197,7 +197,7 @@ class SourceReader:
         return self._measure(key, pixels)
 
     def _measure(self, key: str, pixels: np.ndarray) -> FaceRecord:
-        record = measure(self.encoder, pixels)
+        record = measure(self.encoder, pixels, self.cfg.upscale_small_faces)
         self.counts.encoder_calls += 1
         self.cache.put(key, record.to_tensors())
         return record

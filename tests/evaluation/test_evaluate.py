@@ -290,3 +290,18 @@ def test_another_world_is_evaluated_on_every_character_and_the_same_world_on_the
     photos = make_dataset(tmp_path / "photos", {"film": {"ann": 2, "bo": 2, "cy": 2}})
     keys, source = held_out_keys(world_run, cfg, photos, [])
     assert keys == ["film/ann", "film/bo", "film/cy"] and source.startswith("every character of")
+
+
+def test_several_references_per_character_leave_the_rest_as_gallery(world_run, tmp_path):
+    out = tmp_path / "three"
+    assert main(["evaluate", "--model", str(world_run / "best_model.pt"), "--steps", "1", "--seed", "3",
+                 "--references", "2", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["references"] == 2
+    for character in results["characters"]:
+        references, gallery = character["references"], character["gallery"]
+        assert len(references) == 2 and references[0] == character["reference"]
+        assert not set(references) & set(gallery) and len(gallery) == 1  # 3 images per world character
+    assert "2 reference(s) per character" in (out / "results.md").read_text()
+    assert main(["evaluate", "--model", str(world_run / "best_model.pt"), "--references", "0",
+                 "--out", str(out)]) == EXIT_BAD_INPUT

@@ -62,6 +62,8 @@ class EvaluateSettings(BaseModel):
     config: Path | None = Field(None, description="the run's config (None: config.yaml next to the model)")
     characters: list[str] = Field(default_factory=list, description="held-out characters (empty: the run's split)")
     num_characters: int | None = Field(None, description="evaluate the first N held-out characters (None: all)")
+    references: int = Field(1, description="reference images per character given to the adapter: the first N by "
+                            "name (the rest is the gallery scored against)")
     prompts_file: Path | None = Field(None, description="one prompt per line (None: a built-in set for the data)")
     images_per_prompt: int = Field(1, description="images per prompt and condition")
     steps: int | None = Field(None, description="sampling steps (None: 28, or 20 for the simple model)")
@@ -74,7 +76,7 @@ class EvaluateSettings(BaseModel):
     device: str = Field("auto", min_length=1, description="cpu, cuda, cuda:1 ... or auto")
     progress: bool = Field(True, description="show a progress bar")
 
-    @field_validator("images_per_prompt", "num_characters", "steps")
+    @field_validator("images_per_prompt", "num_characters", "steps", "references")
     @classmethod
     def _at_least(cls, value: int | None, info: ValidationInfo) -> int | None:
         least = 2 if info.field_name == "num_characters" else 1
@@ -140,7 +142,8 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     check_settings(settings)
     run_dir = settings.model.parent
     cfg = run_config(run_dir, settings.config)
-    held = load_held_out(run_dir, cfg, settings.data_dir, settings.characters, settings.num_characters)
+    held = load_held_out(run_dir, cfg, settings.data_dir, settings.characters, settings.num_characters,
+                         settings.references)
     prompts = read_prompts(settings.prompts_file, held.is_world)
     if settings.true_cfg is None:
         settings = settings.model_copy(update={"true_cfg": cfg.training.val_true_cfg if cfg is not None else 1.0})
@@ -164,7 +167,8 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
 def generate_all(pipe, held: HeldOut, prompts: list[str], settings: EvaluateSettings, size: int,
                  steps: int) -> list[Generated]:
     """Every (character, condition, prompt) image; image files under ``<out>/images/<condition>/<character>/``."""
-    references = [pipe.encode_references([c.reference], [str(c.reference_path)])[0] for c in held.characters]
+    references = [pipe.encode_references(c.references, [str(p) for p in c.reference_paths])[0]
+                  for c in held.characters]
     count = len(held.characters)
     out: list[Generated] = []
     bar = tqdm(total=count * len(CONDITIONS) * len(prompts), desc="evaluate", unit="prompt",
@@ -284,8 +288,8 @@ class Scorer:
             for g, sim in zip(generated, sims):
                 g.scores["prompt_adherence"] = sim
         for g in generated:
-            given = self.held.characters[g.row if g.source is None else g.source].reference
-            g.scores["copy_paste"] = copy_paste_score(g.image, given)
+            given = self.held.characters[g.row if g.source is None else g.source].references
+            g.scores["copy_paste"] = max(copy_paste_score(g.image, reference) for reference in given)
 
     def columns(self) -> list[tuple[str, str]]:
         """(metric, table header) in table order."""
@@ -334,7 +338,8 @@ def summarise(generated: list[Generated], held: HeldOut, prompts: list[str], sco
         "model": str(settings.model),
         "data_dir": str(held.data_dir),
         "held_out_source": held.source,
-        "characters": [{"key": c.key, "reference": str(c.reference_path), "gallery": [str(p) for p in c.gallery_paths]}
+        "characters": [{"key": c.key, "reference": str(c.reference_path),
+                        "references": [str(p) for p in c.reference_paths], "gallery": [str(p) for p in c.gallery_paths]}
                        for c in held.characters],
         "skipped": held.skipped,
         "prompts": prompts,
@@ -394,15 +399,16 @@ def markdown_table(results: dict[str, Any]) -> str:
     settings = results["settings"]
     notes = [
         f"{len(results['characters'])} held-out characters ({results['held_out_source']}) x {len(results['prompts'])} "
-        f"prompts x {settings['images_per_prompt']} image(s), {settings['steps']} steps, {settings['size']} px, "
+        f"prompts x {settings['images_per_prompt']} image(s), {settings.get('references', 1)} reference(s) per "
+        f"character, {settings['steps']} steps, {settings['size']} px, "
         f"seed {settings['seed']}; model `{results['model']}`.",
         "Similarities are cosines to the mean embedding of the character's gallery (its images other than the "
         "reference); a generated image without a detected face scores 0 face similarity. Reader accuracies are the "
         "fractions of face / body attributes the world identity reader reads as the character's true ones (mean: their "
         "average per image). "
         "The shuffled row gives each character another held-out character's reference and scores against its own.",
-        "Copy-paste: Pearson correlation of the 32x32 RGB pixels of the output and the reference it was given "
-        "(high = the output copies the reference picture instead of following the prompt).",
+        "Copy-paste: Pearson correlation of the 32x32 RGB pixels of the output and the reference it was given (the "
+        "highest over the references; high = the output copies a reference picture instead of following the prompt).",
         f"Recognizers: {', '.join(f'{k}: {v}' for k, v in results['recognizers'].items() if v)}.",
     ]
     if results.get("reader_attributes"):

@@ -60,11 +60,20 @@ class HeldOutCharacter:
     identity world, its true attributes ``{"face": {...}, "body": {...}}``."""
 
     key: str
-    reference_path: Path
-    reference: Image.Image
+    reference_paths: list[Path]
+    references: list[Image.Image]
     gallery_paths: list[Path]
     gallery: list[Image.Image]
     truth: dict[str, dict[str, str]] | None
+
+    @property
+    def reference_path(self) -> Path:
+        """The first reference (the grid's reference column)."""
+        return self.reference_paths[0]
+
+    @property
+    def reference(self) -> Image.Image:
+        return self.references[0]
 
 
 @dataclass
@@ -134,9 +143,9 @@ def another_dataset(cfg: Config, data_dir: Path, split_val: list[str]) -> bool:
 
 
 def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, explicit: list[str],
-                  limit: int | None) -> HeldOut:
-    """Resolve and read the held-out characters; at least 2 with 2+ readable images are needed (the shuffled
-    baseline gives each character another one's reference)."""
+                  limit: int | None, references: int = 1) -> HeldOut:
+    """Resolve and read the held-out characters; at least 2 with ``references`` + 1 readable images are needed
+    (the shuffled baseline gives each character another one's references)."""
     if data_dir is None:
         if cfg is None:
             raise DtbackError(f"--data-dir is needed: {run_dir / 'config.yaml'} (the run's config) does not exist")
@@ -153,20 +162,22 @@ def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, expl
     for key in keys:
         if limit is not None and len(held.characters) >= limit:
             break
-        character = read_character(data_dir, key, held.skipped)
+        character = read_character(data_dir, key, held.skipped, references)
         if character is not None:
             held.characters.append(character)
     if len(held.characters) < 2:
         raise DtbackError(
-            f"need at least 2 held-out characters with 2+ readable images in {data_dir} (from {source}), found "
+            f"need at least 2 held-out characters with {references + 1}+ readable images in {data_dir} (from {source}), found "
             f"{len(held.characters)}; skipped: {held.skipped or 'none'}"
         )
     return held
 
 
-def read_character(data_dir: Path, key: str, skipped: list[dict[str, str]]) -> HeldOutCharacter | None:
-    """Read one character folder; unreadable images and characters with fewer than 2 images are recorded in
-    ``skipped`` and left out."""
+def read_character(data_dir: Path, key: str, skipped: list[dict[str, str]],
+                   references: int = 1) -> HeldOutCharacter | None:
+    """Read one character folder: the first ``references`` readable images (sorted by name) are its references,
+    the rest its gallery. Unreadable images, and characters without a gallery image beyond the references, are
+    recorded in ``skipped`` and left out."""
     folder = data_dir / key
     if not folder.is_dir():
         raise DatasetError(f"held-out character {key}: no folder {folder} (does --data-dir match the run?)")
@@ -179,13 +190,15 @@ def read_character(data_dir: Path, key: str, skipped: list[dict[str, str]]) -> H
             images.append((path, load_rgb(path, MAX_PIXELS)))
         except ImageSkip as skip:
             skipped.append({"path": str(path), "reason": skip.reason.value, "detail": skip.detail})
-    if len(images) < 2:
+    if len(images) < references + 1:
         skipped.append({"path": str(folder), "reason": "too_few_images",
-                        "detail": f"{len(images)} readable image(s); a reference and a gallery image are needed"})
+                        "detail": f"{len(images)} readable image(s); {references} reference(s) and a gallery image "
+                                  "are needed"})
         return None
     return HeldOutCharacter(
-        key=key, reference_path=images[0][0], reference=images[0][1], gallery_paths=[p for p, _ in images[1:]],
-        gallery=[image for _, image in images[1:]], truth=world_truth(images[0][0]),
+        key=key, reference_paths=[p for p, _ in images[:references]],
+        references=[image for _, image in images[:references]], gallery_paths=[p for p, _ in images[references:]],
+        gallery=[image for _, image in images[references:]], truth=world_truth(images[0][0]),
     )
 
 

@@ -55,6 +55,10 @@ class BuildConfig(_Section):
     video_fps: float = Field(1.0, gt=0, le=120, description="Video frames sampled per second of video.")
     max_frames_per_video: int | None = Field(None, ge=1, description="Sample at most this many frames per video; null: all.")
     min_face_size: int = Field(48, ge=8, description="Faces narrower or shorter than this (px) are skipped as face_too_small.")
+    min_join_face_size: int = Field(
+        20, ge=8, description="Faces from this size up to min_face_size (full-body photos) may join a character at a "
+        "stricter distance, never start one; larger than min_face_size switches it off."
+    )
     upscale_small_faces: bool = Field(
         True, description="No face found: search again at 2x (images up to 2000 px), for full-body photos' small faces."
     )

@@ -280,6 +280,41 @@ def test_crops_letterboxes_and_resizes_of_a_kept_photo_are_duplicates(people_dir
     assert placed == {kept, paths[1].name, paths[2].name} and len(read_characters(out)) == 1
 
 
+def full_body(path: Path, face: int = 28) -> Image.Image:
+    """A head-and-shoulders photo shrunk so that its face is about ``face`` px, on a tall grey canvas."""
+    photo = Image.open(path).convert("RGB")
+    scale = face / (0.4 * photo.width)
+    small = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (small.width * 3, small.height * 5), (110, 110, 110))
+    canvas.paste(small, (small.width, 0))
+    return canvas
+
+
+def test_full_body_photos_with_small_faces_join_only_their_own_character(people_dir, tmp_path):
+    """Five photos of Tony Blair make a character; full-body versions (faces ~28 px) of two more of his photos join
+    it, at the stricter distance, with a correct body box; one of Colin Powell, who has no character, is skipped as
+    face_too_small and never starts one."""
+    blair = sorted((people_dir / "krasserm_lfw" / "Tony_Blair").iterdir())
+    powell = sorted((people_dir / "krasserm_lfw" / "Colin_Powell").iterdir())
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in blair[:5]:
+        shutil.copyfile(path, src / path.name)
+    for path in (blair[5], blair[6], powell[0]):
+        full_body(path).save(src / f"full_body_{path.stem}.png")
+    report = build([src], tmp_path / "dataset")
+    (character,) = read_characters(tmp_path / "dataset")
+    joined = {Path(i.source).name: i for i in character.images if i.source.endswith(".png")}
+    assert set(joined) == {f"full_body_{blair[5].stem}.png", f"full_body_{blair[6].stem}.png"}, report.skips
+    for image in joined.values():
+        x1, y1, x2, y2 = image.face_box
+        left, top, right, bottom = image.body_box
+        assert 18 <= x2 - x1 < 48 and left <= x1 < x2 <= right and top <= y1 < y2 <= bottom
+        assert bottom - top >= 5 * (y2 - y1)  # the person below the face, not a face crop
+    (skip,) = [s for s in report.skips if Path(s.path).name == f"full_body_{powell[0].stem}.png"]
+    assert skip.reason == "face_too_small" and "small faces join only below" in skip.detail
+
+
 def test_an_interrupted_write_is_finished_by_the_next_run(tmp_path, monkeypatch):
     from dtback.curate import build as build_module
 

@@ -59,7 +59,7 @@ from dtback.curate.corrections import (
     corrected_names,
     read_corrections,
 )
-from dtback.curate.cluster import DEFAULT_THRESHOLDS, group_faces, near_duplicates
+from dtback.curate.cluster import DEFAULT_THRESHOLDS, group_faces, join_only, near_duplicates
 from dtback.curate.faces import FaceRecord, face_verdict, measure
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.data.layout import BUILD_STATE_DIR, CONTACT_SHEET
@@ -246,6 +246,8 @@ class DatasetBuilder:
                 report.skips.append(SourceSkip(item.label, "excluded", f"excluded in {CORRECTIONS_FILE}"))
                 continue
             verdict = face_verdict(record, self.cfg)
+            if verdict is not None and verdict[0] == "face_too_small" and self._joins_only(record):
+                verdict = face_verdict(record, self.cfg.model_copy(update={"min_face_size": self.cfg.min_join_face_size}))
             if verdict is not None:
                 report.skips.append(SourceSkip(item.label, *verdict))
                 continue
@@ -286,17 +288,27 @@ class DatasetBuilder:
     ) -> tuple[dict[int, list[Member]], list[list[Member]]]:
         """Place ``kept`` faces (sorted by content key) by :func:`~dtback.curate.cluster.group_faces`: join
         existing characters, form new ones, or leave them out as ``ambiguous`` / ``unclustered`` skips."""
-        members = [np.array([r.embedding for c, _, r in fixed if c is character]) for character in characters]
-        if not kept:
+        # Small faces (full-body photos) never shape a character: they are left out of its members here and only
+        # join, at a stricter distance, after the others are placed.
+        members = [
+            np.array([r.embedding for c, _, r in fixed if c is character and not self._joins_only(r)]).reshape(
+                -1, fixed[0][2].embedding.shape[0] if fixed else 0)
+            for character in characters
+        ]
+        small = [member for member in kept if self._joins_only(member[1])]
+        kept = [member for member in kept if not self._joins_only(member[1])]
+        if not kept and not small:
             return {}, []
         future = new_slots(
             self.root, characters, len(kept) // self.data.min_images_per_char + 1, self.cfg.bundle_prefix,
             self.cfg.character_prefix, self.data.max_chars_per_bundle, self.reserved,
         )
+        names = [c.key for c in characters] + [f"{bundle}/{name}" for bundle, name in future]
+        dimension = (kept or small)[0][1].embedding.shape[0]
+        embeddings = np.stack([r.embedding for _, r in kept]) if kept else np.zeros((0, dimension))
         grouping = group_faces(
-            members, np.stack([r.embedding for _, r in kept]), self.threshold, self.margin,
-            self.data.min_images_per_char, self.cfg.cluster_linkage,
-            names=[c.key for c in characters] + [f"{bundle}/{name}" for bundle, name in future],
+            members, embeddings, self.threshold, self.margin, self.data.min_images_per_char, self.cfg.cluster_linkage,
+            names=names,
         )
         joined: dict[int, list[Member]] = {}
         groups: list[list[Member]] = [[] for _ in range(grouping.new_groups)]
@@ -308,7 +320,28 @@ class DatasetBuilder:
                 joined.setdefault(target, []).append(member)
             else:
                 groups[target - len(characters)].append(member)
+        if small:
+            final = members + [np.stack([r.embedding for _, r in group]) for group in groups]
+            target, detail = join_only(
+                final, np.stack([r.embedding for _, r in small]), self.threshold, self.margin, self.cfg.cluster_linkage,
+                names,
+            )
+            for index, member in enumerate(small):
+                k = int(target[index])
+                if k < 0:
+                    verdict = face_verdict(member[1], self.cfg)
+                    report.skips.append(SourceSkip(member[0].label, verdict[0], f"{verdict[1]}; {detail[index]}"))
+                elif k < len(characters):
+                    joined.setdefault(k, []).append(member)
+                else:
+                    groups[k - len(characters)].append(member)
         return joined, groups
+
+    def _joins_only(self, record: FaceRecord) -> bool:
+        """A face smaller than ``min_face_size`` but at least ``min_join_face_size``: it may join a character
+        (the 20-30 px faces of full-body photos), never start or shape one."""
+        width, height = record.box[2] - record.box[0], record.box[3] - record.box[1]
+        return self.cfg.min_join_face_size <= min(width, height) < self.cfg.min_face_size
 
     def _placed_record(self, character: Character, image: PlacedImage) -> FaceRecord:
         """The face record of an image already in the dataset: from the cache, else measured from the file itself

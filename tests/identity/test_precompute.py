@@ -98,3 +98,27 @@ def test_missing_body_model_is_a_clear_error(tmp_path):
     args = ["precompute", "--no-progress", "--set", f"data_dir={root}", "--set", f"output_dir={tmp_path / 'run'}",
             "--set", f"identity.body_model={tmp_path / 'no_dinov2'}", "--set", "identity.face_backend=dlib"]
     assert main(args) == 2
+
+
+def test_the_progress_bar_moves_per_image_with_a_one_at_a_time_encoder(tmp_path, monkeypatch):
+    """dlib encodes one image at a time: the bar moves once per image, not once per batch of 64."""
+    from dtback.identity import precompute
+
+    updates = []
+
+    class Bar:
+        def __init__(self, total=None, **kwargs):
+            self.total = total
+
+        def update(self, n=1):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(precompute, "tqdm", Bar)
+    root = make_dataset(tmp_path / "data", {"b": {"c": 5}}, size=(32, 32))
+    index = scan_dataset(DataConfig(data_dir=root, min_images_per_char=3), seed=0, progress=False)
+    face = backends.face_encoder(IdentityConfig(face_backend="dlib", device="cpu"))
+    IdentityPrecomputer(face, None, tmp_path / "cache", 10**8).run(index, progress=True)
+    assert [n for n in updates if n] == [1] * 5

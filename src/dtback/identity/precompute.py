@@ -89,14 +89,15 @@ class IdentityPrecomputer:
             bar = tqdm(total=len(paths), desc="identity embeddings", unit="img", disable=not progress)
             for first in range(0, len(paths), batch_size):
                 chunk = paths[first:first + batch_size]
-                self._chunk(chunk, index.root, report)
-                bar.update(len(chunk))
+                moved = self._chunk(chunk, index.root, report, bar)
+                bar.update(len(chunk) - moved)
             bar.close()
         report.seconds = time.perf_counter() - start
         return report
 
-    def _chunk(self, paths: list[Path], root: Path, report: PrecomputeReport) -> None:
-        """Encode the images of ``paths`` that are not cached yet, in one batch per encoder when it can."""
+    def _chunk(self, paths: list[Path], root: Path, report: PrecomputeReport, bar: Any = None) -> int:
+        """Encode the images of ``paths`` that are not cached yet, in one batch per encoder when it can. A face
+        encoder that works one image at a time (dlib) moves ``bar`` per image; returns how far it moved it."""
         items = [(path, path.relative_to(root).as_posix(), content_hash(path)) for path in paths]
         report.images += len(items)
         images: dict[str, Any] = {}
@@ -109,8 +110,16 @@ class IdentityPrecomputer:
         todo = _first_per_key(item for item in items if item[2] not in self.face_cache)
         report.face_cache_hits += len(items) - len(todo)  # a copy of an image in the same batch is a hit too
         todo = [item for item in todo if image_of(*item) is not None]
+        moved = 0
         if todo:
-            results = self.face.encode_batch([np.asarray(images[key]) for _, _, key in todo])
+            if bar is not None and type(self.face).encode_batch is FaceEncoder.encode_batch:  # one image at a time
+                results = []
+                for _, _, key in todo:
+                    results.append(self.face.encode(np.asarray(images[key])))
+                    bar.update(1)
+                moved = len(todo)
+            else:
+                results = self.face.encode_batch([np.asarray(images[key]) for _, _, key in todo])
             report.face_encoder_calls += len(todo)
             for (_, _, key), result in zip(todo, results):
                 self.face_cache.put(key, face_entry(result))
@@ -125,12 +134,12 @@ class IdentityPrecomputer:
             else:
                 report.no_face.append(rel)
         if self.body_cache is None:
-            return
+            return moved
         todo = _first_per_key(item for item in items if item[2] in faces and item[2] not in self.body_cache)
         report.body_cache_hits += sum(1 for item in items if item[2] in faces) - len(todo)
         todo = [item for item in todo if image_of(*item) is not None]
         if not todo:
-            return
+            return moved
         boxes = [faces[key]["box"].numpy() if "box" in faces[key] else None for _, _, key in todo]
         batch = [images[key] for _, _, key in todo]
         features = self.body.encode_batch(batch, boxes)
@@ -138,6 +147,7 @@ class IdentityPrecomputer:
         report.body_encoder_calls += len(todo)
         for i, (_, _, key) in enumerate(todo):
             self.body_cache.put(key, {"pooled": pooled[i].float().cpu(), "tokens": tokens[i].to(BODY_TOKEN_DTYPE).cpu()})
+        return moved
 
     def _load(self, path: Path, rel: str, report: PrecomputeReport):
         try:

@@ -71,3 +71,21 @@ def test_bad_corrections_name_the_entry(photos, tmp_path):
     (out / CORRECTIONS_FILE).unlink()
     assert fix(out, "merge", "built_000/nobody", key) == 2
     assert fix(tmp_path / "missing", "exclude", "x.jpg") == 2
+
+
+def test_a_character_folder_deleted_by_hand_stays_deleted(photos, tmp_path):
+    import shutil
+
+    out = tmp_path / "dataset"
+    build([photos["flat"]], out, photos["cache"])
+    victim = read_characters(out)[0]
+    ids = {image.embedding_id for image in victim.images}
+    shutil.rmtree(victim.folder(out))
+    report = build([photos["flat"]], out, photos["cache"])
+    assert not ids & set().union(*characters_by_content(out).values()) and report.new_characters == []
+    assert report.skipped_by_reason["excluded"] == len(ids)
+    assert sum("deleted by hand" in str(entry.get("note")) for entry in read_corrections(out)) == len(ids)
+    # Deleting the entries from corrections.yaml lets the builder place the photos again.
+    (out / CORRECTIONS_FILE).unlink()
+    build([photos["flat"]], out, photos["cache"])
+    assert ids in [set(v) for v in characters_by_content(out).values()]

@@ -142,6 +142,7 @@ class DatasetBuilder:
             if not rebuild:
                 raise DatasetError(_changed_settings_message(self.root, remembered, shaping))
             removed = remove_built_characters(self.root, read_characters(self.root))
+            state["placed"] = []  # removed on purpose, not by hand
             log.info("--rebuild: removed %d characters built with other settings", removed)
         state["settings"] = shaping
         characters = read_characters(self.root)
@@ -163,13 +164,15 @@ class DatasetBuilder:
             entries = read_corrections(self.root)
             known = {item.key for item in items}
             self.excluded = apply_corrections(self.root, entries, known, self.cfg.contact_sheet_tiles).excluded
+            self.excluded |= self._removed_by_hand(state, known)
             characters = read_characters(self.root)
             self.reserved = corrected_names(entries)
             joined, new_groups = self._select(items, characters, reader, report)
             self._write(characters, joined, new_groups, report, state, state_path)
             apply_corrections(self.root, entries, known, self.cfg.contact_sheet_tiles)  # characters made just now
-        _save_state(state, state_path)
         characters = read_characters(self.root)
+        state["placed"] = sorted({image.embedding_id for character in characters for image in character.images})
+        _save_state(state, state_path)
         report.read = reader.counts
         report.characters = len(characters)
         report.bundles = sorted({c.bundle for c in characters})
@@ -336,6 +339,23 @@ class DatasetBuilder:
                 else:
                     groups[k - len(characters)].append(member)
         return joined, groups
+
+    def _removed_by_hand(self, state: dict[str, Any], known: set[str]) -> set[str]:
+        """Pictures placed by an earlier run that are in no character now and not excluded by a correction: a
+        character folder (or its ``character.json`` entry) was deleted by hand. Recorded as exclusions in
+        ``corrections.yaml`` so they are not placed again; returns their content ids."""
+        now = {image.embedding_id for character in read_characters(self.root) for image in character.images}
+        gone = sorted(set(state.get("placed", [])) - now - self.excluded)
+        for content_id in gone:
+            sources = sorted({s for s, entry in state["sources"].items() for i in entry["items"] if i["key"] == content_id})
+            append_correction(self.root, {
+                "exclude": {"id": content_id, "file": sources[0] if sources else content_id},
+                "note": "deleted by hand (its character folder or character.json entry is gone)",
+            })
+        if gone:
+            log.warning("%d placed pictures were deleted by hand; recorded as excluded in %s", len(gone),
+                        CORRECTIONS_FILE)
+        return set(gone)
 
     def _joins_only(self, record: FaceRecord) -> bool:
         """A face smaller than ``min_face_size`` but at least ``min_join_face_size``: it may join a character

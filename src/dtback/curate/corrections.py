@@ -15,8 +15,9 @@ A photo is named by its path in the dataset (``bundle/character/file``; only the
 stays valid after the photo moves), by a source path, or by its sha256 (``id``); ``dtback dataset fix`` writes
 ``{id: ..., file: ...}``. Every correction is idempotent: applied again it changes nothing, so each build applies the
 whole file before grouping (so excluded photos stay out and moved ones stay where they were put) and again after
-writing (so characters formed by the run are corrected too). A placed image deleted by hand is recorded here as an
-exclusion (``note: deleted by hand``); delete the entry to let the builder place the photo again.
+writing (so characters formed by the run are corrected too). A placed image deleted by hand, or a whole character
+folder, is recorded here as an exclusion (``note: deleted by hand ...``; the build state remembers what was placed);
+delete the entry to let the builder place the photo again.
 
 Character names in ``merge``/``rename``/``into`` are the names at the time of the correction; after
 ``dtback dataset build --rebuild`` the builder numbers characters afresh, so check those entries.

@@ -209,3 +209,11 @@ def test_attention_backends_switch_cudnn_and_restore_it():
             assert torch.backends.cuda.cudnn_sdp_enabled() is True
         assert torch.backends.cuda.cudnn_sdp_enabled() is False
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_a_run_config_with_the_removed_duplicate_hash_bits_still_loads(tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text("data:\n  build:\n    duplicate_hash_bits: 12\n    min_face_size: 40\n")
+    with pytest.warns(FutureWarning, match="data.build.duplicate_hash_bits is no longer used"):
+        cfg = load_config(old)
+    assert cfg.data.build.min_face_size == 40

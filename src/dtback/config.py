@@ -483,7 +483,11 @@ SEED_KEY_PATHS: dict[str, str] = {key: f"{_section_of(key)}.{key}" for key in SE
 
 # Keys of earlier versions: still accepted (config files and the config.yaml of old runs), with a deprecation note.
 RENAMED_KEYS: dict[str, str] = {"identity.world_models_dir": "data.world.components"}
-REMOVED_KEYS: dict[str, str] = {"data.num_workers": "features are precomputed in memory; no DataLoader workers run"}
+REMOVED_KEYS: dict[str, str] = {
+    "data.num_workers": "features are precomputed in memory; no DataLoader workers run",
+    "data.build.duplicate_hash_bits": "near-duplicates are decided from the face crop (data.build.duplicate_face_"
+                                      "correlation), not a whole-image hash",
+}
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -542,12 +546,17 @@ def _lift_seed_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
 def _renamed_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """Move renamed keys to their new place and drop removed ones, each with a deprecation warning."""
     for old, new in (*RENAMED_KEYS.items(), *((old, None) for old in REMOVED_KEYS)):
-        section, _, key = old.partition(".")
-        block = raw.get(section)
-        if not isinstance(block, dict) or key not in block:
+        *parents, key = old.split(".")
+        node: Any = raw
+        for part in parents:  # copy the dicts on the way down: the caller's mapping is left as it was
+            child = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(child, dict):
+                node = None
+                break
+            node[part] = node = dict(child)
+        if not isinstance(node, dict) or key not in node:
             continue
-        block = raw[section] = dict(block)
-        value = block.pop(key)
+        value = node.pop(key)
         if new is None:
             warnings.warn(f"{source}: {old} is no longer used ({REMOVED_KEYS[old]}); remove it", FutureWarning,
                           stacklevel=3)

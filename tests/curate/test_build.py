@@ -97,7 +97,11 @@ def test_written_characters_are_consistent_and_scan_cleanly(photos):
     index = scan_dataset(config(out, None).data, seed=0, progress=False)
     assert len(index.characters) == 18 and index.skips == []
     assert sum(len(c.images) for c in index.characters) == photos["report"].images_added
-    assert set(index.ignored) == {".dtback-build", REPORT_FILE}
+    assert set(index.ignored) == {".dtback-build", REPORT_FILE, "ambiguous.png"}
+    # The photos left out as ambiguous are on a sheet of their own, for a person to place by hand.
+    ambiguous = photos["report"].skipped_by_reason["ambiguous"]
+    with Image.open(out / "ambiguous.png") as sheet:
+        assert ambiguous >= 1 and sheet.width == 128 * min(8, ambiguous)
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["skipped_by_reason"]["no_face"] == 6 and report["faces_found"] == 140
 

@@ -45,6 +45,7 @@ from dtback.curate.characters import (
     PlacedImage,
     clip_box,
     copy_atomic,
+    draw_sheet,
     file_name,
     new_slots,
     read_characters,
@@ -62,7 +63,7 @@ from dtback.curate.corrections import (
 from dtback.curate.cluster import DEFAULT_THRESHOLDS, group_faces, join_only, near_duplicates
 from dtback.curate.faces import FaceRecord, face_verdict, measure
 from dtback.data.images import ImageSkip, load_rgb
-from dtback.data.layout import BUILD_STATE_DIR, CONTACT_SHEET
+from dtback.data.layout import AMBIGUOUS_SHEET, BUILD_STATE_DIR, CONTACT_SHEET
 from dtback.curate.sources import Item, SourceReader, SourceSkip, list_files
 from dtback.errors import ConfigError, DatasetError
 from dtback.identity.crops import BodyCropRule, person_box
@@ -167,9 +168,11 @@ class DatasetBuilder:
             self.excluded |= self._removed_by_hand(state, known)
             characters = read_characters(self.root)
             self.reserved = corrected_names(entries)
+            self.ambiguous: list[Member] = []
             joined, new_groups = self._select(items, characters, reader, report)
             self._write(characters, joined, new_groups, report, state, state_path)
             apply_corrections(self.root, entries, known, self.cfg.contact_sheet_tiles)  # characters made just now
+            self._write_ambiguous_sheet()
         characters = read_characters(self.root)
         state["placed"] = sorted({image.embedding_id for character in characters for image in character.images})
         _save_state(state, state_path)
@@ -319,6 +322,8 @@ class DatasetBuilder:
             target = int(grouping.target[index])
             if target < 0:
                 report.skips.append(SourceSkip(member[0].label, grouping.reason[index], grouping.detail[index]))
+                if grouping.reason[index] == "ambiguous":
+                    self.ambiguous.append(member)
             elif target < len(characters):
                 joined.setdefault(target, []).append(member)
             else:
@@ -339,6 +344,22 @@ class DatasetBuilder:
                 else:
                     groups[k - len(characters)].append(member)
         return joined, groups
+
+    def _write_ambiguous_sheet(self) -> None:
+        """``DATA_DIR/ambiguous.png``: the photos left out as ``ambiguous``, captioned with their file names, for a
+        person to place by hand (``dtback dataset fix``); removed when there are none."""
+        path = self.root / AMBIGUOUS_SHEET
+        images = []
+        for item, record in self.ambiguous:
+            pixels = self._pixels_path(item.key, item.source, item.time)
+            if pixels.is_file():
+                images.append(self._placed(item, record, file=str(pixels)))
+        if not images:
+            path.unlink(missing_ok=True)
+            return
+        data = draw_sheet(self.root, images, self.cfg.contact_sheet_tiles)
+        if not (path.is_file() and path.read_bytes() == data):
+            write_atomic(path, data)
 
     def _removed_by_hand(self, state: dict[str, Any], known: set[str]) -> set[str]:
         """Pictures placed by an earlier run that are in no character now and not excluded by a correction: a
@@ -431,20 +452,23 @@ class DatasetBuilder:
             if not pixels.is_file():
                 report.skips.append(SourceSkip(item.label, "source_missing", f"{pixels} is gone"))
                 continue
-            image = PlacedImage(
-                file=file_name(item.source, item.time, item.key, pixels),
-                embedding_id=item.key,
-                source=item.source,
-                frame_time=item.time,
-                face_box=clip_box(record.box, record.size),
-                body_box=list(person_box(record.size, record.box, self.body_rule)),
-                face_score=round(record.score, 4),
-                num_faces=record.num_faces,
-                sharpness=round(record.sharpness, 2),
-            )
+            image = self._placed(item, record, file_name(item.source, item.time, item.key, pixels))
             character.images.append(image)
             added.append(image)
         return added
+
+    def _placed(self, item: Item, record: FaceRecord, file: str) -> PlacedImage:
+        return PlacedImage(
+            file=file,
+            embedding_id=item.key,
+            source=item.source,
+            frame_time=item.time,
+            face_box=clip_box(record.box, record.size),
+            body_box=list(person_box(record.size, record.box, self.body_rule)),
+            face_score=round(record.score, 4),
+            num_faces=record.num_faces,
+            sharpness=round(record.sharpness, 2),
+        )
 
     def _pixels_path(self, key: str, source: str, frame_time: float | None) -> Path:
         return Path(source) if frame_time is None else self.state_dir / "frames" / f"{key}.jpg"

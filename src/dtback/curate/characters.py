@@ -213,20 +213,24 @@ def write_contact_sheet(root: Path, character: Character, max_tiles: int) -> Pat
     """Draw up to ``max_tiles`` of the character's images (evenly spread when there are more) as person crops with
     their face box in green, captioned with their number in ``character.json`` and file name; a grid of at most 8
     columns. Returns the PNG path."""
-    folder = character.folder(root)
-    count = len(character.images)
+    path = character.folder(root) / CONTACT_SHEET
+    write_atomic(path, draw_sheet(character.folder(root), character.images, max_tiles))
+    return path
+
+
+def draw_sheet(folder: Path, images: list[PlacedImage], max_tiles: int) -> bytes:
+    """PNG bytes of up to ``max_tiles`` of ``images`` (files relative to ``folder``, or absolute) as captioned tiles."""
+    count = len(images)
     chosen = np.unique(np.linspace(0, count - 1, min(count, max_tiles)).round().astype(int)) if count else []
     columns = max(1, min(COLUMNS, len(chosen)))
     rows = max(1, -(-len(chosen) // columns))
     sheet = Image.new("RGB", (columns * TILE[0], rows * TILE[1]), (255, 255, 255))
     for slot, index in enumerate(chosen):
-        tile = _tile(folder, character.images[index], int(index) + 1)
+        tile = _tile(folder, images[index], int(index) + 1)
         sheet.paste(tile, ((slot % columns) * TILE[0], (slot // columns) * TILE[1]))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
-    path = folder / CONTACT_SHEET
-    write_atomic(path, buffer.getvalue())
-    return path
+    return buffer.getvalue()
 
 
 def _tile(folder: Path, image: PlacedImage, number: int) -> Image.Image:

@@ -29,6 +29,7 @@ SIDECAR_SUFFIXES = (".txt", ".json")
 # Written by the dataset builder (dtback.curate.build): its state folder at the root and a picture of each character's
 # images for people to check; neither is a training image.
 BUILD_STATE_DIR = ".dtback-build"
+AMBIGUOUS_SHEET = "ambiguous.png"  # the builder's sheet of photos it left out as ambiguous
 CONTACT_SHEET = "contact_sheet.png"
 
 
@@ -237,8 +238,8 @@ class _Walker:
             return []
 
     def _rejected(self, path: Path) -> bool:
-        if path.name == BUILD_STATE_DIR and path.parent == self.root:
-            self.ignored.append(path.name)  # the builder's cache and state, not part of the layout
+        if path.name in (BUILD_STATE_DIR, AMBIGUOUS_SHEET) and path.parent == self.root:
+            self.ignored.append(path.name)  # the builder's cache and state, its sheet of left-out photos
             return True
         if path.name.startswith("."):
             self._skip(path, SkipReason.HIDDEN, "hidden " + ("folder" if path.is_dir() else "file"))

@@ -241,7 +241,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset_fix(args: argparse.Namespace) -> int:
-    from dtback.curate.build import remembered_setting
+    from dtback.curate.build_state import remembered_setting
     from dtback.curate.corrections import fix
 
     tiles = remembered_setting(args.data_dir, "data.build.contact_sheet_tiles", default=64)

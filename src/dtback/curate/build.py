@@ -27,9 +27,7 @@ next run copies again.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,14 @@ from dtback.curate.characters import (
     write_character,
     write_contact_sheet,
 )
+from dtback.curate.build_state import (
+    REPORT_FILE,
+    STATE_FILE,
+    changed_settings_message,
+    load_state,
+    remove_built_characters,
+    save_state,
+)
 from dtback.curate.corrections import (
     CORRECTIONS_FILE,
     append_correction,
@@ -63,7 +69,7 @@ from dtback.curate.corrections import (
 from dtback.curate.cluster import DEFAULT_THRESHOLDS, group_faces, join_only, near_duplicates
 from dtback.curate.faces import FaceRecord, face_verdict, measure
 from dtback.data.images import ImageSkip, load_rgb
-from dtback.data.layout import AMBIGUOUS_SHEET, BUILD_STATE_DIR, CONTACT_SHEET
+from dtback.data.layout import AMBIGUOUS_SHEET, BUILD_STATE_DIR
 from dtback.curate.sources import Item, SourceReader, SourceSkip, list_files
 from dtback.errors import ConfigError, DatasetError
 from dtback.identity.crops import BodyCropRule, person_box
@@ -72,9 +78,6 @@ from dtback.identity.face import FaceEncoder
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-STATE_FORMAT = "dtback-build-state"
-REPORT_FILE = "build_report.json"
 Member = tuple[Item, FaceRecord]  # a picture and its face, on its way into a character
 MEASURE_VERSION = "4"  # bump when FaceRecord's measurements change, so old cache entries are not reused
 
@@ -136,12 +139,12 @@ class DatasetBuilder:
         files, skips = list_files(sources, exclude=self.root)  # before --out is made: a missing source leaves nothing
         self.root.mkdir(parents=True, exist_ok=True)
         state_path = self.state_dir / STATE_FILE
-        state = _load_state(state_path)
+        state = load_state(state_path)
         shaping = self.shaping_settings()
         remembered = state.get("settings")
         if remembered is not None and remembered != shaping:
             if not rebuild:
-                raise DatasetError(_changed_settings_message(self.root, remembered, shaping))
+                raise DatasetError(changed_settings_message(self.root, remembered, shaping))
             removed = remove_built_characters(self.root, read_characters(self.root))
             state["placed"] = []  # removed on purpose, not by hand
             log.info("--rebuild: removed %d characters built with other settings", removed)
@@ -175,7 +178,7 @@ class DatasetBuilder:
             self._write_ambiguous_sheet()
         characters = read_characters(self.root)
         state["placed"] = sorted({image.embedding_id for character in characters for image in character.images})
-        _save_state(state, state_path)
+        save_state(state, state_path)
         report.read = reader.counts
         report.characters = len(characters)
         report.bundles = sorted({c.bundle for c in characters})
@@ -224,7 +227,7 @@ class DatasetBuilder:
                 items.extend(got)
                 report.skips.extend(skipped)
         finally:
-            _save_state(state, state_path)  # what was read so far is not read again after an interruption
+            save_state(state, state_path)  # what was read so far is not read again after an interruption
         return items
 
     # ------------------------------------------------------------------------------------------- selection
@@ -427,7 +430,7 @@ class DatasetBuilder:
         work += [(Character(bundle, name, encoder), group, True) for (bundle, name), group in zip(slots, groups)]
         if work:
             state["writing"] = sorted(character.key for character, _, _ in work)
-            _save_state(state, state_path)
+            save_state(state, state_path)
         for character, members, is_new in tqdm(work, desc="writing characters", unit="char", disable=not self.progress):
             added = self._add_images(character, members, report)
             if not added:
@@ -513,62 +516,6 @@ class DatasetBuilder:
         state.pop("writing", None)
 
 
-def _changed_settings_message(root: Path, before: dict[str, Any], now: dict[str, Any]) -> str:
-    changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
-    lines = ", ".join(f"{key}: {before.get(key)!r} when built, now {now.get(key)!r}" for key in changed)
-    return (
-        f"{root} was built with other settings ({lines}). Run again with the settings it was built with "
-        f"(--set), build into a new --out, or pass --rebuild to remove its built characters and group every "
-        f"source again with the new settings (the face cache and corrections.yaml are kept)"
-    )
-
-
-def remove_built_characters(root: Path, characters: list[Character], report_too: bool = True) -> int:
-    """Delete the folders of the builder's ``characters`` (their images are copies of the sources) and the report.
-    Refuses, naming the file, when a folder holds a file the builder did not write."""
-    for character in characters:
-        folder = character.folder(root)
-        ours = {CHARACTER_FILE, CONTACT_SHEET, *(image.file for image in character.images)}
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
-        if foreign:
-            raise DatasetError(f"--rebuild: {folder / foreign[0]} was not written by the builder; move it out first")
-    for character in characters:
-        shutil.rmtree(character.folder(root))
-        bundle = root / character.bundle
-        if not any(bundle.iterdir()):
-            bundle.rmdir()
-    if report_too:
-        (root / REPORT_FILE).unlink(missing_ok=True)
-    return len(characters)
-
-
-def remembered_setting(root: Path, key: str, default: Any) -> Any:
-    """The value of setting ``key`` the dataset at ``root`` was built with (``default`` when not recorded)."""
-    return _load_state(root / BUILD_STATE_DIR / STATE_FILE).get("settings", {}).get(key, default)
-
-
 def _face_area(record: FaceRecord) -> float:
     x1, y1, x2, y2 = (float(v) for v in record.box)
     return (x2 - x1) * (y2 - y1)
-
-
-def _load_state(path: Path) -> dict[str, Any]:
-    empty = {"format": STATE_FORMAT, "version": 1, "sources": {}}
-    if not path.is_file():
-        return empty
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        log.warning("%s: unreadable build state (%s); every source is read again", path, err)
-        return empty
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("sources"), dict):
-        log.warning("%s: not a %s file; every source is read again", path, STATE_FORMAT)
-        return empty
-    return state
-
-
-def _save_state(state: dict[str, Any], path: Path) -> None:
-    text = json.dumps(state, indent=1, sort_keys=True) + "\n"
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return  # unchanged: a rerun with the same sources writes nothing
-    write_atomic(path, text.encode("utf-8"))

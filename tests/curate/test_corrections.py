@@ -89,3 +89,19 @@ def test_a_character_folder_deleted_by_hand_stays_deleted(photos, tmp_path):
     (out / CORRECTIONS_FILE).unlink()
     build([photos["flat"]], out, photos["cache"])
     assert ids in [set(v) for v in characters_by_content(out).values()]
+
+
+def test_a_left_out_photo_is_placed_by_split_into(photos, tmp_path, capsys):
+    out = tmp_path / "dataset"
+    report = build([photos["flat"]], out, photos["cache"])
+    left_out = next(skip for skip in report.skips if skip.reason == "ambiguous")
+    target = read_characters(out)[-1].key
+    assert fix(out, "split", left_out.path, "--into", target) == 0
+    assert "go to " + target + " on the next `dtback dataset build`" in capsys.readouterr().err
+    again = build([photos["flat"]], out, photos["cache"])
+    (character,) = [c for c in read_characters(out) if c.key == target]
+    assert left_out.path in {image.source for image in character.images} and again.images_added == 1
+    assert "ambiguous" not in {s.reason for s in again.skips if s.path == left_out.path}
+    before = every_byte(out)
+    build([photos["flat"]], out, photos["cache"])
+    assert every_byte(out) == before

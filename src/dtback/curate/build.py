@@ -65,6 +65,7 @@ from dtback.curate.corrections import (
     apply_corrections,
     corrected_names,
     read_corrections,
+    split_targets,
 )
 from dtback.curate.cluster import DEFAULT_THRESHOLDS, group_faces, join_only, near_duplicates
 from dtback.curate.faces import FaceRecord, face_verdict, measure
@@ -170,6 +171,9 @@ class DatasetBuilder:
             self.excluded = apply_corrections(self.root, entries, known, self.cfg.contact_sheet_tiles).excluded
             self.excluded |= self._removed_by_hand(state, known)
             characters = read_characters(self.root)
+            placed = {image.embedding_id for character in characters for image in character.images}
+            self.pinned = {k: v for k, v in split_targets(self.root, entries, known).items() if k not in placed}
+            self.pinned_members: dict[str, list[Member]] = {}
             self.reserved = corrected_names(entries)
             self.ambiguous: list[Member] = []
             joined, new_groups = self._select(items, characters, reader, report)
@@ -254,6 +258,9 @@ class DatasetBuilder:
             if item.key in self.excluded:
                 report.skips.append(SourceSkip(item.label, "excluded", f"excluded in {CORRECTIONS_FILE}"))
                 continue
+            if item.key in self.pinned and record.num_faces:  # placed by a person: no filter, no grouping
+                self.pinned_members.setdefault(self.pinned[item.key], []).append((item, record))
+                continue
             verdict = face_verdict(record, self.cfg)
             if verdict is not None and verdict[0] == "face_too_small" and self._joins_only(record):
                 verdict = face_verdict(record, self.cfg.model_copy(update={"min_face_size": self.cfg.min_join_face_size}))
@@ -298,22 +305,33 @@ class DatasetBuilder:
         """Place ``kept`` faces (sorted by content key) by :func:`~dtback.curate.cluster.group_faces`: join
         existing characters, form new ones, or leave them out as ``ambiguous`` / ``unclustered`` skips."""
         # Small faces (full-body photos) never shape a character: they are left out of its members here and only
-        # join, at a stricter distance, after the others are placed.
-        members = [
-            np.array([r.embedding for c, _, r in fixed if c is character and not self._joins_only(r)]).reshape(
-                -1, fixed[0][2].embedding.shape[0] if fixed else 0)
-            for character in characters
-        ]
+        # join, at a stricter distance, after the others are placed. Photos a person placed (split --into) are
+        # members from the start, so the next run sees the same characters.
         small = [member for member in kept if self._joins_only(member[1])]
         kept = [member for member in kept if not self._joins_only(member[1])]
+        pinned = self.pinned_members
+        records = [r for *_, r in fixed] + [r for _, r in kept + small] + [r for m in pinned.values() for _, r in m]
+        if not records:
+            return {}, []
+        dimension = records[0].embedding.shape[0]
+        existing = {character.key for character in characters}
+        named = sorted(key for key in pinned if key not in existing)  # new characters a person named
+
+        def regular(found: list[FaceRecord]) -> np.ndarray:
+            return np.array([r.embedding for r in found if not self._joins_only(r)]).reshape(-1, dimension)
+
+        members = [
+            regular([r for c, _, r in fixed if c is character] + [r for _, r in pinned.get(character.key, [])])
+            for character in characters
+        ] + [regular([r for _, r in pinned[key]]) for key in named]
         if not kept and not small:
             return {}, []
+        offset = len(characters) + len(named)
         future = new_slots(
             self.root, characters, len(kept) // self.data.min_images_per_char + 1, self.cfg.bundle_prefix,
-            self.cfg.character_prefix, self.data.max_chars_per_bundle, self.reserved,
+            self.cfg.character_prefix, self.data.max_chars_per_bundle, self.reserved | set(named),
         )
-        names = [c.key for c in characters] + [f"{bundle}/{name}" for bundle, name in future]
-        dimension = (kept or small)[0][1].embedding.shape[0]
+        names = [c.key for c in characters] + named + [f"{bundle}/{name}" for bundle, name in future]
         embeddings = np.stack([r.embedding for _, r in kept]) if kept else np.zeros((0, dimension))
         grouping = group_faces(
             members, embeddings, self.threshold, self.margin, self.data.min_images_per_char, self.cfg.cluster_linkage,
@@ -321,16 +339,23 @@ class DatasetBuilder:
         )
         joined: dict[int, list[Member]] = {}
         groups: list[list[Member]] = [[] for _ in range(grouping.new_groups)]
+
+        def place(member: Member, k: int) -> None:
+            if k < len(characters):
+                joined.setdefault(k, []).append(member)
+            elif k < offset:
+                pinned[named[k - len(characters)]].append(member)
+            else:
+                groups[k - offset].append(member)
+
         for index, member in enumerate(kept):
             target = int(grouping.target[index])
-            if target < 0:
-                report.skips.append(SourceSkip(member[0].label, grouping.reason[index], grouping.detail[index]))
-                if grouping.reason[index] == "ambiguous":
-                    self.ambiguous.append(member)
-            elif target < len(characters):
-                joined.setdefault(target, []).append(member)
-            else:
-                groups[target - len(characters)].append(member)
+            if target >= 0:
+                place(member, target)
+                continue
+            report.skips.append(SourceSkip(member[0].label, grouping.reason[index], grouping.detail[index]))
+            if grouping.reason[index] == "ambiguous":
+                self.ambiguous.append(member)
         if small:
             final = members + [np.stack([r.embedding for _, r in group]) for group in groups]
             target, detail = join_only(
@@ -338,14 +363,11 @@ class DatasetBuilder:
                 names,
             )
             for index, member in enumerate(small):
-                k = int(target[index])
-                if k < 0:
-                    verdict = face_verdict(member[1], self.cfg)
-                    report.skips.append(SourceSkip(member[0].label, verdict[0], f"{verdict[1]}; {detail[index]}"))
-                elif k < len(characters):
-                    joined.setdefault(k, []).append(member)
-                else:
-                    groups[k - len(characters)].append(member)
+                if target[index] >= 0:
+                    place(member, int(target[index]))
+                    continue
+                verdict = face_verdict(member[1], self.cfg)
+                report.skips.append(SourceSkip(member[0].label, verdict[0], f"{verdict[1]}; {detail[index]}"))
         return joined, groups
 
     def _write_ambiguous_sheet(self) -> None:
@@ -421,13 +443,24 @@ class DatasetBuilder:
         """Add the joined members to their characters and make one character per group; write what changed. The
         characters being written are noted in the state first, so that an image missing afterwards is known to be
         an interrupted write (copied again) rather than a deletion by hand (an exclusion)."""
+        existing = {character.key for character in characters}
+        named_keys = {key for key in self.pinned_members if key not in existing}
         slots = new_slots(
             self.root, characters, len(groups), self.cfg.bundle_prefix, self.cfg.character_prefix,
-            self.data.max_chars_per_bundle, self.reserved,
+            self.data.max_chars_per_bundle, self.reserved | named_keys,
         )
         encoder = {"id": self.encoder.encoder_id, "cache_namespace": self.cache.namespace}
+        joined = {i: list(members) for i, members in joined.items()}
+        named: dict[str, list[Member]] = {}
+        by_key = {character.key: i for i, character in enumerate(characters)}
+        for key, members in sorted(self.pinned_members.items()):  # split ... --into: a person's choice
+            if key in by_key:
+                joined.setdefault(by_key[key], []).extend(members)
+            else:
+                named[key] = members
         work = [(characters[i], members, False) for i, members in sorted(joined.items())]
         work += [(Character(bundle, name, encoder), group, True) for (bundle, name), group in zip(slots, groups)]
+        work += [(Character(*key.split("/"), encoder), members, True) for key, members in named.items()]
         if work:
             state["writing"] = sorted(character.key for character, _, _ in work)
             save_state(state, state_path)

@@ -4,7 +4,7 @@ The builder never splits, merges or renames a character by itself; a person does
 
     corrections:
     - exclude: built_000/person_0001/IMG_0412_3fa2b1c0.jpg   # never place this photo again
-    - split: [built_000/person_0003/a_1b2c3d4e.jpg, built_000/person_0003/b_5f6a7b8c.jpg]
+    - split: [built_000/person_0003/a_1b2c3d4e.jpg, /photos/IMG_0413.jpg]
       into: built_000/person_0020                          # these photos form (or join) this character
     - merge: built_000/person_0004                         # every photo of person_0004 ...
       into: built_000/person_0002                          # ... moves into person_0002
@@ -13,7 +13,8 @@ The builder never splits, merges or renames a character by itself; a person does
 
 A photo is named by its path in the dataset (``bundle/character/file``; only the file name counts, so the entry
 stays valid after the photo moves), by a source path, or by its sha256 (``id``); ``dtback dataset fix`` writes
-``{id: ..., file: ...}``. Every correction is idempotent: applied again it changes nothing, so each build applies the
+``{id: ..., file: ...}``. ``split`` also places photos the builder left out (``ambiguous``, ``face_too_small`` ...,
+named by their source path): the next build puts them into the character without filtering or grouping them. Every correction is idempotent: applied again it changes nothing, so each build applies the
 whole file before grouping (so excluded photos stay out and moved ones stay where they were put) and again after
 writing (so characters formed by the run are corrected too). A placed image deleted by hand, or a whole character
 folder, is recorded here as an exclusion (``note: deleted by hand ...``; the build state remembers what was placed);
@@ -192,6 +193,18 @@ def apply_corrections(root: Path, entries: list[dict[str, Any]], known: set[str]
     return applied
 
 
+def split_targets(root: Path, entries: list[dict[str, Any]], known: set[str]) -> dict[str, str]:
+    """Content id -> character key for every photo a ``split`` names (the last correction wins). The builder places
+    such a photo there even when it is not in the dataset yet (left out as ``ambiguous``, say)."""
+    characters = read_characters(root)
+    targets = {}
+    for number, entry in enumerate(entries, 1):
+        if "split" in entry:
+            for ref in entry["split"]:
+                targets[resolve_photo(root, characters, ref, known)] = _key(entry["into"], root, number)
+    return targets
+
+
 def corrected_names(entries: list[dict[str, Any]]) -> set[str]:
     """Character keys the corrections name (merged away, renamed, split into): never given to a new character, so
     that an old correction cannot apply to a newcomer of the same name."""
@@ -279,7 +292,8 @@ def fix(root: Path, operation: str, args: list[str], into: str | None, contact_t
     elif operation == "split":
         photos = [photo_entry(root, characters, ref) for ref in args]
         if into is None:
-            bundle = photos[0]["file"].split("/")[0] if "/" in photos[0]["file"] else characters[0].bundle
+            holders = [c.bundle for c in characters for i in c.images if i.embedding_id == photos[0]["id"]]
+            bundle = holders[0] if holders else characters[0].bundle
             reserved = corrected_names(read_corrections(root))
             slot = new_slots(root, characters, 1, bundle, "person", None, reserved)[0]
             into = f"{bundle}/{slot[1]}" if slot[0] == bundle else "/".join(slot)
@@ -295,7 +309,11 @@ def fix(root: Path, operation: str, args: list[str], into: str | None, contact_t
     for entry in entries:
         append_correction(root, entry)
     applied = apply_corrections(root, entries, set(), contact_tiles)
+    later = ""
+    if operation == "split" and applied.moved < len(entries[0]["split"]):
+        later = (f"; {len(entries[0]['split']) - applied.moved} photo(s) not in the dataset yet go to {into} "
+                 "on the next `dtback dataset build`")
     return (
         f"{CORRECTIONS_FILE}: +{len(entries)} correction(s); removed {applied.removed} image(s), moved {applied.moved}, "
-        f"merged {applied.merged}, renamed {applied.renamed} character(s); later builds keep them"
+        f"merged {applied.merged}, renamed {applied.renamed} character(s){later}; later builds keep them"
     )

@@ -98,8 +98,11 @@ def test_a_left_out_photo_is_placed_by_split_into(photos, tmp_path, capsys):
     target = read_characters(out)[-1].key
     assert fix(out, "split", left_out.path, "--into", target) == 0
     assert "go to " + target + " on the next `dtback dataset build`" in capsys.readouterr().err
+    assert fix(out, "rename", target, "carol") == 0  # before the build: the photo follows the character
+    target = f"{target.split('/')[0]}/carol"
     again = build([photos["flat"]], out, photos["cache"])
     (character,) = [c for c in read_characters(out) if c.key == target]
+    assert again.new_characters == []
     assert left_out.path in {image.source for image in character.images} and again.images_added == 1
     assert "ambiguous" not in {s.reason for s in again.skips if s.path == left_out.path}
     before = every_byte(out)

@@ -172,7 +172,7 @@ def apply_corrections(root: Path, entries: list[dict[str, Any]], known: set[str]
                     _save(root, character)
         elif "split" in entry:
             ids = [resolve_photo(root, list(characters.values()), ref, known) for ref in entry["split"]]
-            applied.moved += _move(root, characters, set(ids), _key(entry["into"], root, number), touched)
+            applied.moved += _move(root, characters, set(ids), _split_target(entries, number, root), touched)
         elif "merge" in entry:
             source = _key(entry["merge"], root, number)
             if source in characters:
@@ -200,9 +200,22 @@ def split_targets(root: Path, entries: list[dict[str, Any]], known: set[str]) ->
     targets = {}
     for number, entry in enumerate(entries, 1):
         if "split" in entry:
+            target = _split_target(entries, number, root)
             for ref in entry["split"]:
-                targets[resolve_photo(root, characters, ref, known)] = _key(entry["into"], root, number)
+                targets[resolve_photo(root, characters, ref, known)] = target
     return targets
+
+
+def _split_target(entries: list[dict[str, Any]], number: int, root: Path) -> str:
+    """Where split ``number`` (1-based) puts its photos now: its ``into``, followed through later merges and renames
+    (which were recorded after the split and so applied after it the first time)."""
+    target = _key(entries[number - 1]["into"], root, number)
+    for later in entries[number:]:
+        if later.get("merge") == target:
+            target = str(later["into"]).strip("/")
+        elif later.get("rename") == target:
+            target = f"{target.split('/')[0]}/{str(later['to']).split('/')[-1]}"
+    return target
 
 
 def corrected_names(entries: list[dict[str, Any]]) -> set[str]:

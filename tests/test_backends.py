@@ -57,3 +57,24 @@ def test_a_world_folder_and_a_missing_folder_keep_the_world_encoders(tmp_path):
     photos = make_dataset(tmp_path / "photos", {"b": {"c": 2}})
     with pytest.raises(ConfigError, match="identity.body_model"):
         backends.photo_backends(load_config(CONFIG, [f"data.data_dir={json.dumps(str(photos))}"]))
+
+
+def test_train_on_photos_gets_the_photo_face_backend(tmp_path, monkeypatch, capsys):
+    """`dtback train` resolves the backends before the trainer sees the config (the trainer itself is not run)."""
+    from dtback.training import trainer
+
+    seen = []
+
+    def fake_train(cfg, **kwargs):
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    photos = make_dataset(tmp_path / "photos", {"b": {"c": 3}})
+    settings = [f"data.data_dir={json.dumps(str(photos))}", f"output.output_dir={json.dumps(str(tmp_path / 'run'))}"]
+    args = ["train", "--config", str(CONFIG), *(item for s in settings for item in ("--set", s))]
+    assert main(args) == EXIT_BAD_INPUT and not seen  # body_model world on photos: stops before training
+    assert "identity.body_model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--set", "identity.body_model=null"])
+    assert seen[0].identity.face_backend == "dlib" and seen[0].identity.body_model is None

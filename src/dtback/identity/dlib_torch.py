@@ -48,6 +48,7 @@ Nothing here is InsightFace's.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import struct
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtback.errors import DtbackError
+from dtback.errors import ConfigError, DtbackError
 from dtback.identity.crops import similarity_transform
 
 CHIP_SIZE = 150
@@ -378,11 +379,23 @@ class DlibResNet(nn.Module):
         return net.eval().requires_grad_(False)
 
 
+def dlib_models_dir() -> Path:
+    """The model folder of the ``face_recognition_models`` package, found without importing it (its ``__init__``
+    imports ``pkg_resources``, which recent setuptools no longer ship)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "identity.face_backend=dlib needs the dlib models: pip install dlib-bin face-recognition-models"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "models"
+    if not folder.is_dir():
+        raise ConfigError(f"face_recognition_models is installed but has no model folder at {folder}")
+    return folder
+
+
 def load_dlib_resnet(path: str | Path | None = None) -> DlibResNet:
     """The torch network of ``path`` (default: the ``face_recognition_models`` package's model file)."""
     if path is None:
-        from dtback.identity.face import dlib_models_dir
-
         path = dlib_models_dir() / MODEL_FILE
     return DlibResNet.from_weights(read_dlib_resnet(path), str(path))
 

@@ -14,7 +14,6 @@ Images are ``(H, W, 3)`` uint8 RGB numpy arrays throughout.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from dtback.errors import ConfigError
+from dtback.identity.dlib_torch import dlib_models_dir  # noqa: F401  (re-exported: dtback.identity.face.dlib_models_dir)
 from dtback.identity.crops import warp_to_template
 
 log = logging.getLogger(__name__)
@@ -152,20 +152,6 @@ def file_digest(path: Path, length: int = 12) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- dlib backend
-
-
-def dlib_models_dir() -> Path:
-    """The model folder of the ``face_recognition_models`` package, found without importing it (its ``__init__``
-    imports ``pkg_resources``, which recent setuptools no longer ship)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "identity.face_backend=dlib needs the dlib models: pip install dlib-bin face-recognition-models"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "models"
-    if not folder.is_dir():
-        raise ConfigError(f"face_recognition_models is installed but has no model folder at {folder}")
-    return folder
 
 
 class DlibFaceEncoder(FaceEncoder):

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 

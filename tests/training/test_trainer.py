@@ -292,3 +292,12 @@ def test_training_runs_with_cudnn_attention_as_the_config_says(monkeypatch):
         cfg = load_config(None, [f"training.cudnn_attention={str(value).lower()}"])
         assert train(cfg, resume=None, progress_bar=False) == "done"
         assert seen == [("enter", value), "train", ("exit", value)]
+
+
+def test_train_called_from_python_never_runs_world_encoders_on_photos(tmp_path):
+    data = make_dataset(tmp_path / "photos", {"b": {f"c{i}": 3 for i in range(3)}}, size=(32, 32))
+    cfg = load_config(REPO / "train" / "config.yaml", [f"data_dir={data}", f"output_dir={tmp_path / 'run'}"])
+    assert (cfg.identity.face_backend, cfg.identity.body_model) == ("world", "world")
+    with pytest.raises(ConfigError, match="identity.body_model=world"):
+        train(cfg, resume=None, progress_bar=False)
+    assert not (tmp_path / "run").exists()  # stopped before any work

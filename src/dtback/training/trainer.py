@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from dtback import devices
+from dtback import backends, devices
 from dtback.config import Config
 from dtback.errors import ConfigError, DtbackError, TrainingDiverged
 from dtback.model.memory import apply_checkpointing, make_adamw
@@ -76,6 +76,9 @@ def train(cfg: Config, resume: str | Path | None = "auto", progress_bar: bool = 
     continues from that checkpoint, ``None`` starts at step 0. cuDNN attention is off while it runs unless
     ``training.cudnn_attention`` (:func:`dtback.devices.attention_backends`).
     """
+    cfg, note = backends.photo_backends(cfg)  # never the world's encoders on photos, from Python as from the CLI
+    if note:
+        logger.warning(note)
     with devices.attention_backends(cudnn=cfg.training.cudnn_attention):
         return _train(cfg, resume, progress_bar)
 

@@ -14,7 +14,8 @@
 # Limits in seconds (environment): GPU_CHECK_TESTS_S (120), GPU_CHECK_TRAIN_S (200), GPU_CHECK_SAMPLE_S (140).
 # GPU_CHECK_PARTS: the parts to run (default "cuda_tests train_step sample").
 # GPU_CHECK_WHEELS: the wheel folder (default REPO/.whl; empty: none). Build it with the command in benchmarks/README.
-# Output: env.json, cuda_tests.xml, train_step.json, sample.json, parts.json, rows.md, gpu_check.log.
+# Output (8 files, the device tool's limit): env.json, cuda_tests.xml, train_step.json, train_step_profile.txt
+# (torch.profiler table of one step per row), sample.json, parts.json, rows.md, gpu_check.log.
 set -uo pipefail
 
 DRY_RUN=0
@@ -32,6 +33,7 @@ OUT_DIR="${OUT_DIR:-${OUT:-gpu_check}}"
 mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 LOG="$OUT_DIR/gpu_check.log"
 : > "$LOG"
+rm -f "$OUT_DIR/train_step_profile.txt"  # appended per row: a rerun into the same folder starts it afresh
 PY="${PYTHON:-python3}"
 cd "$REPO" || exit 2
 
@@ -100,7 +102,7 @@ part cuda_tests "$TESTS_S" "$PY" -m pytest -m cuda tests/cuda -p no:cacheprovide
     --junitxml "$OUT_DIR/cuda_tests.xml" -o "junit_family=xunit1"
 # shellcheck disable=SC2086  # GPU_CHECK_TRAIN_EXTRA: extra arguments, split on spaces (e.g. "--sizes 512")
 part train_step "$TRAIN_S" "$PY" benchmarks/train_step.py "${TRAIN_ARGS[@]}" ${GPU_CHECK_TRAIN_EXTRA:-} \
-    --time-limit "$TRAIN_S" --json "$OUT_DIR/train_step.json"
+    --time-limit "$TRAIN_S" --json "$OUT_DIR/train_step.json" --profile "$OUT_DIR/train_step_profile.txt"
 part sample "$SAMPLE_S" "$PY" benchmarks/sample.py "${SAMPLE_ARGS[@]}" --time-limit "$SAMPLE_S" \
     --json "$OUT_DIR/sample.json"
 

@@ -171,6 +171,21 @@ class StepRunner:
             self.model.attach(self.transformer)
 
 
+def profile_step(runner: StepRunner, device: torch.device, title: str, path: Path) -> None:
+    """Append torch.profiler's table of one adapter step (operators by self time, top 30) to ``path``: where the
+    time of a step goes, for the MFU and adapter-overhead gaps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        runner.adapter_step()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(f"=== {title}: one adapter step, sorted by {sort}\n{table}\n")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -212,6 +227,8 @@ def run_mode(transformer, model, mode: str, size: int, args, device, dtype, flop
         for _ in range(args.steps):  # interleaved, so drift in the machine's speed hits both alike
             adapter_times.append(time_step(runner.adapter_step, device))
             base_times.append(time_step(runner.base_step, device))
+        if args.profile:
+            profile_step(runner, device, f"{size} px {mode}", Path(args.profile))
     except torch.cuda.OutOfMemoryError as err:
         row.update(status="out of memory", error=str(err).splitlines()[0])
         return row
@@ -255,6 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the results here (rewritten after every row)")
     parser.add_argument("--cudnn-attention", action="store_true", help="let attention use cuDNN (off, as in "
                         "training: its backward failed on an H100, see dtback.devices.attention_backends)")
+    parser.add_argument("--profile", help="append a torch.profiler table of one adapter step per row to this file")
     parser.add_argument("--time-limit", type=float, help="seconds: rows not started by then are recorded as skipped "
                         "(benchmarks/gpu_check.sh fits its window this way)")
     args = parser.parse_args(argv)

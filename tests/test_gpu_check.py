@@ -34,7 +34,8 @@ def test_dry_run_runs_every_part_on_the_cpu_and_records_them(tmp_path):
                             text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["cuda_tests.xml", "env.json", "gpu_check.log", "parts.json",
-                                                      "rows.md", "sample.json", "train_step.json"]
+                                                      "rows.md", "sample.json", "train_step.json",
+                                                      "train_step_profile.txt"]
     parts = json.loads((out / "parts.json").read_text())
     assert [(p["part"], p["exit"]) for p in parts] == [("cuda_tests", 0), ("train_step", 0), ("sample", 0)]
     assert json.loads((out / "env.json").read_text())["dry_run"] is True
@@ -42,6 +43,8 @@ def test_dry_run_runs_every_part_on_the_cpu_and_records_them(tmp_path):
     assert train["preset"] == "tiny" and train["cudnn_attention"] is False
     assert len(train["rows"]) == 4 and all(row["status"] == "ok" or row["status"].startswith("skipped: ")
                                            for row in train["rows"])
+    profile = (out / "train_step_profile.txt").read_text()
+    assert profile.count("=== 64 px ") == sum(row["status"] == "ok" for row in train["rows"]) > 0
     sample = json.loads((out / "sample.json").read_text())
     assert sample["repeats_done"] == 1 and sample["identity_ratio"] > 0 and sample["memory"]
     rows = (out / "rows.md").read_text()

@@ -174,7 +174,7 @@ def _read_details(reader: _Reader, kind: str) -> _Layer:
         params = reader.tensor().reshape(-1)
         filters, rows, cols = reader.int(), reader.int(), reader.int()
         stride_y, stride_x, pad_y, pad_x = (reader.int() for _ in range(4))
-        weight_shape, bias_shape = reader.alias(), reader.alias()
+        weight_shape, _bias_shape = reader.alias(), reader.alias()
         for _ in range(4):  # learning rate and weight decay multipliers: training only
             reader.float()
         count = int(np.prod(weight_shape))
@@ -201,7 +201,7 @@ def _read_details(reader: _Reader, kind: str) -> _Layer:
         reader.expect_name("fc_2")
         outputs, inputs = reader.int(), reader.int()
         params = reader.tensor().reshape(-1)
-        weights, biases, bias_mode = reader.alias(), reader.alias(), reader.int()
+        weights, _biases, bias_mode = reader.alias(), reader.alias(), reader.int()
         for _ in range(4):
             reader.float()
         if bias_mode != 1 or weights[:2] != (inputs, outputs) or params.size != inputs * outputs:

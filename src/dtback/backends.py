@@ -57,7 +57,7 @@ def face_encoder(identity: IdentityConfig, world: Path | None = None) -> FaceEnc
         return InsightFaceEncoder(identity.face_model_dir, det_size=identity.face_det_size, device=str(device),
                                   choice=identity.face_choice)
     return DlibFaceEncoder(detector=identity.face_detector, upsample=identity.face_upsample,
-                           choice=identity.face_choice)
+                           choice=identity.face_choice, recognizer=identity.face_recognizer, device=device)
 
 
 def body_encoder(identity: IdentityConfig, world: Path | None = None) -> BodyEncoder | WorldBodyEncoder | None:

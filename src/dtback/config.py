@@ -188,6 +188,9 @@ class IdentityConfig(_Section):
     )
     face_detector: Literal["hog", "cnn"] = Field("hog", description="dlib detector: hog (fast) or cnn (slower, more poses).")
     face_upsample: int = Field(1, ge=0, le=3, description="dlib: upsample the image this many times before detection.")
+    face_recognizer: Literal["torch", "dlib"] = Field(
+        "torch", description="dlib: who runs its ResNet on the face chips; torch: dtback.identity.dlib_torch, batched, "
+        "on identity.device (descriptors equal dlib's within cosine 0.9999999); dlib: dlib's own C++, one CPU.")
     face_det_size: int = Field(640, ge=32, description="insightface: detector input side (multiple of 32).")
     face_choice: Literal["largest", "score", "center"] = Field(
         "largest", description="Which face of an image is the character's when there are several."

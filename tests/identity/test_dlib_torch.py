@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dtback.config import ConfigError
 from dtback.data.images import load_rgb
 from dtback.identity.dlib_torch import (
     MODEL_FILE,
@@ -139,6 +140,34 @@ def test_real_photos_descriptors_equal_dlibs(people_dir, encoder, net):
     assert worst >= 0.9999, f"worst cosine {worst:.6f} over {compared} photos"
 
 
+def test_the_encoder_runs_either_recognizer_with_the_same_embeddings(encoder, astronaut, monkeypatch):
+    """identity.face_recognizer: the torch network (default, batched: one call for a batch of images) and dlib's own
+    C++ give the same unit embeddings through ``encode_batch``, which precompute, the builder and evaluate use; the
+    choice is part of the cache key."""
+    image = astronaut[0]
+    images = [image, image[:, ::-1].copy(), np.zeros((64, 64, 3), np.uint8)]  # a mirror, and no face at all
+    with_dlib = DlibFaceEncoder(recognizer="dlib")
+    calls = []
+    original = encoder._torch_net
+
+    def spy(device):
+        calls.append(device)
+        return original(device)
+
+    monkeypatch.setattr(encoder, "_torch_net", spy)
+    moved = []
+    ours = encoder.encode_batch(images, on_image=moved.append)
+    theirs = with_dlib.encode_batch(images)
+    assert len(calls) == 1 and moved == [1, 1, 1]  # one batched forward; the progress moves per image
+    assert ours[2] is None and theirs[2] is None
+    for a, b in zip(ours[:2], theirs[:2]):
+        assert cosine(a.embedding, b.embedding) >= 0.9999
+        assert abs(np.linalg.norm(a.embedding) - 1) < 1e-5
+    assert encoder.settings()["recognizer"] == "torch" and with_dlib.settings()["recognizer"] == "dlib"
+    with pytest.raises(ConfigError, match="recognizer"):
+        DlibFaceEncoder(recognizer="onnx")
+
+
 def test_a_batch_gives_each_chip_its_own_descriptor(net, astronaut):
     chip = astronaut[2]
     chips = torch.from_numpy(np.stack([chip, chip[:, ::-1].copy()])).permute(0, 3, 1, 2).float()
@@ -182,24 +211,27 @@ def test_identity_loss_gradients_reach_the_pixels(encoder, net, astronaut):
 
 @pytest.mark.slow
 def test_gradient_descent_on_a_noised_face_raises_similarity(encoder, net, astronaut):
-    """Noise the astronaut's face, then descend the loss w.r.t. the pixels: dlib itself (not only the torch copy)
-    must see the optimised uint8 image closer to the clean reference than the noised one."""
+    """Noise the astronaut's face heavily, then descend the loss w.r.t. the pixels for 200 small steps: the
+    similarity climbs through the run (not in the first few steps), and dlib itself (not only the torch copy) sees
+    the optimised uint8 image closer to the clean reference than the noised one."""
     image = np.ascontiguousarray(astronaut[0][:220, 120:340])
     face = max(encoder.detect(image), key=lambda f: f.area)
     reference = torch.from_numpy(encoder.embed([encoder.align(image, face)])[0])
     landmarks = torch.from_numpy(face.landmarks)[None]
     clean = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
-    noisy = (clean + 0.35 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    noisy = (clean + 0.6 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     pixels = noisy.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([pixels], lr=0.01)
+    optimiser = torch.optim.Adam([pixels], lr=0.001)
     similarities = []
-    for _ in range(30):
+    for _ in range(200):
         similarity = F.cosine_similarity(net(cut_face_chips(pixels.clamp(0, 1), landmarks) * 255), reference[None])
         optimiser.zero_grad()
         (1 - similarity.squeeze()).backward()
         optimiser.step()
         similarities.append(float(similarity.detach()))
-    assert similarities[0] < 0.95 and similarities[-1] > 0.995, similarities[::5]
+    print("similarity every 20 steps", [round(s, 4) for s in similarities[::20]], round(similarities[-1], 4))
+    assert similarities[0] < 0.9 and similarities[-1] > 0.99, similarities[::20]
+    assert similarities[20] < similarities[100] < similarities[-1], similarities[::20]  # a climb, not one jump
 
     def dlib_similarity(tensor: torch.Tensor) -> float:
         pic = np.ascontiguousarray((tensor.detach()[0].clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy())

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -124,9 +124,24 @@ class FaceEncoder(ABC):
         embedding = self.embed([aligned])[0]
         return FaceResult(face=face, aligned=aligned, embedding=embedding, num_faces=len(faces))
 
-    def encode_batch(self, images: Sequence[np.ndarray]) -> list[FaceResult | None]:
-        """:meth:`encode` of each image; backends that can run a batch at once override this."""
-        return [self.encode(image) for image in images]
+    def encode_batch(self, images: Sequence[np.ndarray],
+                     on_image: Callable[[int], Any] | None = None) -> list[FaceResult | None]:
+        """:meth:`encode` of each image, the found faces' crops embedded in one :meth:`embed` call;
+        ``on_image(1)`` after each image's detection (a progress bar's ``update``)."""
+        found: list[tuple[int, Face, np.ndarray, int]] = []
+        for index, image in enumerate(images):
+            image = _as_rgb_array(image)
+            faces = self.detect(image)
+            if faces:
+                face = choose_face(faces, (image.shape[1], image.shape[0]), self.choice)
+                found.append((index, face, self.align(image, face), len(faces)))
+            if on_image is not None:
+                on_image(1)
+        results: list[FaceResult | None] = [None] * len(images)
+        embeddings = self.embed([aligned for _, _, aligned, _ in found])
+        for (index, face, aligned, count), embedding in zip(found, embeddings):
+            results[index] = FaceResult(face=face, aligned=aligned, embedding=embedding, num_faces=count)
+        return results
 
     def embed_pixels(self, pixels: torch.Tensor, face_boxes: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """Differentiable: images ``(B, 3, H, W)`` in [0, 1] with each one's face box ``(B, 4)`` and 5 landmarks
@@ -158,15 +173,24 @@ class DlibFaceEncoder(FaceEncoder):
     """dlib: HOG or CNN detector, 5-point landmarks, 150 px face chip, ResNet descriptor (128-d).
 
     ``upsample`` doubles the image that many times before detection (finds faces down to ~40 px with 1).
+    ``recognizer`` runs the ResNet: ``torch`` (:mod:`dtback.identity.dlib_torch`, batches of ``batch_size`` chips on
+    ``device``; the same descriptors, worst cosine 0.99999992 over the shared photos, and faster even on a CPU:
+    ``benchmarks/README.md``) or ``dlib`` (its own C++). The differentiable :meth:`embed_pixels` is always torch.
     """
 
     aligned_size = 150
     embedding_dim = 128
     CHIP_PADDING = 0.25  # dlib's default for the descriptor it was trained with
 
-    def __init__(self, detector: Literal["hog", "cnn"] = "hog", upsample: int = 1, choice: FaceChoice = "largest"):
+    def __init__(self, detector: Literal["hog", "cnn"] = "hog", upsample: int = 1, choice: FaceChoice = "largest",
+                 recognizer: Literal["torch", "dlib"] = "torch", device: str | torch.device = "cpu",
+                 batch_size: int = 32):
         super().__init__(choice)
         import dlib
+
+        if recognizer not in ("torch", "dlib"):
+            raise ConfigError(f"dlib face recognizer {recognizer!r}: choose torch or dlib")
+        self.recognizer, self.device, self.batch_size = recognizer, torch.device(device), batch_size
 
         self._dlib = dlib
         self.models = dlib_models_dir()
@@ -178,7 +202,7 @@ class DlibFaceEncoder(FaceEncoder):
             self._detector = dlib.get_frontal_face_detector()
         self._shape = dlib.shape_predictor(str(self.models / "shape_predictor_5_face_landmarks.dat"))
         self._recognizer = dlib.face_recognition_model_v1(str(self.models / "dlib_face_recognition_resnet_model_v1.dat"))
-        self._torch = None  # the differentiable recognizer, read on first use
+        self._torch = None  # the torch recognizer, read on first use
 
     @cached_property
     def encoder_id(self) -> str:
@@ -186,7 +210,8 @@ class DlibFaceEncoder(FaceEncoder):
         return f"dlib-resnet-v1:{digest}:{self.detector_kind}"
 
     def settings(self) -> dict[str, Any]:
-        return {"detector": self.detector_kind, "upsample": self.upsample, "choice": self.choice}
+        return {"detector": self.detector_kind, "upsample": self.upsample, "choice": self.choice,
+                "recognizer": self.recognizer}
 
     def detect(self, image: np.ndarray) -> list[Face]:
         image = _as_rgb_array(image)
@@ -225,18 +250,30 @@ class DlibFaceEncoder(FaceEncoder):
         (:func:`~dtback.identity.dlib_torch.cut_face_chips`, a differentiable warp); ``face_boxes`` is not needed."""
         from dtback.identity.dlib_torch import cut_face_chips
 
+        net = self._torch_net(pixels.device)
+        chips = cut_face_chips(pixels.float(), landmarks.to(pixels.device), self.aligned_size, self.CHIP_PADDING)
+        return net(chips * 255.0)
+
+    def _torch_net(self, device: torch.device) -> torch.nn.Module:
         if self._torch is None:
             self._torch = self.torch_recognizer()
-        self._torch.to(pixels.device)
-        chips = cut_face_chips(pixels.float(), landmarks.to(pixels.device), self.aligned_size, self.CHIP_PADDING)
-        return self._torch(chips * 255.0)
+        return self._torch.to(device)
 
     def embed(self, aligned: Sequence[np.ndarray]) -> np.ndarray:
         chips = [_as_rgb_array(chip) for chip in aligned]
         if not chips:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
-        descriptors = self._recognizer.compute_face_descriptor(chips)
-        return l2_normalise(np.array([np.array(d) for d in descriptors]))
+        if self.recognizer == "dlib":
+            descriptors = np.array([np.array(d) for d in self._recognizer.compute_face_descriptor(chips)])
+        else:
+            net = self._torch_net(self.device)
+            with torch.no_grad():
+                descriptors = torch.cat([
+                    net(torch.from_numpy(np.stack(chips[i:i + self.batch_size])).to(self.device)
+                        .permute(0, 3, 1, 2).float()).float().cpu()
+                    for i in range(0, len(chips), self.batch_size)
+                ]).numpy()
+        return l2_normalise(descriptors)
 
 
 # -------------------------------------------------------------------------------------------- insightface backend

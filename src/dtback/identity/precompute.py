@@ -96,8 +96,8 @@ class IdentityPrecomputer:
         return report
 
     def _chunk(self, paths: list[Path], root: Path, report: PrecomputeReport, bar: Any = None) -> int:
-        """Encode the images of ``paths`` that are not cached yet, in one batch per encoder when it can. A face
-        encoder that works one image at a time (dlib) moves ``bar`` per image; returns how far it moved it."""
+        """Encode the images of ``paths`` that are not cached yet, in one batch per encoder. The face encoder moves
+        ``bar`` as it goes (per image where detection is per image, as dlib's); returns how far it moved it."""
         items = [(path, path.relative_to(root).as_posix(), content_hash(path)) for path in paths]
         report.images += len(items)
         images: dict[str, Any] = {}
@@ -112,14 +112,9 @@ class IdentityPrecomputer:
         todo = [item for item in todo if image_of(*item) is not None]
         moved = 0
         if todo:
-            if bar is not None and type(self.face).encode_batch is FaceEncoder.encode_batch:  # one image at a time
-                results = []
-                for _, _, key in todo:
-                    results.append(self.face.encode(np.asarray(images[key])))
-                    bar.update(1)
-                moved = len(todo)
-            else:
-                results = self.face.encode_batch([np.asarray(images[key]) for _, _, key in todo])
+            results = self.face.encode_batch([np.asarray(images[key]) for _, _, key in todo],
+                                             on_image=bar.update if bar is not None else None)
+            moved = len(todo) if bar is not None else 0
             report.face_encoder_calls += len(todo)
             for (_, _, key), result in zip(todo, results):
                 self.face_cache.put(key, face_entry(result))

@@ -115,13 +115,16 @@ def build_simple_tokenizers(words: list[str] = CAPTION_WORDS) -> tuple[CLIPToken
     return clip, t5
 
 
-def build_simple_pipeline(seed: int = 0, vae: AutoencoderKL | None = None) -> FluxPipeline:
-    """The simple model with random weights (deterministic by ``seed``); ``vae`` replaces the random VAE."""
+def build_simple_pipeline(seed: int = 0, vae: AutoencoderKL | None = None,
+                          transformer: dict[str, Any] | None = None) -> FluxPipeline:
+    """The simple model with random weights (deterministic by ``seed``); ``vae`` replaces the random VAE;
+    ``transformer`` overrides keys of :data:`SIMPLE_TRANSFORMER` (the world base's recipe makes a wider one)."""
+    transformer_config = {**SIMPLE_TRANSFORMER, **(transformer or {})}
     clip_tokenizer, t5_tokenizer = build_simple_tokenizers()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        transformer = FluxTransformer2DModel(**SIMPLE_TRANSFORMER)
+        flux = FluxTransformer2DModel(**transformer_config)
         if vae is None:
             vae = AutoencoderKL(**SIMPLE_VAE)
         clip = CLIPTextModel(CLIPTextConfig(
@@ -145,7 +148,7 @@ def build_simple_pipeline(seed: int = 0, vae: AutoencoderKL | None = None) -> Fl
         tokenizer=clip_tokenizer,
         text_encoder_2=t5.eval(),
         tokenizer_2=t5_tokenizer,
-        transformer=transformer,
+        transformer=flux,
     )
 
 

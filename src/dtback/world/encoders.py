@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -117,8 +117,16 @@ class WorldFaceEncoder(FaceEncoder):
             found.append(faces)
         return found
 
-    def encode_batch(self, images: Sequence[np.ndarray]) -> list[FaceResult | None]:
-        """One detector pass and one embedder pass for images of one size (else image by image)."""
+    def encode_batch(self, images: Sequence[np.ndarray],
+                     on_image: Callable[[int], Any] | None = None) -> list[FaceResult | None]:
+        """One detector pass and one embedder pass for images of one size (else image by image); ``on_image(n)``
+        once the ``n`` images are done."""
+        results = self._encode_batch(images)
+        if on_image is not None:
+            on_image(len(images))
+        return results
+
+    def _encode_batch(self, images: Sequence[np.ndarray]) -> list[FaceResult | None]:
         arrays = [_as_rgb_array(image) for image in images]
         if len({a.shape for a in arrays}) != 1:
             return [self.encode(a) for a in arrays]

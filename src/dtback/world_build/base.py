@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from dtback.config import load_config
 from dtback.errors import MissingModelError
 from dtback.io import replace_folder, write_json
-from dtback.model.flux import build_simple_pipeline
+from dtback.model.flux import SIMPLE_TRANSFORMER, build_simple_pipeline, save_pipeline_atomic
 from dtback.training.features import encode_latents
 from dtback.training.losses import flow_matching_loss, noisy_latents
 from dtback.training.trainer import train
@@ -36,25 +36,34 @@ class BaseRecipe:
     """The pretraining run: its own world (characters and seed disjoint from the embedded default's world seed 0)
     and the trainer settings that differ from the embedded default."""
 
-    characters: int = 1024
+    characters: int = 2048
     images_per_character: int = 8
     world_seed: int = 7
-    steps: int = 4000
+    steps: int = 5000
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 200
     ema_decay: float = 0.999
     seed: int = 42
+    # The transformer: wider than the code's SIMPLE_TRANSFORMER (hidden 128), which drew soft blobs (issue 14).
+    width: int = 192  # hidden size = heads x 32
+    double_blocks: int = 2
+    single_blocks: int = 4
 
-    def overrides(self, data_dir: Path, output_dir: Path, components: Path) -> list[str]:
+    def transformer(self) -> dict[str, Any]:
+        """Overrides of :data:`~dtback.model.flux.SIMPLE_TRANSFORMER` for :func:`build_simple_pipeline`."""
+        return {"num_attention_heads": self.width // SIMPLE_TRANSFORMER["attention_head_dim"],
+                "num_layers": self.double_blocks, "num_single_layers": self.single_blocks}
+
+    def overrides(self, data_dir: Path, output_dir: Path, components: Path, start: Path) -> list[str]:
         """``--set`` overrides of the code defaults for this recipe; ``components`` is the world components folder
-        whose VAE, encoders and reader the run uses."""
+        whose VAE, encoders and reader the run uses; ``start`` the random pipeline of :meth:`transformer`'s size."""
         return [
             f"data.data_dir={data_dir}", f"data.world.components={components}", "data.input_size=128", "model.use_simple_model=true",
             "model.simple_vae=world", f"output.output_dir={output_dir}", f"seed={self.seed}",
             f"data.world.seed={self.world_seed}", f"data.world.characters={self.characters}",
             f"data.world.images_per_character={self.images_per_character}",
-            "model.simple_base=null", "model.simple_model_dir=null",
+            f"model.simple_base={start}", "model.simple_model_dir=null",
             f"training.max_steps={self.steps}", f"training.batch_size={self.batch}",
             f"training.learning_rate={self.lr}", f"training.warmup_steps={self.warmup}",
             f"training.ema_decay={self.ema_decay}", "training.face_weight=0", "training.body_weight=0",
@@ -70,7 +79,9 @@ def build_world_base(folder: Path, recipe: BaseRecipe = BaseRecipe(), progress: 
     # The run uses the VAE, encoders and reader of the components folder being built (the base's parent).
     with tempfile.TemporaryDirectory(prefix="dtback-world-base-") as tmp:
         work = Path(tmp)
-        cfg = load_config(None, recipe.overrides(work / "world", work / "run", folder.parent))
+        initial = save_pipeline_atomic(build_simple_pipeline(recipe.seed, transformer=recipe.transformer()),
+                                       work / "start")
+        cfg = load_config(None, recipe.overrides(work / "world", work / "run", folder.parent, initial))
         start = time.perf_counter()
         result = train(cfg, resume=None, progress_bar=progress)
         seconds = time.perf_counter() - start
@@ -87,7 +98,7 @@ def save_world_base(run_dir: Path, checkpoint: Path, folder: Path, recipe: BaseR
     _load_final_ema(pipeline.transformer, Path(checkpoint))
     seen = sample_characters(recipe.characters, recipe.world_seed)
     flow_loss = held_out_flow_loss(pipeline, exclude=seen)
-    random_flow_loss = held_out_flow_loss(_random_like(pipeline), exclude=seen)
+    random_flow_loss = held_out_flow_loss(_random_like(pipeline, recipe), exclude=seen)
     pipeline.vae = None  # the world VAE ships once, in vae/
     pipeline.register_modules(vae=None)
     pipeline.transformer.to(torch.float16)  # stored in half precision (4.4 MB); loaded back as float32
@@ -139,8 +150,8 @@ def _load_final_ema(transformer, checkpoint: Path) -> None:
     transformer.load_state_dict(state)
 
 
-def _random_like(pipeline: FluxPipeline) -> FluxPipeline:
-    random = build_simple_pipeline(0, vae=pipeline.vae)
+def _random_like(pipeline: FluxPipeline, recipe: BaseRecipe) -> FluxPipeline:
+    random = build_simple_pipeline(0, vae=pipeline.vae, transformer=recipe.transformer())
     random.text_encoder, random.text_encoder_2 = pipeline.text_encoder, pipeline.text_encoder_2
     return random
 

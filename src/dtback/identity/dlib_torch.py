@@ -39,10 +39,11 @@ Pixels enter as ``(value - channel mean) / 256`` with the means the file stores 
     (1: none), 4 multipliers.
 
 **Licence.** The model file is Davis King's, trained by him for dlib. dlib-models' README (github.com/davisking/
-dlib-models) releases the face recognition ResNet and the 5-point shape predictor into the public domain (CC0); that
-page could not be opened from the machine this was written on, so it is stated from the project's notes, not
-re-read. Verified here: the ``face_recognition_models`` package that ships the file declares the MIT licence in its
-metadata. (The 68-point predictor, not used here, is trained on iBUG 300-W, whose terms exclude commercial use.)
+dlib-models, read in a stored copy on 2026-11-26) says of all its model files: "anyone can do whatever they want with
+these model files as I've released them into the public domain". The ``face_recognition_models`` package that ships
+the file declares the MIT licence in its metadata, and its README notes that the recognition model was trained on
+datasets under Creative Commons licences (public domain release of the weights; the training images' terms are
+theirs). The 68-point predictor, not used here, is trained on iBUG 300-W, whose terms exclude commercial use.
 Nothing here is InsightFace's.
 """
 

@@ -12,24 +12,68 @@ where the source is the YAML file or the ``--set`` argument that supplied the va
 from __future__ import annotations
 
 import difflib
+import types
 import warnings
 import re
 import string
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dtback.errors import ConfigError
 from dtback.io import write_text
 
 # Pixels per latent patch of FLUX: VAE downsamples by 8, the transformer packs 2x2 latents.
 FLUX_PIXEL_MULTIPLE = 16
+# Seeds feed torch, numpy and random; every one of them takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Rules for every key of the tree: no unknown keys, no infinite or NaN floats, and numbers given as numbers
+    (a YAML ``true`` is not 1, ``4.0`` or ``"4"`` is not an int; ``1e-4``, which PyYAML reads as a string, is still a
+    float)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        problem = _number_problem(cls.model_fields[info.field_name].annotation, value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+def _number_kinds(annotation: Any) -> set[type]:
+    """The scalar types an annotation allows (``int | None`` -> {int, NoneType}); containers are not unpacked."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return set().union(*(_number_kinds(arg) for arg in get_args(annotation)))
+    return {annotation}
+
+
+def _number_problem(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` is not a number of ``annotation``'s kind (None when it is, or when it is no number key)."""
+    origin = get_origin(annotation)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = [arg for arg in get_args(annotation) if arg is not Ellipsis]
+        for i, item in enumerate(value):
+            problem = _number_problem(args[min(i, len(args) - 1)], item) if args else None
+            if problem:
+                return f"item {i}: {problem}"
+        return None
+    if origin in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            if get_origin(arg) in (list, tuple) and isinstance(value, (list, tuple)):
+                return _number_problem(arg, value)
+    kinds = _number_kinds(annotation)
+    if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+        return f"Input should be a number, not the boolean {str(value).lower()}"
+    if int in kinds and not kinds & {float, str, bool} and value is not None and not isinstance(value, int):
+        return f"Input should be a valid integer (a whole number, written without quotes or a decimal point)"
+    return None
 
 
 class WorldConfig(_Section):
@@ -40,7 +84,8 @@ class WorldConfig(_Section):
     characters: int = Field(256, ge=2, description="Characters (identities) in the generated world.")
     images_per_character: int = Field(12, ge=2, description="Images drawn of each character.")
     size: int = Field(128, ge=FLUX_PIXEL_MULTIPLE, description="Side of the square world images in pixels.")
-    seed: int = Field(0, description="World seed: the same seed always gives the same images, byte for byte.")
+    seed: int = Field(0, ge=0, le=MAX_SEED,
+                      description="World seed: the same seed always gives the same images, byte for byte.")
     bundle: str = Field("world", min_length=1, description="Bundle folder the characters are written into.")
     components: Path | None = Field(
         None, description="Folder of the world's trained components (VAE, face/body encoders, reader, base; built by "
@@ -117,7 +162,10 @@ class DataConfig(_Section):
     input_size: int = Field(512, ge=FLUX_PIXEL_MULTIPLE, description="Training side length in pixels (multiple of 16).")
     bucketing: bool = Field(True, description="Aspect-ratio buckets of about input_size^2 pixels instead of square crops.")
     max_aspect_ratio: float = Field(2.0, ge=1.0, le=4.0, description="Widest bucket aspect ratio (and 1/x the tallest).")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of characters held out for validation.")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Fraction of characters held out for validation (at least one character; "
+        "0 only with val_characters: a run always validates on identities it never trained on)."
+    )
     val_characters: list[str] = Field(
         default_factory=list, description="Explicit validation characters as 'bundle/character'; overrides val_fraction."
     )
@@ -163,6 +211,15 @@ class DataConfig(_Section):
             if key.count("/") != 1 or key.startswith("/") or key.endswith("/"):
                 raise ValueError(f"{key!r} is not of the form 'bundle/character'")
         return value
+
+    @model_validator(mode="after")
+    def _some_held_out(self) -> "DataConfig":
+        # Validation and best_model need held-out identities; with none a run would fail after minutes of setup.
+        if self.val_fraction == 0 and not self.val_characters:
+            raise ValueError("val_fraction is 0 and val_characters is empty: no character would be held out, but "
+                             "validation and best_model need held-out identities; set val_fraction > 0 (e.g. 0.1) or "
+                             "name the held-out characters in val_characters")
+        return self
 
     @model_validator(mode="after")
     def _reference_range(self) -> "DataConfig":
@@ -218,6 +275,12 @@ class IdentityConfig(_Section):
         if self.face_backend == "insightface" and self.face_model_dir is None:
             raise ValueError("face_backend insightface needs face_model_dir (a folder with the ONNX model pack)")
         return self
+
+
+def head_choices(width: int) -> list[int]:
+    """Head counts that split ``width`` evenly (at most 12 shown), for messages."""
+    found = [heads for heads in range(1, width + 1) if width % heads == 0]
+    return found if len(found) <= 12 else found[:6] + found[-6:]
 
 
 class ModelConfig(_Section):
@@ -305,6 +368,17 @@ class ModelConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        # Only explicit widths can be checked here; a width taken from the transformer is checked when it is loaded
+        # (dtback.model.identity_flux.check_model_fits_base).
+        for dim_key, heads_key in (("resampler_dim", "resampler_heads"), ("adapter_dim", "adapter_heads")):
+            dim, heads = getattr(self, dim_key), getattr(self, heads_key)
+            if dim is not None and heads is not None and dim % heads:
+                raise ValueError(f"{heads_key}={heads} does not divide {dim_key}={dim}: attention splits the width "
+                                 f"into equal heads; choose one of {head_choices(dim)} heads")
+        return self
+
+    @model_validator(mode="after")
     def _check_simple_base(self) -> "ModelConfig":
         if self.use_simple_model and self.simple_base == "world" and self.simple_vae != "world":
             raise ValueError(f"simple_base=world was pretrained on the world VAE's latents, but simple_vae="
@@ -352,7 +426,7 @@ class TrainingConfig(_Section):
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="adamw8bit: AdamW moments in 8 bits through bitsandbytes (GPU or CPU; a memory mode)."
     )
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     lr_scheduler: Literal["cosine", "constant"] = Field("cosine", description="After warmup: cosine decay or constant.")
     warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warmup steps.")
     base_learning_rate: float | None = Field(
@@ -404,6 +478,13 @@ class TrainingConfig(_Section):
         "trackio; all: every one installed; [] or null: none (metrics.jsonl and validation.jsonl are always written).",
     )
 
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_below_one(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError("each beta must be in [0, 1); the usual values are [0.9, 0.999]")
+        return value
+
     @field_validator("log_with", mode="before")
     @classmethod
     def _known_trackers(cls, value: Any) -> list[str]:
@@ -437,7 +518,8 @@ class OutputConfig(_Section):
 class Config(_Section):
     """The whole configuration tree."""
 
-    seed: int = Field(42, description="Seeds character selection, the split, pair sampling and training.")
+    seed: int = Field(42, ge=0, le=MAX_SEED,
+                      description="Seeds character selection, the split, pair sampling and training.")
     data: DataConfig = Field(default_factory=DataConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -516,7 +598,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:
@@ -526,6 +610,30 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in the YAML file gives the same key twice (PyYAML would silently keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping, naming it and both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: merged keys may be overridden, that is what merging is for
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping below reports it
+            if first != line:
+                raise DuplicateKeyError(f"key {key!r} is given twice in one mapping (lines {first} and {line}); "
+                                        "YAML would silently keep the last one: keep one")
+        return super().construct_mapping(node, deep=deep)
 
 
 def _lift_seed_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def index(tmp_path):
     return scan_dataset(DataConfig(data_dir=root), seed=0, progress=False)
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25, 0.5, 0.95])
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.25, 0.5, 0.95])  # 0: refused by the config
 def test_no_character_on_both_sides(index, fraction):
     split = split_characters(index, DataConfig(data_dir=index.root, val_fraction=fraction), seed=3)
     assert not set(split.train) & set(split.val)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dtback.errors import ConfigError
 from dtback.identity.resampler import IdentityInputs
 from dtback.model.identity_flux import AdapterMismatchError, IdentityPreservingFlux
 from flux_helpers import identity_inputs, make_model, randomise_outputs, save_tiny_flux, transformer_inputs
@@ -24,7 +25,7 @@ def test_layout_follows_pulid_rule_and_explicit_indices(load_base):
     assert list(dense.adapters) == ["double_0", "double_1", "single_0", "single_2"]
     explicit = make_model(base, adapter_double_blocks=[1], adapter_single_blocks=[3, 1])
     assert list(explicit.adapters) == ["double_1", "single_1", "single_3"]
-    with pytest.raises(ValueError, match=r"adapter_single_blocks \[7\] out of range: the transformer has 4"):
+    with pytest.raises(ConfigError, match=r"model.adapter_single_blocks=\[7\]: \[7\] out of range, the transformer has 4"):
         make_model(base, adapter_single_blocks=[7])
 
 

@@ -55,6 +55,12 @@ def split_characters(index: DatasetIndex, cfg: DataConfig, seed: int) -> Split:
         ranked = sorted(keys, key=lambda key: hashlib.sha256(f"{seed}:{key}".encode()).hexdigest())
         val = set(ranked[:n_val])
         method = f"val_fraction={cfg.val_fraction} seed={seed}"
+    if not val:
+        raise DatasetError(
+            f"{index.root}: {len(keys)} usable character(s), none left to hold out for validation "
+            f"(data.val_fraction={cfg.val_fraction} leaves at least one character to train on); validation needs an "
+            "identity that is never trained on: add characters or name them in data.val_characters"
+        )
     train = tuple(sorted(set(keys) - val))
     if not train:
         raise DatasetError(f"data.val_characters holds out every character of {index.root}: nothing left to train on")

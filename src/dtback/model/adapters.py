@@ -16,13 +16,49 @@ checkpointing, so they are recomputed with the block.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtback.config import ModelConfig, head_choices
+from dtback.errors import ConfigError
 from dtback.identity.resampler import IdentityTokens
+
+# Widths taken from the transformer (resampler_dim / adapter_dim null) are capped here.
+MAX_DEFAULT_WIDTH = 1024
+
+
+def check_model_fits_base(cfg: ModelConfig, transformer_config: Any) -> None:
+    """Raise :class:`ConfigError` naming each ``model.*`` key that the loaded transformer cannot take: block indices
+    beyond its block counts, head counts that do not divide a width taken from it. What the config alone can tell
+    is checked when it is loaded; this runs as soon as the transformer's config is known."""
+    counts = {"double": int(transformer_config["num_layers"]), "single": int(transformer_config["num_single_layers"])}
+    head_dim = int(transformer_config["attention_head_dim"])
+    width = int(transformer_config["num_attention_heads"]) * head_dim
+    problems = []
+    for kind, count in counts.items():
+        key = f"adapter_{kind}_blocks"
+        blocks = getattr(cfg, key) or []
+        bad = [i for i in blocks if not 0 <= i < count]
+        if bad:
+            problems.append(f"model.{key}={list(blocks)}: {bad} out of range, the transformer has {count} {kind} "
+                            f"blocks (indices 0..{count - 1})")
+    widths = (("resampler", cfg.resampler_dim, cfg.resampler_heads),
+              ("adapter", cfg.adapter_dim, cfg.adapter_heads))
+    for name, dim, heads in widths:
+        inner = dim or min(width, MAX_DEFAULT_WIDTH)
+        heads = heads or max(1, inner // head_dim)  # only adapter_heads may be null
+        if inner % heads:
+            origin = f"model.{name}_dim={dim}" if dim else \
+                f"model.{name}_dim null: the transformer width {width}, at most {MAX_DEFAULT_WIDTH}"
+            problems.append(f"model.{name}_heads={heads} does not divide the {name} width {inner} ({origin}); "
+                            f"choose one of {head_choices(inner)}")
+    if problems:
+        raise ConfigError("the model settings do not fit the base transformer "
+                          f"({counts['double']} double + {counts['single']} single blocks, width {width}): "
+                          + "; ".join(problems))
 
 
 @dataclass(frozen=True)

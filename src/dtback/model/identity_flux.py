@@ -37,7 +37,9 @@ from dtback.config import IdentityConfig, ModelConfig
 from dtback.errors import AdapterMismatchError
 from dtback.identity.resampler import IdentityInputs, IdentityResampler, IdentityTokens, ResamplerSpec
 from dtback.io import atomic_path
-from dtback.model.adapters import AdapterLayout, IdentityCrossAttention, InjectionState, make_hook
+from dtback.model.adapters import (
+    AdapterLayout, IdentityCrossAttention, InjectionState, check_model_fits_base, make_hook,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +138,9 @@ def spec_from_config(
     face_token_dim: int = 0,
     body_token_dim: int = 0,
 ) -> AdapterSpec:
-    """Build the spec from the config sections and the base's config; ``*_dim`` of 0 leaves that part out."""
+    """Build the spec from the config sections and the base's config; ``*_dim`` of 0 leaves that part out.
+    Raises :class:`ConfigError` naming the ``model.*`` key that does not fit the base."""
+    check_model_fits_base(model_cfg, transformer_config)
     base = base_fingerprint(transformer_config)
     width = base["num_attention_heads"] * base["attention_head_dim"]
     layout = AdapterLayout.every(

@@ -151,8 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         _say(f"stopped at step {result.steps}; continue with --resume (checkpoint {result.last_checkpoint})", "yellow")
         return EXIT_INTERRUPTED
-    _say(f"trained {result.steps} steps -> {result.run_dir} (best model: {result.best_model}, "
-         f"report: {result.run_dir / 'report.html'})")
+    if result.is_main:
+        _say(f"trained {result.steps} steps -> {result.run_dir} (best model: {result.best_model}, "
+             f"report: {result.run_dir / 'report.html'})")
     return 0
 
 

@@ -408,6 +408,10 @@ class TrainingConfig(_Section):
     body_weight: float = Field(0.1, ge=0.0, description="Weight of the body identity loss (1 - cos).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (overrides num_epochs).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Several ranks (torchrun / accelerate launch): ddp keeps the whole model on every rank; "
+        "fsdp shards base, adapters, gradients and optimiser state across the ranks (torch FSDP2, per block), for "
+        "bases that do not fit one device with room to train. One rank: no effect.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null: no clipping.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, no mixed precision on a CPU."

@@ -109,9 +109,17 @@ def test_references_are_other_images_of_the_same_character():
 
 
 class _Adapter:
-    def save_pretrained(self, path):
+    def adapter_state_dict(self):
+        return {}
+
+    def save_pretrained(self, path, state=None):
         path.mkdir(parents=True)
         (path / "adapter_config.json").write_text("{}")
+
+
+def _save(run_dir, progress, trainable, optimizer, scheduler, ema, keep):
+    snapshot = ckpt.take_snapshot(_Adapter(), trainable, optimizer, ema)
+    return ckpt.save_checkpoint(run_dir, progress, _Adapter(), snapshot, scheduler, keep)
 
 
 def _training_objects(seed=0):
@@ -137,8 +145,7 @@ def test_checkpoint_round_trip_resumes_identically(tmp_path):
     torch.manual_seed(1)
     _train(layer, optimizer, scheduler, ema, 3)
     progress = ckpt.Progress(step=3, epoch=1, batch=4, best_metric=0.5, best_step=2)
-    folder = ckpt.save_checkpoint(tmp_path, progress, _Adapter(), dict(layer.named_parameters()), optimizer,
-                                  scheduler, ema, keep=2)
+    folder = _save(tmp_path, progress, dict(layer.named_parameters()), optimizer, scheduler, ema, keep=2)
     drawn_after_save = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     torch.manual_seed(7)
     _train(layer, optimizer, scheduler, ema, 2)
@@ -157,8 +164,7 @@ def test_checkpoint_round_trip_resumes_identically(tmp_path):
 def test_keep_last_k_and_latest(tmp_path):
     layer, optimizer, scheduler, ema = _training_objects()
     for step in (2, 4, 6, 8):
-        ckpt.save_checkpoint(tmp_path, ckpt.Progress(step=step), _Adapter(), dict(layer.named_parameters()),
-                             optimizer, scheduler, None, keep=2)
+        _save(tmp_path, ckpt.Progress(step=step), dict(layer.named_parameters()), optimizer, scheduler, None, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-000006", "checkpoint-000008"]
     assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-000008"
 
@@ -166,14 +172,14 @@ def test_keep_last_k_and_latest(tmp_path):
 def test_disk_full_leaves_no_torn_checkpoint_and_names_the_last_good_one(tmp_path, monkeypatch):
     layer, optimizer, scheduler, ema = _training_objects()
     trainable = dict(layer.named_parameters())
-    good = ckpt.save_checkpoint(tmp_path, ckpt.Progress(step=1), _Adapter(), trainable, optimizer, scheduler, ema, 3)
+    good = _save(tmp_path, ckpt.Progress(step=1), trainable, optimizer, scheduler, ema, 3)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", full)
     with pytest.raises(ckpt.CheckpointError, match=r"No space left on device.*last good checkpoint is .*checkpoint-000001"):
-        ckpt.save_checkpoint(tmp_path, ckpt.Progress(step=2), _Adapter(), trainable, optimizer, scheduler, ema, 3)
+        _save(tmp_path, ckpt.Progress(step=2), trainable, optimizer, scheduler, ema, 3)
     folder = tmp_path / ckpt.CHECKPOINTS
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-000001"]
     assert (good / "state.json").is_file()

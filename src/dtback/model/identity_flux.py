@@ -349,13 +349,16 @@ class IdentityPreservingFlux(nn.Module):
         """Resampler and adapter parameters, plus the LoRA parameters when LoRA is attached."""
         return [*self.parameters(), *(param for _, param in self.lora_parameters())]
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Own weights, and the LoRA weights under ``lora.`` (peft's adapter-name-free keys)."""
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+    def adapter_state_dict(self, own: dict[str, torch.Tensor] | None = None,
+                           transformer_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Own weights, and the LoRA weights under ``lora.`` (peft's adapter-name-free keys). ``own`` and
+        ``transformer_state`` replace this module's and the transformer's live state dicts (the full tensors
+        gathered from FSDP shards, :func:`dtback.training.checkpoint.take_snapshot`)."""
+        state = {k: v.detach().contiguous() for k, v in (self.state_dict() if own is None else own).items()}
         if self.spec.lora and self._transformer:
             from peft import get_peft_model_state_dict  # noqa: PLC0415
 
-            lora = get_peft_model_state_dict(self.transformer, adapter_name=LORA_NAME)
+            lora = get_peft_model_state_dict(self.transformer, state_dict=transformer_state, adapter_name=LORA_NAME)
             state.update({LORA_PREFIX + k: v.detach().contiguous() for k, v in lora.items()})
         return state
 
@@ -380,11 +383,12 @@ class IdentityPreservingFlux(nn.Module):
 
     # ----------------------------------------------------------------------------------------- save and load
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the adapter atomically: a folder (``adapter_config.json`` + ``adapter.safetensors``), or one
-        ``.safetensors`` file (config in its metadata), or a tensors-only ``.pt`` (for the seed's file names)."""
+        ``.safetensors`` file (config in its metadata), or a tensors-only ``.pt`` (for the seed's file names).
+        ``state``: the :meth:`adapter_state_dict` to write (default: this module's live one)."""
         path = Path(path)
-        state = self.adapter_state_dict()
+        state = self.adapter_state_dict() if state is None else state
         config = self.spec.to_json()
         if path.suffix == ".safetensors":
             _atomic(path, lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: config}))

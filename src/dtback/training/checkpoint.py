@@ -130,17 +130,62 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def save_checkpoint(
-    run_dir: Path,
-    progress: Progress,
-    model,
-    trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    ema,
-    keep: int,
-) -> Path:
-    """Write ``checkpoint-<step>`` atomically and delete all but the last ``keep``; returns the folder."""
+@dataclass
+class Snapshot:
+    """Everything a checkpoint stores of the live training objects, as full CPU tensors in the single-process
+    layout whatever the number of ranks (:func:`take_snapshot`)."""
+
+    adapter: dict[str, torch.Tensor]  # the identity model's adapter state (IdentityPreservingFlux.save_pretrained)
+    trainable: dict[str, torch.Tensor]  # every trainable tensor by name
+    optimizer: dict[str, Any]  # torch.optim's state_dict layout
+    ema: dict[str, Any] | None  # EMAModel.state_dict(), shadow_params a list in ``trainable``'s order
+
+
+def optimizer_order(module: torch.nn.Module, optimizer) -> list[str]:
+    """The names of ``optimizer``'s parameters in its own order (the indices of its state dict)."""
+    names = {id(param): name for name, param in module.named_parameters()}
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    return [names[id(param)] for group in inner.param_groups for param in group["params"]]
+
+
+def take_snapshot(identity, trainable: dict[str, torch.nn.Parameter], optimizer, ema, module=None,
+                  main: bool = True) -> Snapshot | None:
+    """The :class:`Snapshot` of a run: ``identity`` (the identity model), its ``trainable`` parameters by name, the
+    optimiser and the EMA. Under FSDP, ``module`` is the sharded training module
+    (:class:`~dtback.training.step.TrainModule`): every rank must call it (the shards are all-gathered) and only
+    ``main`` gets the snapshot. Without ``module`` it reads the live objects (call it on the main process)."""
+    from dtback.training import distributed  # noqa: PLC0415
+
+    if module is None:
+        ema_state = None
+        if ema is not None:
+            ema_state = ema.state_dict()
+            ema_state["shadow_params"] = [t.detach().cpu().contiguous() for t in ema_state["shadow_params"]]
+        return Snapshot(identity.adapter_state_dict(),
+                        {k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                        optimizer.state_dict(), ema_state)
+    keep = trainable.__contains__
+    weights = distributed.gather_state(module, keep, main)
+    own = distributed.gather_state(identity, lambda name: True, main)
+    opt = distributed.gather_optimizer(module, getattr(optimizer, "optimizer", optimizer),
+                                       optimizer_order(module, optimizer))
+    ema_state = None
+    if ema is not None:
+        with distributed.weights_swapped(ema, list(trainable.values())):
+            shadow = distributed.gather_state(module, keep, main)
+        ema_state = {**{k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
+                     "shadow_params": [shadow[name] for name in trainable] if main else []}
+    if not main:
+        return None
+    prefix = "transformer."
+    transformer_state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    return Snapshot(identity.adapter_state_dict(own=own, transformer_state=transformer_state), weights, opt,
+                    ema_state)
+
+
+def save_checkpoint(run_dir: Path, progress: Progress, model, snapshot: Snapshot, scheduler, keep: int) -> Path:
+    """Write ``checkpoint-<step>`` from ``snapshot`` atomically and delete all but the last ``keep``; returns the
+    folder. ``model`` (the identity model) gives the adapter's config."""
     target = checkpoint_dir(run_dir, progress.step)
     try:
         # Folders of runs killed mid-save (hidden io temporaries) are removed once stale; a live save's are newer.
@@ -148,17 +193,14 @@ def save_checkpoint(
         # io.replace_folder: written under a hidden temporary name, files fsynced, swapped in whole (an existing
         # checkpoint of the same step is replaced only once the new one is complete); removed on any failure.
         with replace_folder(target) as tmp:
-            model.save_pretrained(tmp / "adapter")
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-            opt_tensors, opt_meta = _optimizer_tensors(optimizer.state_dict())
+            model.save_pretrained(tmp / "adapter", state=snapshot.adapter)
+            save_file(snapshot.trainable, tmp / "trainable.safetensors")
+            opt_tensors, opt_meta = _optimizer_tensors(snapshot.optimizer)
             save_file(opt_tensors, tmp / "optimizer.safetensors")
             ema_meta = None
-            if ema is not None:
-                ema_state = ema.state_dict()
-                shadow = ema_state.pop("shadow_params")
-                save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)},
-                          tmp / "ema.safetensors")
-                ema_meta = ema_state
+            if snapshot.ema is not None:
+                ema_meta = {k: v for k, v in snapshot.ema.items() if k != "shadow_params"}
+                save_file({str(i): t for i, t in enumerate(snapshot.ema["shadow_params"])}, tmp / "ema.safetensors")
             state = {"progress": asdict(progress), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
                      "ema": ema_meta, "rng": rng_state()}
             write_json(tmp / "state.json", state, indent=1, fsync=False)  # replace_folder fsyncs every file
@@ -173,8 +215,10 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer, scheduler, ema) -> Progress:
-    """Restore everything :func:`save_checkpoint` wrote into live objects; returns the progress."""
+def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer, scheduler, ema,
+                    module=None) -> Progress:
+    """Restore everything :func:`save_checkpoint` wrote into live objects; returns the progress. ``module``: the
+    FSDP-sharded training module (every rank then reads the full tensors and keeps its slices), None otherwise."""
     folder = Path(folder)
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
@@ -185,15 +229,27 @@ def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], opti
     missing = sorted(set(trainable) - set(weights))
     if missing:
         raise CheckpointError(f"checkpoint {folder} lacks trainable tensors {missing[:5]} (another model config?)")
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(weights[name])
-    optimizer.load_state_dict(_optimizer_state(opt_tensors, state["optimizer"]))
+    optimizer_state = _optimizer_state(opt_tensors, state["optimizer"])
+    if module is None:
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(weights[name])
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        from dtback.training import distributed  # noqa: PLC0415
+
+        distributed.scatter_state(module, {name: weights[name] for name in trainable})
+        distributed.scatter_optimizer(module, optimizer, optimizer_state, optimizer_order(module, optimizer))
     scheduler.load_state_dict(state["scheduler"])
     if ema is not None:
         if state["ema"] is None:
             raise CheckpointError(f"checkpoint {folder} has no EMA but training.ema_decay is set")
         shadow = load_file(folder / "ema.safetensors")
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        shadows = [shadow[str(i)] for i in range(len(shadow))]
+        if module is not None:
+            from dtback.training import distributed  # noqa: PLC0415
+
+            shadows = distributed.ema_shards(ema, list(trainable.values()), module, dict(zip(trainable, shadows)))
+        ema.load_state_dict({**state["ema"], "shadow_params": shadows})
     set_rng_state(state["rng"])
     return Progress(**state["progress"])

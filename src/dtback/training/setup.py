@@ -8,6 +8,7 @@ then read what it wrote.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from PIL import Image
 
 from dtback import backends
@@ -27,6 +29,7 @@ from dtback.io import write_json
 from dtback.model.flux import max_sequence_length, save_pipeline_atomic
 from dtback.model.identity_flux import IdentityPreservingFlux
 from dtback.model.memory import finish_caching, place_for_caching, quantize_base
+from dtback.training import distributed
 from dtback.training.checkpoint import Progress
 from dtback.training.features import FeatureStore, build_feature_store
 from dtback.training.identity_loss import IdentityLoss
@@ -65,6 +68,7 @@ class RunParts:
     is_main: bool
     scorers: list = field(default_factory=list)
     accelerator: Any = None  # the run's Accelerator: its trackers (training.log_with) get the logs
+    sharded_module: Any = None  # the FSDP-sharded training module (training.distributed: fsdp), None otherwise
 
     def log(self, terms: dict[str, float]) -> None:
         append_jsonl(self.run_dir / METRICS_FILE, terms)
@@ -94,35 +98,44 @@ class RunParts:
 
     def validate(self, progress: Progress, ema, accelerator, params: list[torch.nn.Parameter]) -> None:
         """Held-out metrics and grid with the EMA weights (main process); keeps ``best_model.pt`` up to date.
-        ``params`` are the trainable parameters in the order the EMA was built with."""
-        if accelerator.is_main_process and self.val_set.characters:
-            if ema is not None:
-                ema.store(params)
-                ema.copy_to(params)
-            try:
-                self._validate(progress)
-            finally:
-                if ema is not None:
-                    ema.restore(params)
+        ``params`` are the trainable parameters in the order the EMA was built with. Under FSDP every rank samples
+        (each holds a slice of the model) and gathers the best model; the main process scores and writes."""
+        sharded = self.sharded_module is not None
+        if not self.val_set.characters or not (sharded or accelerator.is_main_process):
+            accelerator.wait_for_everyone()
+            return
+        swap = contextlib.nullcontext() if ema is None else distributed.weights_swapped(ema, params)
+        with swap:
+            self._validate(progress, accelerator)
         accelerator.wait_for_everyone()
 
-    def _validate(self, progress: Progress) -> None:
+    def _validate(self, progress: Progress, accelerator) -> None:
         t = self.cfg.training
         transformer = self.pipeline.transformer
         was_training = transformer.training
         transformer.eval()
+        main = accelerator.is_main_process
         try:
-            metrics, images = run_validation(
-                self.pipeline, self.model, self.store, self.val_set, self.scorers, self.cfg.data.input_size,
-                t.val_sampling_steps, t.val_guidance, self.cfg.seed, true_cfg=t.val_true_cfg,
-            )
+            with distributed.unsharded(self.sharded_module, self.sharded_module is not None):
+                metrics, images = run_validation(
+                    self.pipeline, self.model, self.store, self.val_set, self.scorers if main else [],
+                    self.cfg.data.input_size, t.val_sampling_steps, t.val_guidance, self.cfg.seed,
+                    true_cfg=t.val_true_cfg,
+                )
         finally:
             transformer.train(was_training)
         metrics["step"] = progress.step
         metric = selection_metric(metrics)
-        if progress.best_metric is None or metric > progress.best_metric:
+        best = progress.best_metric is None or metric > progress.best_metric
+        if self.sharded_module is not None:  # the main process decides; every rank gathers
+            best = broadcast_object_list([best])[0]
+            self.save_best(accelerator, gather_only=not best)
+            if not main:
+                return
+        if best:
             progress.best_metric, progress.best_step = metric, progress.step
-            self.save_best()
+            if self.sharded_module is None:
+                self.save_best(accelerator)
         metrics["best_step"] = progress.best_step
         append_jsonl(self.run_dir / VALIDATION_FILE, metrics)
         grid = self._grid(images)
@@ -145,11 +158,34 @@ class RunParts:
     def store_path(self, image: int) -> Path:
         return Path(self.cfg.data.data_dir) / self.store.keys[image]
 
-    def save_best(self) -> None:
-        """``best_model.pt`` (tensors-only adapter) and, for the simple model, its trained base next to it."""
-        if self.base_trainable or (self.cfg.model.use_simple_model and not (self.run_dir / TRAINED_BASE).is_dir()):
-            save_pipeline_atomic(self.pipeline, self.run_dir / TRAINED_BASE)  # a frozen simple base: saved once
-        self.model.save_pretrained(self.run_dir / BEST_MODEL)
+    def save_best(self, accelerator, gather_only: bool = False) -> None:
+        """``best_model.pt`` (tensors-only adapter) and, for the simple model, its trained base next to it. Under
+        FSDP every rank calls it (the weights are gathered from the shards; ``gather_only``: nothing to save, which
+        every rank then knows without gathering) and the main process writes."""
+        base = self.base_trainable or (self.cfg.model.use_simple_model and not (self.run_dir / TRAINED_BASE).is_dir())
+        if self.sharded_module is None:
+            if base:
+                save_pipeline_atomic(self.pipeline, self.run_dir / TRAINED_BASE)  # a frozen simple base: saved once
+            self.model.save_pretrained(self.run_dir / BEST_MODEL)
+            return
+        if gather_only:
+            return
+        main = accelerator.is_main_process
+        base = broadcast_object_list([base])[0]
+        module = self.sharded_module
+        own = distributed.gather_state(module.identity_model, lambda name: True, main)
+        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+        lora = distributed.gather_state(module, lambda name: name in trainable and name.startswith("transformer."),
+                                        main)
+        transformer = distributed.gather_state(module.transformer, lambda name: ".lora_" not in name, main) \
+            if base else None
+        if not main:
+            return
+        if transformer is not None:
+            save_pipeline_atomic(distributed.whole_pipeline(self.pipeline, transformer), self.run_dir / TRAINED_BASE)
+        state = self.model.adapter_state_dict(own=own, transformer_state={k.removeprefix("transformer."): v
+                                                                          for k, v in lora.items()})
+        self.model.save_pretrained(self.run_dir / BEST_MODEL, state=state)
 
     def report(self) -> None:
         plot_curves(self.run_dir)

@@ -40,9 +40,11 @@ class StepOutput:
     terms: dict[str, float]
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """Noise, noise levels and dropout of a micro-batch depend only on these, so a resumed run draws the same."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro * 101 + rank) % (2**63))
+def step_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """Noise, noise levels and dropout of a micro-batch depend only on these (``index``: its place among the
+    step's micro-batches over all ranks), so a resumed run, and the same step on another number of ranks, draw the
+    same."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + index * 101) % (2**63))
 
 
 def compute_loss(

@@ -29,7 +29,8 @@ from dtback.config import Config
 from dtback.errors import ConfigError, DtbackError, TrainingDiverged
 from dtback.model.memory import apply_checkpointing, make_adamw
 from dtback.training.batches import draw_pair_references, epoch_batches, make_batch
-from dtback.training.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from dtback.training import distributed
+from dtback.training.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint, take_snapshot
 from dtback.training.setup import RunParts, setup
 from dtback.training.step import TrainModule, compute_loss, step_generator
 
@@ -43,6 +44,7 @@ class TrainResult:
     best_model: Path | None
     last_checkpoint: Path | None
     interrupted: bool = False
+    is_main: bool = True  # the process that writes (rank 0); the others return the same run
 
 
 def mixed_precision(cfg: Config) -> str:
@@ -100,6 +102,9 @@ def _train(cfg: Config, resume: str | Path | None, progress_bar: bool) -> TrainR
     start_trackers(accelerator, cfg)
     run_dir = parts.run_dir
     module = TrainModule(parts.pipeline.transformer, parts.model)
+    sharded = distributed.fsdp_enabled(t.distributed, accelerator.num_processes)
+    if sharded:  # before the optimiser: its parameters are the shards (dtback.training.distributed)
+        distributed.shard(module, mixed_precision(cfg))
     optimizer = make_optimizer(cfg, parts)
     world = accelerator.num_processes
     per_step = world * t.gradient_accumulation_steps
@@ -113,9 +118,13 @@ def _train(cfg: Config, resume: str | Path | None, progress_bar: bool) -> TrainR
     progress = Progress()
     start = _resume_point(run_dir, resume)
     if start is not None:
-        progress = load_checkpoint(start, trainable, optimizer, scheduler, ema)
+        progress = load_checkpoint(start, trainable, optimizer, scheduler, ema, module if sharded else None)
         accelerator.print(f"resuming from {start} (step {progress.step})")
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        module, optimizer = accelerator.prepare(module, optimizer)
+    parts.sharded_module = module if sharded else None
     if ema is not None:
         ema.to(accelerator.device)
     apply_checkpointing(parts.pipeline.transformer, t)
@@ -132,7 +141,7 @@ def _train(cfg: Config, resume: str | Path | None, progress_bar: bool) -> TrainR
                 progress.epoch, progress.batch = progress.epoch + 1, 0
                 continue
             group = batches[progress.batch:progress.batch + per_step]
-            mine = group[accelerator.process_index::world]
+            mine = group[accelerator.process_index::world]  # micro-batch m of this rank is group[rank + m * world]
             terms = _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainable, parts, mine,
                                     progress)
             progress.step += 1
@@ -158,13 +167,19 @@ def _train(cfg: Config, resume: str | Path | None, progress_bar: bool) -> TrainR
         stop.restore()
         parts.close()
     accelerator.wait_for_everyone()
-    logger.info("rank %d of %d: final trainable weights sha256 %s", accelerator.process_index, world,
-                weights_digest(trainable))
+    if sharded:  # the whole weights live on no rank: rank 0 gathers them
+        full = distributed.gather_state(module, trainable.__contains__, accelerator.is_main_process)
+        if accelerator.is_main_process:
+            logger.info("FSDP over %d ranks: final trainable weights sha256 %s", world, weights_digest(full))
+    else:
+        logger.info("rank %d of %d: final trainable weights sha256 %s", accelerator.process_index, world,
+                    weights_digest(trainable))
     if accelerator.is_main_process:
         parts.finish(progress)
     accelerator.end_training()  # the trackers were finished by parts.close(); this ends the process group
     best = run_dir / "best_model.pt"
-    return TrainResult(run_dir, progress.step, best if best.exists() else None, last_checkpoint, stop.requested)
+    return TrainResult(run_dir, progress.step, best if best.exists() else None, last_checkpoint, stop.requested,
+                       accelerator.is_main_process)
 
 
 TENSORBOARD_DIR = "tensorboard"  # accelerate's logging_dir in the run folder: tensorboard --logdir <run>/tensorboard
@@ -227,7 +242,9 @@ def _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainab
         references = [draw_pair_references(parts.store, target, cfg.data.min_references, cfg.data.max_references,
                                            cfg.seed, progress.epoch) for target in targets]
         batch = make_batch(parts.store, targets, references)
-        generator = step_generator(cfg.seed, progress.step, micro, accelerator.process_index)
+        # Keyed by the micro-batch's place in the step's group, so 2 ranks x 1 and 1 rank x 2 accumulation steps
+        # draw the same noise for the same images (the same training, sharded or not).
+        generator = step_generator(cfg.seed, progress.step, accelerator.process_index + micro * accelerator.num_processes)
         with accelerator.accumulate(module), accelerator.autocast():
             out = compute_loss(module, batch, parts.store, t, parts.identity_loss, generator, accelerator.device,
                                parts.guidance, parts.scheduler_config)
@@ -264,8 +281,12 @@ def weights_digest(trainable: dict[str, torch.Tensor]) -> str:
 
 def _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, scheduler, ema, keep):
     path = None
+    sharded = parts.sharded_module is not None
+    if sharded or accelerator.is_main_process:  # under FSDP every rank takes part in gathering the shards
+        snapshot = take_snapshot(parts.model, trainable, optimizer, ema, parts.sharded_module,
+                                 accelerator.is_main_process)
     if accelerator.is_main_process:
-        path = save_checkpoint(run_dir, progress, parts.model, trainable, optimizer, scheduler, ema, keep)
+        path = save_checkpoint(run_dir, progress, parts.model, snapshot, scheduler, keep)
         logger.info("checkpoint %s", path)
     accelerator.wait_for_everyone()
     return path

@@ -183,3 +183,24 @@ def test_disk_full_leaves_no_torn_checkpoint_and_names_the_last_good_one(tmp_pat
     folder = tmp_path / ckpt.CHECKPOINTS
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-000001"]
     assert (good / "state.json").is_file()
+
+
+def test_fsdp_refuses_accelerates_own_fsdp_and_untested_memory_modes():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from dtback.config import ConfigError, load_config
+    from dtback.training.trainer import check_distributed
+
+    ranks = lambda n, kind=DistributedType.MULTI_CPU: SimpleNamespace(num_processes=n, distributed_type=kind)  # noqa: E731
+    fsdp = ["training.distributed=fsdp", "model.use_simple_model=false"]
+    check_distributed(load_config(None, fsdp), ranks(2))
+    for extra, named in (("model.base_quantization=int8", "model.base_quantization"),
+                         ("training.optimizer=adamw8bit", "adamw8bit"), ("model.lora_rank=4", "model.lora_rank")):
+        cfg = load_config(None, [*fsdp, extra])
+        with pytest.raises(ConfigError, match=named):
+            check_distributed(cfg, ranks(2))
+        check_distributed(cfg, ranks(1))  # one rank shards nothing: the memory modes work as usual
+    with pytest.raises(ConfigError, match="distributed_type: FSDP.*training.distributed=fsdp"):
+        check_distributed(load_config(None, []), ranks(2, DistributedType.FSDP))

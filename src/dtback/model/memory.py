@@ -11,7 +11,7 @@ trainable parameters):
 - ``model.offload_after_cache: true``: the text encoders (T5-XXL: 9.5 GB in bf16) and the VAE encoder leave the
   device once the latent and text caches are built, and the transformer arrives only then; training reads the
   caches. The VAE decoder stays: the identity loss and validation decode with it.
-- several GPUs: ``accelerate launch --config_file train/accelerate/fsdp.yaml`` shards the base block by block.
+- several GPUs: ``training.distributed: fsdp`` shards the base block by block (:mod:`dtback.training.distributed`).
 
 Functions here change the modules they are given and nothing else; :mod:`dtback.training.setup` and the trainer
 call them.

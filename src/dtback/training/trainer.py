@@ -63,6 +63,24 @@ def make_optimizer(cfg: Config, parts: RunParts) -> torch.optim.Optimizer:
     return make_adamw(groups, t)
 
 
+def check_distributed(cfg: Config, accelerator: Accelerator) -> None:
+    """Before any work: the launch and ``training.distributed`` fit together (dtback.training.distributed)."""
+    from accelerate.utils import DistributedType  # noqa: PLC0415
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("accelerate was launched with its own FSDP (distributed_type: FSDP); dtback shards the model "
+                          "itself: launch with train/accelerate/ddp.yaml (or torchrun) and set "
+                          "training.distributed=fsdp")
+    if not distributed.fsdp_enabled(cfg.training.distributed, accelerator.num_processes):
+        return
+    untested = [key for key, on in (("model.base_quantization", cfg.model.base_quantization is not None),
+                                    ("training.optimizer=adamw8bit", cfg.training.optimizer == "adamw8bit"),
+                                    ("model.lora_rank", cfg.model.lora_rank > 0)) if on]
+    if untested:
+        raise ConfigError(f"training.distributed=fsdp is not combined with {', '.join(untested)} (not supported "
+                          "yet): shard the bfloat16 base with fsdp, or use ddp with the memory modes")
+
+
 def _has_gpu() -> bool:
     return devices.accelerator() is not None
 
@@ -97,6 +115,7 @@ def _train(cfg: Config, resume: str | Path | None, progress_bar: bool) -> TrainR
                               cpu=not _has_gpu(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                               log_with=tracker_names(cfg), project_config=project)
+    check_distributed(cfg, accelerator)
     set_seed(cfg.seed)
     parts = setup(cfg, accelerator, progress_bar)
     start_trackers(accelerator, cfg)

@@ -190,7 +190,12 @@ def cmd_dataset_inspect(args: argparse.Namespace) -> int:
     from dtback.data.layout import scan_dataset
     from dtback.data.prepare import write_report
 
+    from dtback.io import output_problem
+
     cfg = load_config(args.config, [*args.overrides, f"data.data_dir={json.dumps(str(args.data_dir))}"])
+    problem = output_problem(args.json, "file") if args.json is not None else None
+    if problem:
+        raise DtbackError(f"--json {problem}")  # before the scan: nothing is written
     index = scan_dataset(cfg.data, cfg.seed, progress=not args.no_progress)
     report = index.report()
     _print_report(report)
@@ -225,8 +230,10 @@ def _add_build_parser(dataset) -> None:
 def cmd_dataset_build(args: argparse.Namespace) -> int:
     from dtback import backends
     from dtback.curate.build import REPORT_FILE, build_dataset, check_usable
+    from dtback.curate.sources import check_sources
 
     cfg = load_config(args.config, [*args.overrides, f"data.data_dir={json.dumps(str(args.out))}"])
+    check_sources(args.sources, args.out)  # before the face encoder loads
     identity, which = backends.builder_identity(cfg)
     _say(which)
     encoder = backends.face_encoder(identity, backends.world_folder(cfg))
@@ -360,7 +367,11 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--data-dir", type=Path, help="dataset folder (default: the run's config.yaml data_dir)")
     evaluate.add_argument("--config", type=Path, help="the run's config (default: config.yaml next to --model)")
     evaluate.add_argument("--characters", action="append", default=[], metavar="BUNDLE/CHARACTER",
-                          help="held-out characters (repeatable; default: the run's split.json val characters)")
+                          help="held-out characters (repeatable; default: the run's split.json val characters); "
+                          "characters the run trained on are refused unless --allow-trained")
+    evaluate.add_argument("--allow-trained", action="store_true",
+                          help="let --characters name characters the run trained on: scored and labelled as trained, "
+                          "not as held-out")
     evaluate.add_argument("--num-characters", type=int, help="evaluate the first N held-out characters (default all)")
     evaluate.add_argument("--references", type=int, default=1,
                           help="reference images per character given to the adapter: the first N by name; the rest "
@@ -387,6 +398,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or args.model.parent / "evaluation"
     evaluate(EvaluateSettings.create(
         model=args.model, out=out, data_dir=args.data_dir, config=args.config, characters=args.characters,
+        allow_trained=args.allow_trained,
         num_characters=args.num_characters, references=args.references, prompts_file=args.prompts_file, images_per_prompt=args.images_per_prompt,
         steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg, seed=args.seed, clip_model=args.clip_model, base=args.base,
         device=args.device, progress=not args.no_progress,

@@ -33,6 +33,41 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return torch.device(name)
 
 
+def available_device(name: str | None, flag: str = "--device") -> torch.device:
+    """:func:`resolve_device`, refusing with :class:`DtbackError` (naming ``flag``) a device that cannot be named or
+    that this machine does not have, before anything is loaded onto it."""
+    from dtback.errors import DtbackError  # noqa: PLC0415
+
+    try:
+        device = resolve_device(name)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise DtbackError(f"{flag} {name!r} is not a device torch knows ({err}); use auto, cpu, cuda or cuda:N") from None
+    found = _count(device.type)
+    if device.type == "cpu":
+        return device
+    if found == 0:
+        raise DtbackError(f"{flag} {name}: this machine has no {device.type} device; use auto or cpu")
+    if device.index is not None and device.index >= found:
+        raise DtbackError(f"{flag} {name}: this machine has {found} {device.type} device(s) "
+                          f"({device.type}:0..{device.type}:{found - 1})")
+    return device
+
+
+def _count(kind: str) -> int:
+    """How many devices of ``kind`` this machine has (0 for a kind torch does not support here)."""
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return 1 if mps is not None and mps.is_available() else 0
+    module = getattr(torch, kind, None)
+    available = getattr(module, "is_available", None)
+    if available is None or not available():
+        return 0
+    count = getattr(module, "device_count", None)
+    return count() if count is not None else 1
+
+
 def resolve_dtype(name: str, device: str | torch.device = "cpu", low_precision_ok: bool = True) -> torch.dtype:
     """``auto``: bfloat16 on a CUDA device when ``low_precision_ok`` (weights made for it), else float32; a name
     (``float32``, ``bfloat16``, ``float16``) as given."""

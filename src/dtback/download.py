@@ -284,10 +284,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for the hub before giving up (default: 10)")
 
 
+def check_models_dir(models_dir: Path) -> None:
+    """Raise :class:`DownloadError` when ``models_dir`` (or the first of its parents that exists) is not a folder."""
+    for path in (models_dir, *models_dir.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                what = "is" if path == models_dir else f"is inside {path}, which is"
+                raise DownloadError(f"--models-dir {models_dir} {what} a file, not a folder: choose a folder "
+                                    "(it is created when missing)")
+            return
+
+
 def run_download(args: argparse.Namespace) -> list[TargetReport]:
     """Check (``--check``) or download every target; returns one report per target."""
     targets = make_targets(args.flux, args.face_repo, args.body_repo,
                            [name.strip() for name in args.only.split(",") if name.strip()])
+    check_models_dir(Path(args.models_dir))
     if args.check:
         return [check_target(target, args.models_dir, sha256=args.sha256) for target in targets]
     return [download_target(target, args.models_dir, timeout=args.timeout, sha256=args.sha256) for target in targets]

@@ -114,6 +114,26 @@ def replace_folder(folder: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def output_problem(path: Path, kind: str) -> str | None:
+    """Why ``path`` cannot become an output ``kind`` ("file" or "folder"), from what exists now (None: it can):
+    it exists as the other kind, or the first of its parents that exists is not a folder. Callers raise it as
+    their error before any work, so nothing is written beside it."""
+    path = Path(path)
+    if path.exists():
+        is_dir = path.is_dir()
+        if kind == "folder" and not is_dir:
+            return f"{path} is a file, not a folder"
+        if kind == "file" and is_dir:
+            return f"{path} is a folder, not a file: name a file (e.g. {path / 'report.json'})"
+        if kind == "file" and not path.is_file():
+            return f"{path} is not a regular file (a FIFO, socket or device)"
+        return None
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{path} is inside {parent}, which is a file, not a folder"
+    return None
+
+
 def remove_stale_temporaries(folder: Path, older_than: float = 3600.0) -> int:
     """Remove this module's temporary files and folders directly in ``folder`` that are older than ``older_than``
     seconds (left by killed runs; a live writer's are newer). Returns how many were removed."""

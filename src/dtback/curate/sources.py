@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from dtback.config import BuildConfig
 from dtback.curate.faces import FaceRecord, measure
-from dtback.data.images import ImageSkip, load_rgb
+from dtback.data.images import ImageSkip, entry_problem, load_rgb, shown
 from dtback.curate.video import VideoError, is_video, sample_frames
 from dtback.errors import DatasetError
 from dtback.identity.cache import EmbeddingCache, content_hash
@@ -75,14 +75,13 @@ class ReadCounts:
 
 def list_files(paths: list[Path], exclude: Path) -> tuple[list[Path], list[SourceSkip]]:
     """Every file under ``paths`` (folders are walked recursively, in sorted order), absolute, without duplicates,
-    leaving out anything inside ``exclude`` (the output folder). Hidden files and folders are counted skips."""
-    exclude = exclude.resolve()
+    leaving out anything inside ``exclude`` (the output folder). Hidden files and folders, names that are not UTF-8,
+    symlink loops and FIFOs, sockets and devices (never opened: a FIFO blocks its reader) are counted skips. A
+    source that is the output folder or inside it is refused: the builder would read its own dataset."""
+    exclude = _resolved(exclude, "--out")
     files: dict[Path, None] = {}
     skips: list[SourceSkip] = []
-    for given in paths:
-        path = Path(given).resolve()
-        if not path.exists():
-            raise DatasetError(f"--from {given}: no such file or folder")
+    for path in check_sources(paths, exclude):
         if path.is_file():
             files.setdefault(path)
             continue
@@ -91,15 +90,58 @@ def list_files(paths: list[Path], exclude: Path) -> tuple[list[Path], list[Sourc
             if here == exclude or exclude in here.parents:
                 subfolders[:] = []
                 continue
-            for name in sorted(n for n in subfolders if n.startswith(".")):
-                skips.append(SourceSkip(str(here / name), "hidden", "hidden folder is not read"))
-            subfolders[:] = sorted(n for n in subfolders if not n.startswith("."))
+            kept = []
+            for name in sorted(subfolders):
+                problem = ("hidden", "hidden folder is not read") if name.startswith(".") else \
+                    _entry_problem(here / name)
+                if problem is not None:
+                    skips.append(SourceSkip(shown(here / name), *problem))
+                else:
+                    kept.append(name)
+            subfolders[:] = kept
             for name in sorted(names):
                 if name.startswith("."):
-                    skips.append(SourceSkip(str(here / name), "hidden", "hidden file is not read"))
+                    skips.append(SourceSkip(shown(here / name), "hidden", "hidden file is not read"))
+                    continue
+                problem = _entry_problem(here / name, folder_ok=False)
+                if problem is not None:
+                    skips.append(SourceSkip(shown(here / name), *problem))
                 else:
                     files.setdefault(here / name)
     return sorted(files), skips
+
+
+def check_sources(paths: list[Path], out: Path) -> list[Path]:
+    """The ``--from`` paths, resolved; raises :class:`DatasetError` for one that is missing, a symlink loop, not a
+    file or folder (a FIFO), or the output folder ``out`` or inside it (the builder would read the dataset it
+    writes). An output folder inside a source is fine: it is left out of the walk."""
+    out = _resolved(out, "--out")
+    resolved = []
+    for given in paths:
+        path = _resolved(Path(given), "--from")
+        if not path.exists():
+            raise DatasetError(f"--from {shown(given)}: no such file or folder")
+        if path == out or out in path.parents:
+            raise DatasetError(f"--from {shown(given)} is the output folder --out {shown(out)} or inside it: the "
+                               "builder would read the dataset it writes; give a folder of new photos and videos")
+        problem = entry_problem(path)
+        if problem is not None:
+            raise DatasetError(f"--from {shown(given)}: {problem[1]}")
+        resolved.append(path)
+    return resolved
+
+
+def _resolved(path: Path, flag: str) -> Path:
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as err:  # Python 3.11 raises RuntimeError("Symlink loop ...")
+        raise DatasetError(f"{flag} {shown(path)} cannot be resolved: {err}") from None
+
+
+def _entry_problem(path: Path, folder_ok: bool = True) -> tuple[str, str] | None:
+    """(reason, detail) of :func:`~dtback.data.images.entry_problem` as a source skip; None when it is read."""
+    problem = entry_problem(path, folder_ok)
+    return None if problem is None else (problem[0].value, problem[1])
 
 
 @dataclass

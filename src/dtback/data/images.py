@@ -7,6 +7,8 @@ with a reason from :class:`SkipReason`, so a scan can count it and move on.
 
 from __future__ import annotations
 
+import errno
+import stat
 import struct
 from enum import Enum
 from pathlib import Path
@@ -29,6 +31,9 @@ class SkipReason(str, Enum):
     TOO_MANY_PIXELS = "too_many_pixels"
     UNREADABLE = "unreadable"
     BAD_CAPTION = "bad_caption"
+    SYMLINK_LOOP = "symlink_loop"
+    NOT_A_REGULAR_FILE = "not_a_regular_file"
+    NAME_NOT_UTF8 = "name_not_utf8"
 
 
 class ImageSkip(Exception):
@@ -43,6 +48,47 @@ class ImageSkip(Exception):
 
 # Decoders raise a zoo of exception types on malformed input; each is reported as a counted skip, never swallowed.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                  (stat.S_ISBLK, "block device"))
+
+
+def entry_problem(path: Path, folder_ok: bool = True) -> tuple[SkipReason, str] | None:
+    """Why ``path`` must not be read (None: a regular file, or a folder when ``folder_ok``), from its name and a
+    ``stat`` alone, never opening it: a name that is not UTF-8 (it breaks every JSON and report it would reach), a
+    symlink loop, a FIFO, socket or device (opening a FIFO waits forever for a writer; a device never ends)."""
+    if not is_utf8(path.name):
+        return SkipReason.NAME_NOT_UTF8, (f"the name '{shown(path.name)}' is not valid UTF-8 (written as "
+                                          "\\xNN here); rename it to use it")
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return SkipReason.SYMLINK_LOOP, f"symlink loop ({err.strerror}): it points back at itself"
+        if err.errno == errno.ENOENT and path.is_symlink():
+            return SkipReason.BROKEN_SYMLINK, f"points to missing {shown(path.resolve())}"
+        return SkipReason.UNREADABLE, str(err)
+    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return None
+    if stat.S_ISDIR(mode):
+        return SkipReason.NOT_A_REGULAR_FILE, "a folder where a file was expected"
+    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "special file")
+    return SkipReason.NOT_A_REGULAR_FILE, f"a {kind}, not a regular file: never opened"
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a file name read from the OS is valid UTF-8 (Python keeps other bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(name: str | Path) -> str:
+    """A file name or path as text that can be printed and written to JSON: undecodable bytes become ``\\xNN``."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def load_rgb(path: Path, max_pixels: int) -> Image.Image:
@@ -62,6 +108,9 @@ def probe_image(path: Path, max_pixels: int) -> tuple[int, int, str]:
 
 def decode(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
     """:func:`load_rgb` that also returns the format detected from the content (``JPEG``, ``PNG``, ``WEBP``...)."""
+    problem = entry_problem(path, folder_ok=False)  # before any open(): a FIFO would block it forever
+    if problem is not None:
+        raise ImageSkip(path, *problem)
     try:
         size = path.stat().st_size
     except OSError as err:

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from dtback.config import DataConfig
-from dtback.data.images import ImageSkip, SkipReason, probe_image
+from dtback.data.images import ImageSkip, SkipReason, entry_problem, probe_image, shown
 from dtback.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,11 @@ def scan_dataset(cfg: DataConfig, seed: int, progress: bool = True) -> DatasetIn
         raise DatasetError(f"data_dir {root} does not exist (expected {root}/<bundle>/<character>/<image>)")
     if not root.is_dir():
         raise DatasetError(f"data_dir {root} is not a folder")
-    walker = _Walker(root.resolve())
+    try:
+        real_root = root.resolve()
+    except (RuntimeError, OSError) as err:  # Python 3.11 raises RuntimeError("Symlink loop ...")
+        raise DatasetError(f"data_dir {root} cannot be resolved: {err}") from None
+    walker = _Walker(real_root)
     candidates = walker.walk(root)
     decoded = _decode_all(candidates, cfg, progress)
 
@@ -244,6 +248,11 @@ class _Walker:
         if path.name.startswith("."):
             self._skip(path, SkipReason.HIDDEN, "hidden " + ("folder" if path.is_dir() else "file"))
             return True
+        # Never opened: a name that is not UTF-8, a symlink loop, a FIFO / socket / device (opening a FIFO hangs).
+        problem = entry_problem(path)
+        if problem is not None:
+            self._skip(path, *problem)
+            return True
         if path.is_symlink():
             target = path.resolve()
             if not target.exists():
@@ -255,7 +264,7 @@ class _Walker:
         return False
 
     def _skip(self, path: Path, reason: SkipReason, detail: str) -> None:
-        self.skips.append(Skip(path=path.relative_to(self.root).as_posix(), reason=reason.value, detail=detail))
+        self.skips.append(Skip(path=shown(path.relative_to(self.root).as_posix()), reason=reason.value, detail=detail))
 
 
 def _is_image(path: Path) -> bool:

@@ -32,12 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from tqdm.auto import tqdm
 
 from dtback import backends, devices
-from dtback.config import IdentityConfig
+from dtback.config import MAX_SEED, IdentityConfig
 from dtback.errors import ConfigError, DtbackError
-from dtback.io import atomic_path, write_json, write_text
+from dtback.io import atomic_path, output_problem, write_json, write_text
 from dtback.world.people import BODY_ATTRIBUTES, FACE_ATTRIBUTES
 from dtback.world.reader import attribute_accuracy, attribute_hits
-from dtback.evaluation.heldout import HeldOut, load_held_out, read_prompts, run_config
+from dtback.evaluation.heldout import HeldOut, inside, key_problem, load_held_out, read_prompts, run_config
 from dtback.evaluation.metrics import (
     ClipScorer, body_embedding, body_similarity, copy_paste_score, face_similarity, unit_mean,
 )
@@ -60,7 +60,10 @@ class EvaluateSettings(BaseModel):
     out: Path = Field(description="output folder")
     data_dir: Path | None = Field(None, description="dataset folder (None: the run's config data_dir)")
     config: Path | None = Field(None, description="the run's config (None: config.yaml next to the model)")
-    characters: list[str] = Field(default_factory=list, description="held-out characters (empty: the run's split)")
+    characters: list[str] = Field(default_factory=list, description="held-out characters as bundle/character "
+                                  "(empty: the run's split)")
+    allow_trained: bool = Field(False, description="let --characters name characters the run trained on (they are "
+                                "labelled as trained in the results, not scored as held-out)")
     num_characters: int | None = Field(None, description="evaluate the first N held-out characters (None: all)")
     references: int = Field(1, description="reference images per character given to the adapter: the first N by "
                             "name (the rest is the gallery scored against)")
@@ -70,7 +73,7 @@ class EvaluateSettings(BaseModel):
     guidance: float = Field(3.5, description="guidance (distilled for FLUX.1-dev)")
     true_cfg: float | None = Field(None, description="true CFG scale of the images with identity (1 = off; None: "
                                    "the run's training.val_true_cfg, 1 without a run config)")
-    seed: int = Field(0, description="seed; character r, prompt p use seed + 1000 r + p")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed; character r, prompt p use seed + 1000 r + p")
     clip_model: Path | None = Field(None, description="local transformers CLIP folder for prompt adherence")
     base: str | None = Field(None, description="FLUX base folder or hub id (None: the one the adapter records)")
     device: str = Field("auto", min_length=1, description="cpu, cuda, cuda:1 ... or auto")
@@ -82,6 +85,15 @@ class EvaluateSettings(BaseModel):
         least = 2 if info.field_name == "num_characters" else 1
         if value is not None and value < least:
             raise ValueError(f"is too small (at least {least})")
+        return value
+
+    @field_validator("characters")
+    @classmethod
+    def _character_keys(cls, value: list[str]) -> list[str]:
+        for key in value:
+            problem = key_problem(key)
+            if problem:
+                raise ValueError(f"{key!r}: {problem}")
         return value
 
     @field_validator("true_cfg")
@@ -133,6 +145,10 @@ def check_settings(settings: EvaluateSettings) -> None:
         raise DtbackError(f"--clip-model {settings.clip_model}: not a transformers CLIP folder (no config.json)")
     if settings.prompts_file is not None and not settings.prompts_file.is_file():
         raise DtbackError(f"--prompts-file {settings.prompts_file} does not exist")
+    problem = output_problem(settings.out, "folder")
+    if problem:
+        raise DtbackError(f"--out {problem}")
+    devices.available_device(settings.device)
 
 
 def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
@@ -143,11 +159,11 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     run_dir = settings.model.parent
     cfg = run_config(run_dir, settings.config)
     held = load_held_out(run_dir, cfg, settings.data_dir, settings.characters, settings.num_characters,
-                         settings.references)
+                         settings.references, settings.allow_trained)
     prompts = read_prompts(settings.prompts_file, held.is_world)
     if settings.true_cfg is None:
         settings = settings.model_copy(update={"true_cfg": cfg.training.val_true_cfg if cfg is not None else 1.0})
-    device = str(devices.resolve_device(settings.device))
+    device = str(devices.available_device(settings.device))
     pipe = IdentityFluxPipeline.from_pretrained(settings.model, base=settings.base, device=device)
     pipe.pipeline.set_progress_bar_config(disable=True)
     extra = pipe.model.spec.extra
@@ -177,7 +193,7 @@ def generate_all(pipe, held: HeldOut, prompts: list[str], settings: EvaluateSett
         for condition in CONDITIONS:
             source = {"with_identity": row, "no_identity": None, "shuffled": (row + 1) % count}[condition]
             inputs = None if source is None else references[source]
-            folder = settings.out / "images" / condition / character.key
+            folder = inside(settings.out, Path("images") / condition / character.key, "image folder")
             folder.mkdir(parents=True, exist_ok=True)
             for p, prompt in enumerate(prompts):
                 # One seed per (character, prompt): the three conditions start from the same noise.
@@ -338,7 +354,8 @@ def summarise(generated: list[Generated], held: HeldOut, prompts: list[str], sco
         "model": str(settings.model),
         "data_dir": str(held.data_dir),
         "held_out_source": held.source,
-        "characters": [{"key": c.key, "reference": str(c.reference_path),
+        "trained_characters": list(held.trained),
+        "characters": [{"key": c.key, "trained": c.key in held.trained, "reference": str(c.reference_path),
                         "references": [str(p) for p in c.reference_paths], "gallery": [str(p) for p in c.gallery_paths]}
                        for c in held.characters],
         "skipped": held.skipped,
@@ -411,6 +428,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         "highest over the references; high = the output copies a reference picture instead of following the prompt).",
         f"Recognizers: {', '.join(f'{k}: {v}' for k, v in results['recognizers'].items() if v)}.",
     ]
+    if results.get("trained_characters"):
+        notes.insert(0, f"**Not a held-out score**: the run trained on {len(results['trained_characters'])} of these "
+                        f"characters ({', '.join(results['trained_characters'])}; --allow-trained).")
     if results.get("reader_attributes"):
         notes.append("Reader accuracy per attribute; the last columns are the reader's own recorded accuracy on "
                      "held-out renders and on their round trips through the world VAE (decoded: the ceiling for "

@@ -1,6 +1,7 @@
 """What ``dtback evaluate`` evaluates on: the held-out characters of a training run, their images, and the prompts.
 
-Held-out characters are found as training split them, in this order: ``--characters`` when given; every character
+Held-out characters are found as training split them, in this order: ``--characters`` when given (refused when the
+run trained on one of them, unless ``--allow-trained``: then they are labelled trained, not held-out); every character
 of ``--data-dir`` when that is another dataset than the run's (an identity world of other settings, e.g. another
 seed, or a folder without the run's held-out characters: nothing in it was trained on); the run folder's
 ``split.json`` (written by training, see :mod:`dtback.data.split`); else the run's config: ``data.val_characters``,
@@ -23,7 +24,7 @@ from typing import Any
 from PIL import Image
 
 from dtback.config import Config, load_config
-from dtback.data.images import ImageSkip, load_rgb
+from dtback.data.images import ImageSkip, is_utf8, load_rgb
 from dtback.data.layout import CONTACT_SHEET, SIDECAR_SUFFIXES, scan_dataset
 from dtback.data.split import SPLIT_FILE, read_split, split_characters
 from dtback.world.files import read_manifest, world_settings
@@ -84,6 +85,7 @@ class HeldOut:
     characters: list[HeldOutCharacter]
     source: str
     skipped: list[dict[str, str]] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)  # keys the run trained on (only with --allow-trained)
 
     @property
     def is_world(self) -> bool:
@@ -98,6 +100,56 @@ def run_config(run_dir: Path, config: Path | None) -> Config | None:
     if not path.is_file():
         raise DtbackError(f"--config {path} does not exist")
     return load_config(path)
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` is not a ``bundle/character`` key naming a folder inside a dataset (None: it is one)."""
+    parts = key.split("/")
+    if len(parts) != 2 or not all(parts):
+        return "expected bundle/character: two folder names joined by one '/'"
+    if any(part.startswith(".") for part in parts) or "\\" in key or "\0" in key or not is_utf8(key):
+        return "a folder name may not start with '.' ('..' leaves the dataset) nor hold '\\', NUL or non-UTF-8 bytes"
+    return None
+
+
+def inside(folder: Path, relative: Path, what: str) -> Path:
+    """``folder / relative``, refused with :class:`DtbackError` when it would land outside ``folder`` (a '..' or an
+    absolute part, a symlink leading out)."""
+    path = Path(folder) / relative
+    if not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise DtbackError(f"{what} {path} would be outside {folder}; refusing to write there")
+    return path
+
+
+def trained_keys(run_dir: Path, cfg: Config | None, data_dir: Path) -> tuple[set[str], str]:
+    """The characters the run trained on, as far as ``data_dir`` holds them, and where that was read: the run's
+    ``split.json`` (or its config's split applied again); none when ``data_dir`` is another dataset."""
+    split_path = run_dir / SPLIT_FILE
+    split = read_split(split_path) if split_path.is_file() else None
+    if cfg is not None and another_dataset(cfg, data_dir, list(split.val) if split is not None else []):
+        return set(), f"{data_dir} is another dataset than the run's"
+    if split is not None:
+        return set(split.train), str(split_path)
+    if cfg is None:
+        return set(), "no split.json or config.yaml in the run folder"
+    data_cfg = cfg.data.model_copy(update={"data_dir": data_dir})
+    split = split_characters(scan_dataset(data_cfg, cfg.seed, progress=False), data_cfg, cfg.seed)
+    return set(split.train), f"the config's split (seed {cfg.seed})"
+
+
+def check_not_trained(run_dir: Path, cfg: Config | None, data_dir: Path, keys: list[str],
+                      allow_trained: bool) -> list[str]:
+    """The ``--characters`` the run trained on (sorted); refused with :class:`DtbackError` unless ``allow_trained``:
+    scored as held-out they would overstate how well identity carries to new people."""
+    trained, where = trained_keys(run_dir, cfg, data_dir)
+    found = sorted(set(keys) & trained)
+    if found and not allow_trained:
+        shown = ", ".join(found[:10]) + (f" and {len(found) - 10} more" if len(found) > 10 else "")
+        raise DtbackError(
+            f"--characters names {len(found)} character(s) the run trained on ({shown}; from {where}): they are not "
+            "held out, so their scores would overstate identity on new people; name held-out characters (the 'val' "
+            f"list of {run_dir / SPLIT_FILE}), or pass --allow-trained to score them labelled as trained")
+    return found
 
 
 def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: list[str]) -> tuple[list[str], str]:
@@ -143,9 +195,10 @@ def another_dataset(cfg: Config, data_dir: Path, split_val: list[str]) -> bool:
 
 
 def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, explicit: list[str],
-                  limit: int | None, references: int = 1) -> HeldOut:
+                  limit: int | None, references: int = 1, allow_trained: bool = False) -> HeldOut:
     """Resolve and read the held-out characters; at least 2 with ``references`` + 1 readable images are needed
-    (the shuffled baseline gives each character another one's references)."""
+    (the shuffled baseline gives each character another one's references). ``explicit`` characters the run trained
+    on are refused unless ``allow_trained`` (:func:`check_not_trained`)."""
     if data_dir is None:
         if cfg is None:
             raise DtbackError(f"--data-dir is needed: {run_dir / 'config.yaml'} (the run's config) does not exist")
@@ -153,12 +206,19 @@ def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, expl
     if not data_dir.is_dir():
         raise DatasetError(f"dataset folder {data_dir} does not exist (pass --data-dir)")
     keys, source = held_out_keys(run_dir, cfg, data_dir, explicit)
+    for key in keys:  # split.json and folder names are files a user may have edited, too
+        problem = key_problem(key)
+        if problem:
+            raise DatasetError(f"held-out character {key!r} (from {source}): {problem}")
+    trained = check_not_trained(run_dir, cfg, data_dir, keys, allow_trained) if explicit else []
+    if trained:
+        source += f" ({len(trained)} trained on, --allow-trained: labelled, not held-out)"
     if not keys:
         raise DtbackError(
             f"no held-out characters in {source} (was the run trained with data.val_fraction: 0?); pass "
             "--characters bundle/character (repeatable)"
         )
-    held = HeldOut(data_dir=data_dir, characters=[], source=source)
+    held = HeldOut(data_dir=data_dir, characters=[], source=source, trained=trained)
     for key in keys:
         if limit is not None and len(held.characters) >= limit:
             break

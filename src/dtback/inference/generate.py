@@ -17,14 +17,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm.auto import tqdm
 
+from dtback.config import FLUX_PIXEL_MULTIPLE, MAX_SEED, DataConfig
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.errors import ConfigError, DtbackError
-from dtback.io import atomic_path, write_json
+from dtback.io import atomic_path, output_problem, write_json
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
-MAX_REFERENCE_PIXELS = 50_000_000
+# Limits that keep one command's cost bounded (an image side of 160000 px is accepted by FLUX and runs for minutes).
+MAX_REFERENCE_PIXELS = DataConfig.model_fields["max_image_pixels"].default  # as for training images
+MAX_SIDE = 4096
+MAX_STEPS = 1000
+MAX_IMAGES = 64
 OFFLOAD_CHOICES = ("none", "model", "sequential")  # dtback.inference.pipeline.OFFLOAD_MODES, without importing torch
 # Settings that one command-line flag sets directly (``--identity-start`` sets ``identity_start``).
 FLAG_KEYS = ("model", "base", "seed", "face_scale", "body_scale", "identity_start", "identity_end", "steps",
@@ -50,16 +55,17 @@ class GenerateSettings(BaseModel):
     prompt: list[str] = Field(default_factory=list, description="prompts (those of --prompts-file included)")
     prompts_file: str | None = Field(None, description="the --prompts-file the prompts were read from (a record: "
                                      "its prompts are in `prompt`, it is not read again)")
-    seed: int = Field(0, description="seed of the first prompt's images; prompt p uses seed + p")
-    face_scale: float | None = Field(None, description="face identity strength (None: the adapter's)")
-    body_scale: float | None = Field(None, description="body identity strength (None: the adapter's)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the first prompt's images; prompt p uses seed + p")
+    face_scale: float | None = Field(None, ge=0.0, description="face identity strength (None: the adapter's)")
+    body_scale: float | None = Field(None, ge=0.0, description="body identity strength (None: the adapter's)")
     identity_start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps before identity starts")
     identity_end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps after which identity stops")
-    steps: int | None = Field(None, ge=1, description="sampling steps (None: 28, or 20 for the simple model)")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                              description="sampling steps (None: 28, or 20 for the simple model)")
     guidance: float = Field(3.5, ge=0.0, description="guidance (distilled for FLUX.1-dev)")
-    height: int | None = Field(None, description="pixels, a positive multiple of 16 (None: the training size)")
-    width: int | None = Field(None, description="pixels, a positive multiple of 16 (None: the training size)")
-    num_images: int = Field(1, ge=1, description="images per prompt")
+    height: int | None = Field(None, description=f"pixels, a multiple of 16 up to {MAX_SIDE} (None: the training size)")
+    width: int | None = Field(None, description=f"pixels, a multiple of 16 up to {MAX_SIDE} (None: the training size)")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="images per prompt")
     require_face: bool = Field(False, description="refuse references without a detectable face")
     no_identity: bool = Field(False, description="the plain base, for comparison")
     device: str = Field("auto", min_length=1, description="cpu, cuda, cuda:1 ... or auto")
@@ -76,8 +82,9 @@ class GenerateSettings(BaseModel):
     @field_validator("height", "width")
     @classmethod
     def _multiple_of_16(cls, value: int | None) -> int | None:
-        if value is not None and (value <= 0 or value % 16):
-            raise ValueError("must be a positive multiple of 16")
+        if value is not None and (value <= 0 or value % FLUX_PIXEL_MULTIPLE or value > MAX_SIDE):
+            raise ValueError(f"must be a positive multiple of {FLUX_PIXEL_MULTIPLE} (FLUX latents are 8x downsampled "
+                             f"and packed 2x2) and at most {MAX_SIDE}")
         return value
 
     @field_validator("true_cfg")
@@ -270,9 +277,13 @@ def generate(settings: GenerateSettings, output: Path, progress: bool = True) ->
     from dtback.inference.pipeline import IdentityFluxPipeline, default_steps  # noqa: PLC0415
 
     settings.check_inputs()
-    device = settings.device
-    if device == "auto":  # with offload: the GPU the pipeline finds
-        device = None if settings.offload != "none" else str(devices.resolve_device("auto"))
+    problem = output_problem(Path(output), "folder")
+    if problem:
+        raise DtbackError(f"--output {problem}")
+    device = str(devices.available_device(settings.device))  # before any model is loaded
+    if settings.device == "auto" and settings.offload != "none":
+        device = None  # offload: the GPU the pipeline finds
+    reference_images = None if settings.no_identity else load_references(settings.reference)
     pipe = IdentityFluxPipeline.from_pretrained(settings.model, base=settings.base, device=device,
                                                 offload=settings.offload)
     for path, scale in zip(settings.lora, settings.lora_scale):
@@ -286,8 +297,7 @@ def generate(settings: GenerateSettings, output: Path, progress: bool = True) ->
     })
     references = None
     if not settings.no_identity:
-        inputs, report = pipe.encode_references(load_references(settings.reference), settings.reference,
-                                                require_face=settings.require_face)
+        inputs, report = pipe.encode_references(reference_images, settings.reference, require_face=settings.require_face)
         settings.reference_faces = list(report.faces)
         references = inputs
     out = Path(output)

@@ -35,9 +35,9 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from dtback import backends, devices
-from dtback.errors import DtbackError, MissingModelError, NoFaceError
+from dtback.errors import AdapterMismatchError, DtbackError, MissingModelError, NoFaceError
 from dtback.identity.resampler import IdentityInputs
-from dtback.model.flux import DTYPE_KWARG
+from dtback.model.flux import DTYPE_KWARG, base_content_id, local_base_folder
 from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, RunRecord, read_adapter
 
 logger = logging.getLogger(__name__)
@@ -54,14 +54,54 @@ class ReferenceReport:
     warnings: list[str] = field(default_factory=list)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # organisation/name, as the hub spells repositories
+
+
 def resolve_base(adapter: Path, recorded: str | None, override: str | None) -> str:
-    """The base to load: ``override``, else the recorded one (a relative folder is next to the checkpoint)."""
+    """The base to load: ``override`` (as given), else the recorded one: a relative folder is next to the checkpoint
+    (never in the current folder, where another run's ``base/`` may be), an absolute one as it is, a hub id from the
+    local Hugging Face cache. Raises :class:`MissingModelError` naming what was looked for, without a hub lookup."""
     if override:
         return override
     if not recorded:
         raise MissingModelError(f"{adapter} does not record its base model: pass --base (a FLUX folder or hub id)")
-    folder = (adapter.parent if adapter.is_file() else adapter) / recorded
-    return str(folder) if folder.is_dir() else recorded  # a folder next to the checkpoint, else a hub id / path
+    home = adapter.parent if adapter.is_file() else adapter
+    folder = home / Path(recorded).expanduser()  # an absolute recorded path stays as it is
+    if folder.is_dir():
+        return str(folder)
+    if Path(recorded).is_absolute() or not HUB_ID.fullmatch(recorded):
+        raise MissingModelError(
+            f"{adapter} was trained on the base folder {recorded!r}, expected at {folder}, which does not exist: "
+            "copy the run's base folder there with the adapter, or pass --base FOLDER")
+    cached = local_base_folder(recorded)
+    if cached is not None:
+        return str(cached)
+    if Path(recorded).is_dir():  # older runs recorded a folder relative to where training ran
+        logger.warning("%s: base %r is not next to the adapter nor in the hub cache; using ./%s of the current "
+                       "folder", adapter, recorded, recorded)
+        return str(Path(recorded).resolve())
+    raise MissingModelError(
+        f"{adapter} was trained on {recorded!r}: neither a folder next to it ({folder}) nor a hub id in the local "
+        f"Hugging Face cache; download it (dtback download) or pass --base FOLDER")
+
+
+def check_base_content(adapter: Path, record: RunRecord, source: str, chosen: bool) -> None:
+    """Refuse a base whose content fingerprint (:func:`~dtback.model.flux.base_content_id`) is not the one the
+    adapter records, naming both; a base the user ``chosen`` with ``--base`` is only warned about. Adapters without
+    a recorded fingerprint (older runs) and bases that are not local folders are not checked."""
+    expected = getattr(record, "base_content_id", None)
+    folder = local_base_folder(source)
+    if not expected or folder is None:
+        return
+    found = base_content_id(folder)
+    if found == expected:
+        return
+    message = (f"{adapter} was trained on a base with content fingerprint {expected[:16]}, but {folder} has "
+               f"{found[:16]}: another base (another run's, or one written after this adapter)")
+    if chosen:
+        logger.warning("%s; used anyway because --base names it", message)
+        return
+    raise AdapterMismatchError(f"{message}; pass --base with the base this adapter was trained on")
 
 
 def offload_device(mode: str, device: str | torch.device | None = None) -> torch.device:
@@ -132,6 +172,7 @@ class IdentityFluxPipeline:
         device = str(offload_device(offload, device)) if offload != "none" else (device or "cpu")
         spec, _ = read_adapter(adapter)
         source = resolve_base(adapter, spec.extra.base_model, base)
+        check_base_content(adapter, spec.extra, source, chosen=bool(base))
         dtype = dtype or devices.resolve_dtype("auto", device)
         try:
             pipeline = FluxPipeline.from_pretrained(source, **{DTYPE_KWARG: dtype}, local_files_only=local_files_only)

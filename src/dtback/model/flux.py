@@ -11,6 +11,7 @@ characters as the fallback), so nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -157,6 +158,44 @@ def save_pipeline_atomic(pipeline: FluxPipeline, folder: Path) -> Path:
     with replace_folder(folder) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
     return Path(folder)
+
+
+FINGERPRINT_BYTES = 1 << 20  # read from each end of each transformer weight file
+
+
+def base_content_id(folder: Path) -> str:
+    """A content fingerprint of the FLUX base in ``folder`` (a diffusers pipeline folder), cheap for any size:
+    sha256 over ``transformer/config.json`` and, for each transformer weight or index file (sorted), its name,
+    size and first and last MiB. Another run's base, or the same run's base from another step, differs in the
+    weights' bytes. An adapter records it (``spec.extra.base_content_id``) to be bound to its base."""
+    transformer = Path(folder) / "transformer"
+    config = transformer / "config.json"
+    if not config.is_file():
+        raise MissingModelError(f"FLUX base {folder} has no transformer/config.json: not a diffusers FluxPipeline folder")
+    digest = hashlib.sha256(config.read_bytes())
+    for weights in sorted(transformer.glob("*.safetensors*")):
+        size = weights.stat().st_size
+        digest.update(f"\n{weights.name}:{size}\n".encode())
+        with open(weights, "rb") as handle:
+            digest.update(handle.read(FINGERPRINT_BYTES))
+            if size > 2 * FINGERPRINT_BYTES:
+                handle.seek(size - FINGERPRINT_BYTES)
+            digest.update(handle.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()
+
+
+def local_base_folder(source: str) -> Path | None:
+    """The folder ``source`` names: itself when it is a folder, else a hub id's snapshot in the local Hugging Face
+    cache (no network); None when it is neither."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except (OSError, ValueError):  # not a hub id, or not downloaded: the caller says which it needed
+        return None
 
 
 def resolve_dtype(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.dtype:

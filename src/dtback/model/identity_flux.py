@@ -438,6 +438,10 @@ def read_adapter(path: Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
         raise AdapterMismatchError(f"{path}: not a tensors-only dtback checkpoint ({err.__class__.__name__}: {err})") from err
     if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
         raise AdapterMismatchError(f"{path}: expected keys 'config' and 'state_dict' in the checkpoint")
+    if not isinstance(payload["config"], str) or not isinstance(payload["state_dict"], dict):
+        raise AdapterMismatchError(
+            f"{path}: 'config' must be the adapter config as JSON text and 'state_dict' a mapping of tensors (got "
+            f"{type(payload['config']).__name__} and {type(payload['state_dict']).__name__}); not a dtback adapter")
     return AdapterSpec.from_json(payload["config"], str(path)), payload["state_dict"]
 
 

@@ -1,0 +1,93 @@
+"""Hostile input to `dtback evaluate` (issue 19, case 7): trained characters are never scored as held-out, and no
+character name writes outside --out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from dtback.cli import EXIT_BAD_INPUT, main
+from dtback.errors import DatasetError, DtbackError
+from dtback.evaluation.heldout import inside, load_held_out, run_config
+
+
+def split_of(run):
+    return json.loads((run / "split.json").read_text())
+
+
+def evaluate_args(run, out, *extra):
+    return ["evaluate", "--model", str(run / "best_model.pt"), "--steps", "1", "--out", str(out), "--no-progress",
+            *extra]
+
+
+def test_trained_characters_are_refused_naming_them(world_run, tmp_path, capsys):
+    trained = split_of(world_run)["train"][:2]
+    out = tmp_path / "o"
+    args = evaluate_args(world_run, out)
+    for key in trained:
+        args += ["--characters", key]
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"--characters names 2 character(s) the run trained on ({trained[0]}, {trained[1]}; from " \
+           f"{world_run / 'split.json'})" in err and "--allow-trained" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_allowed_trained_characters_are_labelled(world_run):
+    cfg = run_config(world_run, None)
+    split = split_of(world_run)
+    keys = [split["train"][0], split["val"][0]]
+    with pytest.raises(DtbackError, match=f"trained on \\({split['train'][0]};"):
+        load_held_out(world_run, cfg, None, keys, None)
+    held = load_held_out(world_run, cfg, None, keys, None, allow_trained=True)
+    assert held.trained == [split["train"][0]] and "1 trained on, --allow-trained" in held.source
+    held = load_held_out(world_run, cfg, None, split["val"], None)  # held-out ones: nothing to label
+    assert held.trained == [] and held.source == "--characters"
+
+
+@pytest.mark.parametrize("name", ["../../..", "../x", "/etc/passwd", "world/..", "a/b/c", "world\\..\\x", ".x/y"])
+def test_character_names_that_leave_the_dataset_are_refused_before_anything_is_written(world_run, tmp_path,
+                                                                                       capsys, name):
+    out = tmp_path / "o"
+    assert main(evaluate_args(world_run, out, "--characters", name, "--characters", "world/c0000")) == \
+        EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"--characters {[name, 'world/c0000']}" in err and repr(name) in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "images").exists()
+
+
+def test_an_edited_split_file_cannot_lead_outside_either(world_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(world_run / "best_model.pt", run / "best_model.pt")
+    shutil.copy(world_run / "config.yaml", run / "config.yaml")
+    (run / "split.json").write_text(json.dumps({"method": "explicit", "train": [], "val": ["../../etc", "world/a"]}))
+    with pytest.raises(DatasetError, match=r"held-out character '\.\./\.\./etc' \(from .*split.json\)"):
+        load_held_out(run, run_config(run, None), None, [], None)
+
+
+def test_output_paths_stay_inside_out(tmp_path):
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    assert inside(out, "images/with_identity/world/c0000", "image folder") == out / "images/with_identity/world/c0000"
+    with pytest.raises(DtbackError, match="would be outside"):
+        inside(out, "images/../../escape", "image folder")
+    os.symlink(tmp_path, out / "images" / "link")
+    with pytest.raises(DtbackError, match="would be outside"):
+        inside(out, "images/link/x", "image folder")
+
+
+def test_out_that_is_a_file_and_an_absent_device_are_refused(world_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(evaluate_args(world_run, blocker)) == EXIT_BAD_INPUT
+    assert f"--out {blocker} is a file, not a folder" in capsys.readouterr().err
+    if torch.cuda.device_count() > 7:
+        return
+    assert main(evaluate_args(world_run, tmp_path / "o", "--device", "cuda:7")) == EXIT_BAD_INPUT
+    assert "--device cuda:7: this machine has" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

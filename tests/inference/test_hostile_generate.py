@@ -1,0 +1,155 @@
+"""Hostile input to `dtback generate` (issue 19, cases 8-10): every bad argument ends in exit status 2 with a
+message naming it, before any model is loaded; an adapter runs only on the base it was trained on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dtback.cli import EXIT_BAD_INPUT, main
+from dtback.inference import generate as generate_module
+from dtback.inference.pipeline import IdentityFluxPipeline
+from dtback.model.flux import base_content_id, build_simple_pipeline, save_pipeline_atomic
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading the pipeline fails the test: these inputs must be refused before any model is loaded."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded for input that should have been refused first")
+
+    monkeypatch.setattr(IdentityFluxPipeline, "from_pretrained", refuse)
+
+
+def generate_args(run_dir, tmp_path, *extra):
+    return ["generate", "--model", str(run_dir / "best_model.pt"), "--reference", str(run_dir / "face.png"),
+            "--prompt", "a person", "--steps", "1", "--output", str(tmp_path / "out"), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--face-scale", "nan"], "--face-scale nan: Input should be a finite number"),
+        (["--body-scale", "inf"], "--body-scale inf: Input should be a finite number"),
+        (["--face-scale", "-1"], "--face-scale -1.0: Input should be greater than or equal to 0"),
+        (["--steps", "0"], "--steps 0: Input should be greater than or equal to 1"),
+        (["--steps", "-3"], "--steps -3: Input should be greater than or equal to 1"),
+        (["--steps", "100000"], "--steps 100000: Input should be less than or equal to 1000"),
+        (["--num-images", "0"], "--num-images 0: Input should be greater than or equal to 1"),
+        (["--seed", "-1"], "--seed -1: Input should be greater than or equal to 0"),
+        (["--seed", str(10**23)], "--seed 100000000000000000000000: Input should be less than or equal to"),
+        (["--identity-start", "0.8", "--identity-end", "0.2"], "--identity-start 0.8 must be <= --identity-end 0.2"),
+        (["--width", "160000"], "--width 160000 must be a positive multiple of 16 (FLUX latents"),
+        (["--height", "100"], "--height 100 must be a positive multiple of 16"),
+        (["--height", "0"], "--height 0 must be a positive multiple of 16"),
+        (["--guidance", "inf"], "--guidance inf: Input should be a finite number"),
+        (["--true-cfg", "nan"], "--true-cfg nan: Input should be a finite number"),
+        (["--device", "cuda:7"], "--device cuda:7: this machine has no cuda device"),
+        (["--device", "gpu0"], "--device 'gpu0' is not a device torch knows"),
+    ],
+)
+def test_bad_generate_arguments_exit_2_before_loading(run_dir, tmp_path, capsys, no_model_loading, flags, message):
+    if flags[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert main(generate_args(run_dir, tmp_path, *flags)) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_float_seed_is_an_argument_error(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(generate_args(run_dir, tmp_path, "--seed", "1e23"))
+    assert info.value.code == EXIT_BAD_INPUT and "--seed: invalid int value: '1e23'" in capsys.readouterr().err
+
+
+def test_bad_files_exit_2_before_loading(run_dir, tmp_path, capsys, no_model_loading, monkeypatch):
+    existing = tmp_path / "a_file.png"
+    existing.write_bytes(b"x")
+    args = generate_args(run_dir, tmp_path)
+    args[args.index("--output") + 1] = str(existing)
+    assert main(args) == EXIT_BAD_INPUT
+    assert f"--output {existing} is a file, not a folder" in capsys.readouterr().err
+
+    folder_ref = generate_args(run_dir, tmp_path)
+    folder_ref[folder_ref.index("--reference") + 1] = str(tmp_path)
+    assert main(folder_ref) == EXIT_BAD_INPUT
+    assert f"--reference {tmp_path}: not_a_regular_file (a folder where a file was expected)" in \
+        capsys.readouterr().err
+
+    monkeypatch.setattr(generate_module, "MAX_REFERENCE_PIXELS", 1000)  # the face.png reference is far larger
+    assert main(generate_args(run_dir, tmp_path)) == EXIT_BAD_INPUT
+    assert "too_many_pixels" in capsys.readouterr().err
+
+    settings = tmp_path / "settings.json"  # a settings file holds JSON numbers: a float seed is no int
+    settings.write_text(json.dumps({"seed": 1e23}))
+    assert main([*generate_args(run_dir, tmp_path), "--settings", str(settings)]) == EXIT_BAD_INPUT
+    assert "key 'seed'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_file_whose_config_is_not_json_text_is_refused(tmp_path, run_dir, capsys):
+    for config in ({"format": "x"}, ["a"], 7):
+        fake = tmp_path / "best_model.pt"
+        torch.save({"config": config, "state_dict": {}}, fake)
+        args = generate_args(run_dir, tmp_path)
+        args[args.index("--model") + 1] = str(fake)
+        assert main(args) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert f"{fake}: 'config' must be the adapter config as JSON text" in err and "Traceback" not in err
+
+
+def copy_run(run_dir, folder, content_id: str | None = None, base=True):
+    """best_model.pt (optionally recording ``content_id``) and face.png, with or without the run's base/."""
+    folder.mkdir(parents=True)
+    payload = torch.load(run_dir / "best_model.pt", weights_only=True)
+    if content_id is not None:
+        config = json.loads(payload["config"])
+        config["extra"]["base_content_id"] = content_id
+        payload["config"] = json.dumps(config)
+    torch.save(payload, folder / "best_model.pt")
+    if base:
+        shutil.copytree(run_dir / "base", folder / "base")
+    return folder / "best_model.pt"
+
+
+def test_the_base_is_found_next_to_the_adapter_never_in_the_current_folder(run_dir, tmp_path, capsys, monkeypatch):
+    lone = copy_run(run_dir, tmp_path / "lone", base=False)
+    elsewhere = tmp_path / "another_run"  # the current folder holds another run's base/
+    shutil.copytree(run_dir / "base", elsewhere / "base")
+    monkeypatch.chdir(elsewhere)
+    args = generate_args(run_dir, tmp_path)
+    args[args.index("--model") + 1] = str(lone)
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"was trained on the base folder 'base', expected at {lone.parent / 'base'}, which does not exist" in err
+    assert "Hugging Face" not in err and "Traceback" not in err
+
+
+def test_a_base_with_another_content_is_refused_naming_both(run_dir, tmp_path, capsys):
+    recorded = base_content_id(run_dir / "base")
+    other = build_simple_pipeline(seed=1)  # the same shape, other weights: another run's base
+    save_pipeline_atomic(other, tmp_path / "other_base")
+    assert base_content_id(tmp_path / "other_base") != recorded
+    adapter = copy_run(run_dir, tmp_path / "swapped", content_id=recorded, base=False)
+    shutil.copytree(tmp_path / "other_base", adapter.parent / "base")
+    args = generate_args(run_dir, tmp_path)
+    args[args.index("--model") + 1] = str(adapter)
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"{adapter} was trained on a base with content fingerprint {recorded[:16]}" in err
+    assert f"{adapter.parent / 'base'} has {base_content_id(tmp_path / 'other_base')[:16]}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_recorded_base_is_accepted_from_any_folder(run_dir, tmp_path, monkeypatch):
+    adapter = copy_run(run_dir, tmp_path / "bound", content_id=base_content_id(run_dir / "base"))
+    monkeypatch.chdir(tmp_path)
+    args = generate_args(run_dir, tmp_path, "--height", "32", "--width", "32")
+    args[args.index("--model") + 1] = str(adapter.relative_to(tmp_path))
+    assert main(args) == 0
+    assert (tmp_path / "out" / "000_00.png").is_file()

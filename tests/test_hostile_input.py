@@ -1,0 +1,273 @@
+"""Hostile input (issue 19): config values, filesystem oddities in datasets and builder sources, and output paths.
+
+Each case ends in a message naming the file, key or value (exit status 2 on the command line, no traceback) or in
+a counted skip with its reason, before any expensive work. Generate: tests/inference/test_hostile_generate.py;
+evaluate: tests/evaluation/test_hostile_evaluate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from dtback.cli import EXIT_BAD_INPUT, main
+from dtback.config import DataConfig, ModelConfig, load_config
+from dtback.errors import ConfigError, DatasetError
+from helpers import make_dataset, write_image
+
+# ------------------------------------------------------------------------------------------------ config (case 5)
+
+
+def config_error(tmp_path: Path, text: str | None = None, overrides=()) -> tuple[str, Path | None]:
+    path = None
+    if text is not None:
+        path = tmp_path / "cfg.yaml"
+        path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value), path
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ("seed: -1\n", "seed", "greater than or equal to 0"),
+        ("seed: 100000000000000000000000\n", "seed", "less than or equal to 4294967295"),
+        ("training:\n  adam_betas: [2, 3]\n", "training.adam_betas", "each beta must be in [0, 1)"),
+        ("training:\n  adam_betas: [0.9, 1.0]\n", "training.adam_betas", "each beta must be in [0, 1)"),
+        ("model:\n  resampler_dim: 64\n  resampler_heads: 3\n", "model", "resampler_heads=3 does not divide "
+                                                                      "resampler_dim=64"),
+        ("model:\n  adapter_dim: 64\n  adapter_heads: 5\n", "model", "adapter_heads=5 does not divide adapter_dim=64"),
+        ("model:\n  adapter_double_blocks: [-1]\n", "model", "adapter_double_blocks must hold distinct block indices"),
+        ("data:\n  val_fraction: 0\n", "data", "val_fraction is 0 and val_characters is empty"),
+        ("training:\n  batch_size: true\n", "training.batch_size", "not the boolean true"),
+        ("training:\n  batch_size: 4.0\n", "training.batch_size", "valid integer"),
+        ("training:\n  batch_size: '4'\n", "training.batch_size", "valid integer"),
+        ("training:\n  learning_rate: true\n", "training.learning_rate", "not the boolean true"),
+        ("model:\n  adapter_single_blocks: [1, false]\n", "model.adapter_single_blocks", "item 1: Input should be a "
+                                                                                         "number"),
+        ("training:\n  learning_rate: .inf\n", "training.learning_rate", "finite number"),
+        ("training:\n  max_grad_norm: .nan\n", "training.max_grad_norm", "finite number"),
+        ("training:\n  adam_betas: [.nan, 0.9]\n", "training.adam_betas.0", "finite number"),
+        ("data:\n  build:\n    video_fps: .inf\n", "data.build.video_fps", "finite number"),
+        ("model:\n  face_scale: -.inf\n", "model.face_scale", "finite number"),
+        ("data:\n  world:\n    seed: -3\n", "data.world.seed", "greater than or equal to 0"),
+    ],
+)
+def test_bad_config_values_name_the_file_and_key(tmp_path, text, key, fragment):
+    message, path = config_error(tmp_path, text)
+    assert f"{path}: {key}: " in message and fragment in message, message
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("seed=-1", "seed: Input should be greater than or equal to 0"),
+        ("seed=1e23", "seed: Input should be a valid integer"),
+        ("training.learning_rate=inf", "training.learning_rate: Input should be a finite number"),
+        ("training.learning_rate=nan", "training.learning_rate: Input should be a finite number"),
+        ("batch_size=true", "training.batch_size: Input should be a number, not the boolean true"),
+        ("training.adam_betas=[2,3]", "training.adam_betas: each beta must be in [0, 1)"),
+    ],
+)
+def test_bad_overrides_name_the_argument(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert f"--set {override}: {fragment}" in str(info.value)
+
+
+def test_numbers_still_read_as_before(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("training:\n  learning_rate: 1e-4\n  adam_betas: [0.9, 0.99]\n  batch_size: 2\n"
+                    "data:\n  val_fraction: 0\n  val_characters: [a/b]\n")
+    cfg = load_config(path)
+    assert cfg.training.learning_rate == 1e-4 and cfg.training.adam_betas == (0.9, 0.99)
+    assert cfg.training.batch_size == 2 and cfg.data.val_characters == ["a/b"]  # val_fraction 0 with names: fine
+
+
+def test_duplicate_yaml_key_names_key_lines_and_file(tmp_path, capsys):
+    path = tmp_path / "dup.yaml"
+    path.write_text("training:\n  batch_size: 2\n  learning_rate: 1.0e-4\n  batch_size: 8\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{path}: key 'batch_size' is given twice in one mapping (lines 2 and 4)" in str(info.value)
+    assert main(["config", "show", "--config", str(path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "batch_size" in err and "Traceback" not in err
+    merged = tmp_path / "merge.yaml"  # YAML merge keys may be overridden: that is no duplicate
+    merged.write_text("training:\n  <<: {batch_size: 2, num_epochs: 3}\n  batch_size: 5\n")
+    assert load_config(merged).training.batch_size == 5
+
+
+def test_model_keys_that_do_not_fit_the_loaded_transformer_name_the_key():
+    from dtback.model.adapters import check_model_fits_base
+    from dtback.model.flux import SIMPLE_TRANSFORMER  # 2 double + 4 single blocks, width 128
+
+    with pytest.raises(ConfigError, match=r"model.adapter_double_blocks=\[99\]: \[99\] out of range, the "
+                                          r"transformer has 2 double blocks \(indices 0..1\)"):
+        check_model_fits_base(ModelConfig(adapter_double_blocks=[99]), SIMPLE_TRANSFORMER)
+    with pytest.raises(ConfigError, match=r"model.resampler_heads=3 does not divide the resampler width 128 "
+                                          r"\(model.resampler_dim null: the transformer width 128"):
+        check_model_fits_base(ModelConfig(resampler_heads=3), SIMPLE_TRANSFORMER)
+    with pytest.raises(ConfigError, match=r"model.adapter_heads=3 does not divide the adapter width 128"):
+        check_model_fits_base(ModelConfig(adapter_heads=3), SIMPLE_TRANSFORMER)
+    check_model_fits_base(ModelConfig(adapter_double_blocks=[1], adapter_single_blocks=[3]), SIMPLE_TRANSFORMER)
+
+
+def test_a_split_with_nothing_held_out_is_refused(tmp_path):
+    from dtback.data.layout import scan_dataset
+    from dtback.data.split import split_characters
+
+    root = make_dataset(tmp_path / "d", {"b": {"only": 3}}, size=(16, 16))
+    cfg = DataConfig(data_dir=root)
+    with pytest.raises(DatasetError, match="1 usable character.*none left to hold out"):
+        split_characters(scan_dataset(cfg, 0, progress=False), cfg, 0)
+
+
+# ------------------------------------------------------------------------------------- dataset folders (case 4)
+
+
+def finishes(call, seconds: float = 60.0):
+    """Run ``call`` in a thread; fail (instead of hanging the suite) when it has not returned in ``seconds``."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = call()
+        except BaseException as err:  # handed to the test thread, which raises it
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{call} hung (a FIFO opened?)"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+BAD_NAME = b"caf\xe9"  # Latin-1, not UTF-8
+
+
+@pytest.fixture
+def odd_dataset(tmp_path) -> Path:
+    """Three good characters and every oddity: FIFOs at each level, symlink loops, a non-UTF-8 character folder."""
+    root = make_dataset(tmp_path / "ds", {"b1": {"a": 3, "b": 3, "c": 3}}, size=(16, 16))
+    os.mkfifo(root / "fifo_top")
+    os.mkfifo(root / "b1" / "fifo_bundle")
+    os.mkfifo(root / "b1" / "a" / "pipe.png")
+    os.symlink("loop", root / "b1" / "loop")  # points at itself
+    os.symlink("x2", root / "b1" / "a" / "x1.png")
+    os.symlink("x1.png", root / "b1" / "a" / "x2")
+    bad = os.fsencode(root / "b1") + b"/" + BAD_NAME
+    os.mkdir(bad)
+    for i in range(3):
+        write_image(Path(os.fsdecode(bad + f"/{i}.png".encode())), size=(16, 16))
+    return root
+
+
+def test_scan_counts_fifos_loops_and_undecodable_names_as_skips(odd_dataset):
+    from dtback.data.layout import scan_dataset
+
+    index = finishes(lambda: scan_dataset(DataConfig(data_dir=odd_dataset), 0, progress=False))
+    assert [c.key for c in index.characters] == ["b1/a", "b1/b", "b1/c"]
+    skips = {s.path: (s.reason, s.detail) for s in index.skips}
+    assert skips["fifo_top"][0] == skips["b1/fifo_bundle"][0] == skips["b1/a/pipe.png"][0] == "not_a_regular_file"
+    assert "FIFO" in skips["b1/a/pipe.png"][1] and "never opened" in skips["b1/a/pipe.png"][1]
+    assert skips["b1/loop"][0] == skips["b1/a/x1.png"][0] == "symlink_loop"
+    assert skips["b1/caf\\xe9"][0] == "name_not_utf8" and "rename it" in skips["b1/caf\\xe9"][1]
+    json.dumps(index.report(), ensure_ascii=False).encode("utf-8")  # every name in the report is printable
+
+
+def test_training_scan_and_split_writer_survive_the_oddities(odd_dataset, tmp_path):
+    from dtback.data.prepare import prepare_dataset
+
+    run = tmp_path / "run"
+    run.mkdir()
+    data = DataConfig(data_dir=odd_dataset, val_characters=["b1/c"])
+    prepared = finishes(lambda: prepare_dataset(data, 0, run, progress=False))
+    assert prepared.split.train == ("b1/a", "b1/b") and prepared.split.val == ("b1/c",)
+    assert json.loads((run / "split.json").read_text())["val"] == ["b1/c"]
+
+
+def test_inspect_cli_reports_the_oddities_and_a_looping_data_dir(odd_dataset, tmp_path, capsys):
+    assert finishes(lambda: main(["dataset", "inspect", str(odd_dataset), "--no-progress"])) == 0
+    err = capsys.readouterr().err
+    assert "skipped b1/caf\\xe9: name_not_utf8" in err and "skipped fifo_top: not_a_regular_file" in err
+    loop = tmp_path / "loop_root"
+    os.symlink(loop, loop)
+    assert main(["dataset", "inspect", str(loop), "--no-progress"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert str(loop) in err and "Traceback" not in err
+
+
+def test_a_reference_or_image_that_is_a_fifo_or_folder_is_never_opened(tmp_path):
+    from dtback.data.images import ImageSkip, load_rgb
+
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageSkip, match="not_a_regular_file: a FIFO"):
+        finishes(lambda: load_rgb(tmp_path / "pipe.png", 10**6))
+    with pytest.raises(ImageSkip, match="not_a_regular_file: a folder where a file was expected"):
+        load_rgb(tmp_path, 10**6)
+
+
+def test_builder_sources_skip_fifos_loops_and_bad_names(tmp_path):
+    from dtback.curate.sources import list_files
+
+    src = tmp_path / "src"
+    write_image(src / "a.jpg")
+    write_image(src / "sub" / "b.jpg")
+    os.mkfifo(src / "pipe.jpg")
+    os.mkfifo(src / "sub" / "pipe2")
+    os.symlink("loop", src / "loop")
+    write_image(Path(os.fsdecode(os.fsencode(src) + b"/" + BAD_NAME + b".jpg")))
+    os.mkdir(os.fsencode(src) + b"/" + BAD_NAME)
+    files, skips = finishes(lambda: list_files([src], exclude=tmp_path / "out"))
+    assert [f.relative_to(src).as_posix() for f in files] == ["a.jpg", "sub/b.jpg"]
+    reasons = {Path(s.path).name: s.reason for s in skips}
+    assert reasons == {"pipe.jpg": "not_a_regular_file", "pipe2": "not_a_regular_file", "loop": "symlink_loop",
+                       "caf\\xe9.jpg": "name_not_utf8", "caf\\xe9": "name_not_utf8"}
+    with pytest.raises(DatasetError, match=f"--from {src / 'pipe.jpg'}: a FIFO"):
+        list_files([src / "pipe.jpg"], exclude=tmp_path / "out")
+    with pytest.raises(DatasetError, match=f"--from {src / 'loop'} cannot be resolved"):
+        list_files([src / "loop"], exclude=tmp_path / "out")
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_build_from_the_output_folder_is_refused_before_any_work(tmp_path, capsys, where):
+    out = make_dataset(tmp_path / "data", {"b": {"x": 2}}, size=(16, 16))
+    source = out if where == "same" else out / "b"
+    assert main(["dataset", "build", "--from", str(source), "--out", str(out), "--no-progress"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"--from {source} is the output folder --out {out} or inside it" in err and "Traceback" not in err
+    assert not (out / ".dtback-build").exists()  # nothing was written
+
+
+# ------------------------------------------------------------------------------------- output paths (case 11)
+
+
+def test_inspect_json_naming_a_folder_is_refused_before_the_scan(tmp_path, capsys):
+    root = make_dataset(tmp_path / "d", {"b": {"x": 3, "y": 3}}, size=(16, 16))
+    target = tmp_path / "report_dir"
+    target.mkdir()
+    assert main(["dataset", "inspect", str(root), "--json", str(target), "--no-progress"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"--json {target} is a folder, not a file" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "d", "report_dir"] and not any(target.iterdir())
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["dataset", "inspect", str(root), "--json", str(blocker / "r.json"), "--no-progress"]) == 2
+    assert f"inside {blocker}, which is a file" in capsys.readouterr().err
+
+
+def test_download_into_a_file_is_refused(tmp_path, capsys):
+    models = tmp_path / "models"
+    models.write_text("not a folder")
+    assert main(["download", "--models-dir", str(models), "--check"]) == EXIT_BAD_INPUT
+    assert f"--models-dir {models} is a file, not a folder" in capsys.readouterr().err
+    assert main(["download", "--models-dir", str(models / "sub"), "--check"]) == EXIT_BAD_INPUT
+    assert f"is inside {models}, which is a file" in capsys.readouterr().err

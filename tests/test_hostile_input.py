@@ -247,6 +247,18 @@ def test_build_from_the_output_folder_is_refused_before_any_work(tmp_path, capsy
     assert not (out / ".dtback-build").exists()  # nothing was written
 
 
+def test_build_into_a_file_or_reporting_into_a_folder_is_refused(tmp_path, capsys):
+    source = make_dataset(tmp_path / "photos", {"b": {"x": 2}}, size=(16, 16))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["dataset", "build", "--from", str(source), "--out", str(blocker)]) == EXIT_BAD_INPUT
+    assert f"--out {blocker} is a file, not a folder" in capsys.readouterr().err
+    assert main(["dataset", "build", "--from", str(source), "--out", str(tmp_path / "new"), "--report",
+                 str(source)]) == EXIT_BAD_INPUT
+    assert f"--report {source} is a folder, not a file" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 # ------------------------------------------------------------------------------------- output paths (case 11)
 
 

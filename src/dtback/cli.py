@@ -233,6 +233,12 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
     from dtback.curate.sources import check_sources
 
     cfg = load_config(args.config, [*args.overrides, f"data.data_dir={json.dumps(str(args.out))}"])
+    from dtback.io import output_problem
+
+    for flag, path, kind in (("--out", args.out, "folder"), ("--report", args.report, "file")):
+        problem = output_problem(path, kind) if path is not None else None
+        if problem:
+            raise DtbackError(f"{flag} {problem}")
     check_sources(args.sources, args.out)  # before the face encoder loads
     identity, which = backends.builder_identity(cfg)
     _say(which)

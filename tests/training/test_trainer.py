@@ -67,8 +67,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_training_writes_checkpoints_model_grids_and_report(tiny, tmp_path):
     run_dir = tmp_path / "run"
     # Validation with true CFG against no identity, and the person-weighted flow loss, on the way.
-    result = run_shim(set_args(overrides(tiny, run_dir, **{"training.val_true_cfg": 2.0,
-                                                          "training.person_loss_weight": 3.0})))
+    settings = set_args(overrides(tiny, run_dir, **{"training.val_true_cfg": 2.0, "training.person_loss_weight": 3.0}))
+    result = run_shim(settings)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000008"]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -89,7 +89,7 @@ def test_training_writes_checkpoints_model_grids_and_report(tiny, tmp_path):
     assert f"report: {run_dir / 'report.html'}" in result.stdout + result.stderr
     assert "<img" in (run_dir / "report.html").read_text()  # the report shows the run's curves and grids
     # A second run resumes from the latest checkpoint: the run is complete, nothing more is trained.
-    again = run_shim(set_args(overrides(tiny, run_dir)))
+    again = run_shim(settings)
     assert again.returncode == 0 and "resuming from" in again.stdout + again.stderr
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
 

@@ -14,7 +14,7 @@ from dtback.config import DataConfig, IdentityConfig, ModelConfig, WorldConfig
 from dtback.data.layout import scan_dataset
 from dtback.errors import MissingModelError
 from dtback.identity.body import BodyFeatures
-from dtback.identity.crops import crop_square
+from dtback.identity.crops import PRE_SHRINK_ZOOM, crop_square
 from dtback.identity.face import FaceResult
 from dtback.identity.precompute import IdentityPrecomputer
 from dtback.world.encoders import WorldBodyEncoder, WorldFaceEncoder, load_world_body_encoder, load_world_face_encoder
@@ -114,6 +114,56 @@ def test_crop_square_fills_outside_and_keeps_inside():
     assert torch.allclose(inside, torch.ones_like(inside))
     outside = crop_square(pixels, torch.tensor([[20.0, 20.0, 24.0, 24.0]]), 4)
     assert torch.allclose(outside, torch.full_like(outside, 0.5))
+
+
+def whole_image_crop(pixels, box, size):
+    """The definition crop_square computes: blur the whole image by the zoom factor, sample bilinearly."""
+    height, width = pixels.shape[-2:]
+    centre, half = (box[:2] + box[2:]) / 2, float((box[2:] - box[:2]).max()) / 2
+    steps = (torch.arange(size) + 0.5) / size * 2 - 1
+    gx, gy = (centre[0] + half * steps) / width * 2 - 1, (centre[1] + half * steps) / height * 2 - 1
+    zoom = half * 2 / size
+    kernel = int(zoom) | 1 if zoom > 1.5 else 1
+    source = torch.nn.functional.avg_pool2d(pixels - 0.5, kernel, stride=1, padding=kernel // 2,
+                                            count_include_pad=False)
+    grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
+    return torch.nn.functional.grid_sample(source, grid, align_corners=False) + 0.5
+
+
+@pytest.mark.parametrize("box", [[10.0, 20, 90, 130], [-50, -40, 60, 50], [150, 250, 260, 330], [0, 0, 200, 300]])
+def test_crop_square_reads_only_its_region_and_matches_the_whole_image_blur(box):
+    """Below PRE_SHRINK_ZOOM the crop is the definition exactly (the world encoders were trained on it)."""
+    pixels = torch.rand(1, 3, 300, 200, generator=torch.Generator().manual_seed(0))
+    box = torch.tensor(box)
+    for size in (48, 64, 112):
+        assert float((box[2:] - box[:2]).max()) / size < PRE_SHRINK_ZOOM
+        assert torch.allclose(crop_square(pixels, box[None], size), whole_image_crop(pixels, box, size), atol=1e-4)
+
+
+def test_crop_square_costs_the_same_for_any_photo_size(monkeypatch):
+    """Issue 19: the blur ran over the whole image with a kernel growing with it (cost ~ side^4: a 7000^2 reference
+    took 459 s). Now the stride-1 blur sees at most (PRE_SHRINK_ZOOM + 1)^2 ``size^2`` pixels whatever the photo."""
+    blurred = []
+    pool = torch.nn.functional.avg_pool2d
+
+    def counting(source, kernel, stride=None, *args, **kwargs):
+        if stride == 1:
+            blurred.append((source.shape[-2] * source.shape[-1], kernel))
+        return pool(source, kernel, stride, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "avg_pool2d", counting)
+    smooth = torch.rand(1, 3, 30, 40, generator=torch.Generator().manual_seed(1))
+    for side in (600, 4000):
+        pixels = torch.nn.functional.interpolate(smooth, size=(side * 3 // 4, side), mode="bilinear")
+        box = torch.tensor([0.0, 0.0, side, side * 3 / 4])
+        blurred.clear()
+        crop = crop_square(pixels, box[None], 64)
+        (area, kernel), = blurred
+        assert area <= ((PRE_SHRINK_ZOOM + 1) * 64) ** 2 and kernel <= 7, (side, area, kernel)
+        if side == 600:  # the reference blur is itself side^4: compared where it is cheap
+            monkeypatch.setattr(torch.nn.functional, "avg_pool2d", pool)
+            assert (crop - whole_image_crop(pixels, box, 64)).abs().mean() < 0.01
+            monkeypatch.setattr(torch.nn.functional, "avg_pool2d", counting)
 
 
 def test_backends_build_world_encoders_for_the_precompute(tmp_path):

@@ -14,6 +14,7 @@ then clipped to the image. Without a face, or when the clipped box has no area, 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +93,12 @@ def _check_face_box(face_box: np.ndarray) -> tuple[float, float, float, float]:
 def crop_square(pixels: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Resample square regions: ``pixels (B, 3, H, W)``, ``boxes (B, 4)`` x1, y1, x2, y2 in pixels (made square
     around their centre by their longer side) -> ``(B, 3, size, size)``; bilinear, differentiable w.r.t. ``pixels``;
-    area outside the image is :data:`CROP_FILL` grey."""
+    area outside the image is :data:`CROP_FILL` grey.
+
+    Shrinking by a zoom factor ``z`` area-averages first (a ``z``-wide box blur, so small features survive), over the
+    part of the image the crop reaches only; from :data:`PRE_SHRINK_ZOOM` on, that part is first averaged down by an
+    integer factor, so the blur's cost stays that of ``size`` and the whole crop costs one read of its region, for a
+    12-megapixel photo as for a thumbnail. Each sample is cut alone, so a crop does not depend on its batch."""
     if pixels.ndim != 4 or boxes.shape != (pixels.shape[0], 4):
         raise ValueError(
             f"crop_square: pixels (B, 3, H, W) and boxes (B, 4), got {tuple(pixels.shape)} {tuple(boxes.shape)}"
@@ -102,23 +108,41 @@ def crop_square(pixels: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1, keepdim=True).clamp(min=1.0) / 2
     steps = (torch.arange(size, device=pixels.device, dtype=torch.float32) + 0.5) / size * 2 - 1  # cell centres
-    xs = centre[:, 0:1] + half * steps  # (B, size) pixel coordinates
+    xs = centre[:, 0:1] + half * steps  # (B, size) pixel coordinates (pixel i spans [i, i + 1))
     ys = centre[:, 1:2] + half * steps
-    gx = xs / width * 2 - 1  # continuous pixel coordinates (pixel i spans [i, i + 1)) -> align_corners=False units
-    gy = ys / height * 2 - 1
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    # Area-average when shrinking a lot, so small features survive: blur the source by the zoom factor first.
-    # The kernel is chosen per sample, so a crop does not depend on the other crops of its batch.
-    source = pixels.float() - CROP_FILL
-    kernels = [int(z) | 1 if z > 1.5 else 1 for z in (half.flatten() * 2 / size).tolist()]
     outs = []
-    for i, k in enumerate(kernels):
-        sample = source[i:i + 1]
-        if k > 1:
-            sample = F.avg_pool2d(sample, k, stride=1, padding=k // 2, count_include_pad=False)
-        outs.append(F.grid_sample(sample, grid[i:i + 1].to(sample.dtype), mode="bilinear", padding_mode="zeros",
-                                  align_corners=False))
+    for i, zoom in enumerate((half.flatten() * 2 / size).tolist()):
+        outs.append(_crop_one(pixels[i:i + 1], xs[i], ys[i], zoom, height, width))
     return torch.cat(outs) + CROP_FILL
+
+
+PRE_SHRINK_ZOOM = 8.0  # from this zoom on, crop_square averages the region down by int(zoom / 4) before the blur
+
+
+def _blur_kernel(zoom: float) -> int:
+    return int(zoom) | 1 if zoom > 1.5 else 1
+
+
+def _crop_one(image: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, zoom: float, height: int, width: int):
+    """One :func:`crop_square` sample, minus :data:`CROP_FILL` (zero outside the image)."""
+    kernel = _blur_kernel(zoom)
+    reach = kernel // 2 + 2  # bilinear neighbours and their blur window
+    x0, x1 = max(0, math.floor(xs[0]) - reach), min(width, math.ceil(xs[-1]) + reach)
+    y0, y1 = max(0, math.floor(ys[0]) - reach), min(height, math.ceil(ys[-1]) + reach)
+    if x0 >= x1 or y0 >= y1:  # wholly outside the image
+        return image.new_zeros(1, image.shape[1], len(ys), len(xs), dtype=torch.float32)
+    region = image[:, :, y0:y1, x0:x1].float() - CROP_FILL
+    xs, ys = xs - x0, ys - y0
+    if zoom >= PRE_SHRINK_ZOOM:
+        factor = int(zoom / 4)
+        region = F.avg_pool2d(region, factor, stride=factor, ceil_mode=True)  # edge cells average what they hold
+        xs, ys, kernel = xs / factor, ys / factor, _blur_kernel(zoom / factor)
+    if kernel > 1:
+        region = F.avg_pool2d(region, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    gx = xs / region.shape[-1] * 2 - 1  # align_corners=False units
+    gy = ys / region.shape[-2] * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
+    return F.grid_sample(region, grid.to(region.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 # ------------------------------------------------------------------------------------------ landmark alignment

@@ -56,13 +56,15 @@ BASE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attentio
 
 class RunRecord(BaseModel):
     """What inference and evaluation need to rebuild a run's setting from its adapter file alone (``spec.extra``):
-    the base it was trained with (``"base"``: the simple model saved next to it; else a folder or hub id), the
-    identity settings (``IdentityConfig`` as JSON), training size, prompt length and the world components folder.
+    the base it was trained with (``"base"``: the simple model saved next to it; else a folder or hub id) and that
+    base's content fingerprint (:func:`dtback.model.flux.base_content_id`; None when the base was no local folder),
+    the identity settings (``IdentityConfig`` as JSON), training size, prompt length and the world components folder.
     Keys of other versions are kept as they are (``extra="allow"``)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     base_model: str | None = None
+    base_content_id: str | None = None
     identity: dict[str, Any] = Field(default_factory=dict)
     input_size: int = 512
     max_sequence_length: int = 512

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dtback.errors import CheckpointError
@@ -64,6 +65,46 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+CHECKPOINT_FILES = ("state.json", "trainable.safetensors", "optimizer.safetensors")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from (None: it can): a file missing, ``state.json`` not JSON, a safetensors
+    file whose header does not cover the file (truncated by a full disk or a damaged copy). Cheap: headers only."""
+    folder = Path(folder)
+    names = [*CHECKPOINT_FILES, *(["ema.safetensors"] if (folder / "ema.safetensors").exists() else [])]
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        try:
+            if name.endswith(".json"):
+                json.loads(path.read_text(encoding="utf-8"))
+            else:
+                with safe_open(path, framework="pt") as handle:
+                    handle.keys()
+        except (OSError, ValueError, SafetensorError) as err:
+            return f"{name} is unreadable ({err})"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that :func:`checkpoint_problem` accepts; a damaged newer one is
+    skipped with a warning naming it and why (the previous good one is used)."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning("checkpoint %s cannot be resumed from: %s; falling back to the one before it", folder, problem)
+    return None
+
+
+def checkpoint_record(folder: Path) -> dict[str, Any]:
+    """The config and training-data fingerprint a checkpoint was written with (empty for older checkpoints)."""
+    state = json.loads((Path(folder) / "state.json").read_text(encoding="utf-8"))
+    return state.get("record") or {}
 
 
 def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -183,9 +224,11 @@ def take_snapshot(identity, trainable: dict[str, torch.nn.Parameter], optimizer,
                     ema_state)
 
 
-def save_checkpoint(run_dir: Path, progress: Progress, model, snapshot: Snapshot, scheduler, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, progress: Progress, model, snapshot: Snapshot, scheduler, keep: int,
+                    record: dict[str, Any] | None = None) -> Path:
     """Write ``checkpoint-<step>`` from ``snapshot`` atomically and delete all but the last ``keep``; returns the
-    folder. ``model`` (the identity model) gives the adapter's config."""
+    folder. ``model`` (the identity model) gives the adapter's config; ``record`` (the run's config and training
+    data fingerprint, :mod:`dtback.training.resume`) goes into ``state.json``."""
     target = checkpoint_dir(run_dir, progress.step)
     try:
         # Folders of runs killed mid-save (hidden io temporaries) are removed once stale; a live save's are newer.
@@ -202,12 +245,13 @@ def save_checkpoint(run_dir: Path, progress: Progress, model, snapshot: Snapshot
                 ema_meta = {k: v for k, v in snapshot.ema.items() if k != "shadow_params"}
                 save_file({str(i): t for i, t in enumerate(snapshot.ema["shadow_params"])}, tmp / "ema.safetensors")
             state = {"progress": asdict(progress), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                     "ema": ema_meta, "rng": rng_state()}
+                     "ema": ema_meta, "rng": rng_state(), "record": record or {}}
             write_json(tmp / "state.json", state, indent=1, fsync=False)  # replace_folder fsyncs every file
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # a full disk reaches safetensors' writer as its own error type
         last = latest_checkpoint(run_dir)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise CheckpointError(
-            f"could not write checkpoint {target} ({err.strerror or err}); nothing torn was left. "
+            f"could not write checkpoint {target} ({reason}); nothing torn was left. "
             f"The last good checkpoint is {last or 'none'}."
         ) from err
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -224,7 +268,7 @@ def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], opti
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         weights = load_file(folder / "trainable.safetensors")
         opt_tensors = load_file(folder / "optimizer.safetensors")
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {folder} is unreadable: {err}") from err
     missing = sorted(set(trainable) - set(weights))
     if missing:

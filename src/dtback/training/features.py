@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -85,9 +85,18 @@ class FeatureStore:
     body_valid: torch.Tensor
     body_boxes: torch.Tensor
     skipped: dict[str, str]
+    contents: list[str] = field(default_factory=list)  # content hash of each image (the caches' key)
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def fingerprint(self) -> str:
+        """sha256 over every kept image's place and content: another dataset (or the same names with other
+        pictures) gives another fingerprint. A resumed run compares it with its checkpoint's."""
+        digest = hashlib.sha256()
+        for key, content in sorted(zip(self.keys, self.contents)):
+            digest.update(f"{key}\0{content}\n".encode())
+        return digest.hexdigest()[:16]
 
     def images_of(self, character: int) -> list[int]:
         return torch.nonzero(self.character == character).flatten().tolist()
@@ -185,6 +194,7 @@ def build_feature_store(
         body_valid=torch.tensor([body_cache is not None for _ in rows]),
         body_boxes=torch.stack([row["body_box"] for row in rows]),
         skipped=skipped,
+        contents=[row["content"] for row in rows],
     )
 
 
@@ -243,7 +253,8 @@ def _image_row(entry, char, c, data_cfg, buckets, encoder, latent_cache, face_ca
     scale, left, top = transform
     landmarks = face["landmarks"].numpy() * scale - np.array([left, top]) if has_face else np.zeros((5, 2))
     row = {
-        "key": rel, "character": c, "bucket": bucket, "latent": cached["latent"] if cached is not None else None,
+        "key": rel, "content": key, "character": c, "bucket": bucket,
+        "latent": cached["latent"] if cached is not None else None,
         "caption": caption_for(entry, char, data_cfg.caption_template),
         "face": face["embedding"].float() if has_face else None,
         "face_box": torch.from_numpy(_map_box(face_box, transform, size) if has_face else np.zeros(4, np.float32)),

@@ -1,6 +1,6 @@
 """Everything a run builds once before its first step, and the run folder's outputs (logs, grids, report).
 
-Order: run folder + config → dataset (generating the identity world when the default folder is missing) → split →
+Order: run folder → dataset (generating the identity world when the default folder is missing) → split →
 identity embeddings (cached) → FLUX base → latents and text embeddings (cached) → identity model attached to the
 transformer → identity loss. Stages that write shared files run on the main process first; the other processes
 then read what it wrote.
@@ -26,7 +26,8 @@ from dtback.errors import DtbackError
 from dtback.identity.crops import BodyCropRule
 from dtback.identity.precompute import IdentityPrecomputer
 from dtback.io import write_json
-from dtback.model.flux import max_sequence_length, save_pipeline_atomic
+from dtback.model.adapters import check_model_fits_base
+from dtback.model.flux import base_content_id, local_base_folder, max_sequence_length, save_pipeline_atomic
 from dtback.model.identity_flux import IdentityPreservingFlux
 from dtback.model.memory import finish_caching, place_for_caching, quantize_base
 from dtback.training import distributed
@@ -69,6 +70,7 @@ class RunParts:
     scorers: list = field(default_factory=list)
     accelerator: Any = None  # the run's Accelerator: its trackers (training.log_with) get the logs
     sharded_module: Any = None  # the FSDP-sharded training module (training.distributed: fsdp), None otherwise
+    record: dict = field(default_factory=dict)  # the config and data fingerprint every checkpoint records
 
     def log(self, terms: dict[str, float]) -> None:
         append_jsonl(self.run_dir / METRICS_FILE, terms)
@@ -166,6 +168,7 @@ class RunParts:
         if self.sharded_module is None:
             if base:
                 save_pipeline_atomic(self.pipeline, self.run_dir / TRAINED_BASE)  # a frozen simple base: saved once
+            self._bind_base()
             self.model.save_pretrained(self.run_dir / BEST_MODEL)
             return
         if gather_only:
@@ -183,9 +186,21 @@ class RunParts:
             return
         if transformer is not None:
             save_pipeline_atomic(distributed.whole_pipeline(self.pipeline, transformer), self.run_dir / TRAINED_BASE)
+        self._bind_base()
         state = self.model.adapter_state_dict(own=own, transformer_state={k.removeprefix("transformer."): v
                                                                           for k, v in lora.items()})
         self.model.save_pretrained(self.run_dir / BEST_MODEL, state=state)
+
+    def _bind_base(self) -> None:
+        """Record the content fingerprint of the base this adapter goes with (the run's ``base/`` just written, or
+        the FLUX folder / hub snapshot it loaded), so generate refuses any other base; a base that is no local folder
+        records none."""
+        if self.cfg.model.use_simple_model:
+            folder = self.run_dir / TRAINED_BASE
+        else:
+            folder = local_base_folder(self.cfg.model.pretrained_model)
+        if folder is not None and (folder / "transformer" / "config.json").is_file():
+            self.model.spec.extra.base_content_id = base_content_id(folder)
 
     def report(self) -> None:
         plot_curves(self.run_dir)
@@ -216,8 +231,7 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
     is_main = accelerator.is_main_process
     show = progress_bar and is_main
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
+        run_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: the trainer writes it once a resume is accepted
     with accelerator.main_process_first():
         backends.world_data(cfg.data, progress=show)
         prepared = prepare_dataset(cfg.data, cfg.seed, run_dir, progress=show)
@@ -231,6 +245,7 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
         subset = _Subset(prepared.index.root, characters)
         precomputer.run(subset, progress=show)
         pipeline = backends.load_base(cfg.model, run_dir, seed=cfg.seed, device=accelerator.device, world=world)
+        check_model_fits_base(cfg.model, pipeline.transformer.config)  # before the feature caching, not after it
         quantize_base(pipeline.transformer, cfg.model.base_quantization)  # memory modes: dtback.model.memory
         place_for_caching(pipeline, accelerator.device, cfg.model)
         pipeline.set_progress_bar_config(disable=True)  # validation sampling: the training bar is enough

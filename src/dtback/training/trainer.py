@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +31,11 @@ from dtback.errors import ConfigError, DtbackError, TrainingDiverged
 from dtback.model.memory import apply_checkpointing, make_adamw
 from dtback.training.batches import draw_pair_references, epoch_batches, make_batch
 from dtback.training import distributed
-from dtback.training.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint, take_snapshot
+from dtback.training.checkpoint import (
+    Progress, checkpoint_problem, checkpoint_record, latest_checkpoint, load_checkpoint, resumable_checkpoint,
+    save_checkpoint, take_snapshot,
+)
+from dtback.training.resume import check_data, check_resume, prepare_run_folder, run_folder_lock
 from dtback.training.setup import RunParts, setup
 from dtback.training.step import TrainModule, compute_loss, step_generator
 
@@ -116,8 +121,32 @@ def _train(cfg: Config, resume: str | Path | None, progress_bar: bool) -> TrainR
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                               log_with=tracker_names(cfg), project_config=project)
     check_distributed(cfg, accelerator)
+    main = accelerator.is_main_process
+    if main:
+        prepare_run_folder(output_dir)  # a file, a read-only folder: said now, before any work
+    with run_folder_lock(output_dir) if main else contextlib.nullcontext():
+        return _run(cfg, accelerator, resume, progress_bar)
+
+
+def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progress_bar: bool) -> TrainResult:
+    """The run, holding the output folder's lock (see :func:`train`)."""
+    t = cfg.training
+    output_dir = Path(cfg.output.output_dir)
+    # The resume point and the config it was trained with are checked before any work; the data once it is read.
+    # config.yaml is written only after both checks: a refused resume leaves the run folder as it was.
+    start = _resume_point(output_dir, resume)
+    record = checkpoint_record(start) if start is not None else {}
+    harmless = check_resume(start, record.get("config"), cfg.model_dump(mode="json")) if start is not None else []
     set_seed(cfg.seed)
     parts = setup(cfg, accelerator, progress_bar)
+    data_fingerprint = parts.store.fingerprint()
+    if start is not None:
+        check_data(start, record.get("data"), data_fingerprint)
+    if accelerator.is_main_process:
+        cfg.save(parts.run_dir / "config.yaml")
+        for change in harmless:
+            logger.info("resume applies a changed setting: %s", change)
+    parts.record = {"config": cfg.model_dump(mode="json"), "data": data_fingerprint}
     start_trackers(accelerator, cfg)
     run_dir = parts.run_dir
     module = TrainModule(parts.pipeline.transformer, parts.model)
@@ -135,7 +164,6 @@ def _train(cfg: Config, resume: str | Path | None, progress_bar: bool) -> TrainR
     trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
     ema = EMAModel(list(trainable.values()), decay=t.ema_decay) if t.ema_decay is not None else None
     progress = Progress()
-    start = _resume_point(run_dir, resume)
     if start is not None:
         progress = load_checkpoint(start, trainable, optimizer, scheduler, ema, module if sharded else None)
         accelerator.print(f"resuming from {start} (step {progress.step})")
@@ -305,20 +333,25 @@ def _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, sch
         snapshot = take_snapshot(parts.model, trainable, optimizer, ema, parts.sharded_module,
                                  accelerator.is_main_process)
     if accelerator.is_main_process:
-        path = save_checkpoint(run_dir, progress, parts.model, snapshot, scheduler, keep)
+        path = save_checkpoint(run_dir, progress, parts.model, snapshot, scheduler, keep, parts.record)
         logger.info("checkpoint %s", path)
     accelerator.wait_for_everyone()
     return path
 
 
 def _resume_point(run_dir: Path, resume) -> Path | None:
+    """The checkpoint to resume from: ``auto`` the newest usable one of ``run_dir`` (a damaged newest one is
+    skipped with a warning), a path that checkpoint (refused, naming the problem, when it cannot be read)."""
     if resume is None:
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return resumable_checkpoint(run_dir)
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise DtbackError(f"--resume {path}: not a checkpoint folder (no state.json)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise DtbackError(f"--resume {path}: {problem}; choose another checkpoint of {path.parent}")
     return path
 
 

@@ -1,0 +1,139 @@
+"""What a resumed run may change, and the run folder as a record.
+
+A checkpoint stores the config it was trained with and a fingerprint of its training data (``state.json``). On
+resume the new config is compared with it, key by key:
+
+- **harmless** keys (:data:`HARMLESS`: how often to log, validate and checkpoint, the trackers, devices, caches, the
+  number of ranks and how the step's micro-batches are spread over them) are applied, and each change is logged;
+- every other change (shapes, data, schedule, losses, seeds) would silently do something else than the run that
+  wrote the checkpoint (a size mismatch at load, a learning rate that the restored scheduler ignores, another
+  dataset under the same character names): the run is refused before any work, naming every such key with both
+  values, and told how to start a new run instead.
+
+The run's ``config.yaml`` is written only after these checks pass, so a refused resume leaves the folder as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+from dtback.errors import ConfigError
+from dtback.io import output_problem, remove_stale_temporaries
+from dtback.training.checkpoint import CHECKPOINTS
+
+logger = logging.getLogger(__name__)
+
+# Keys (``section.key``, or a section followed by a dot for all its keys) that a resume may change.
+HARMLESS = (
+    "training.log_every", "training.validate_every", "training.checkpoint_every", "training.keep_checkpoints",
+    "training.num_val_characters", "training.val_sampling_steps", "training.val_guidance", "training.val_true_cfg",
+    "training.log_with", "training.gradient_accumulation_steps", "training.distributed", "training.cudnn_attention",
+    "training.gradient_checkpointing", "training.gradient_checkpointing_every", "identity.device",
+    "identity.cache_dir", "data.scan_threads", "model.offload_after_cache", "output.",
+    "data.data_dir",  # the folder may move: the training data's fingerprint (check_data) decides
+)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and scalars are leaves)."""
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def _harmless(key: str) -> bool:
+    return any(key == h or (h.endswith(".") and key.startswith(h)) for h in HARMLESS)
+
+
+def compare(previous: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(harmless changes, refused changes) between two configs as JSON-able dicts, each ``key: old -> new``."""
+    old, new = flatten(previous), flatten(current)
+    harmless, refused = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<absent>") == new.get(key, "<absent>"):
+            continue
+        line = f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+        (harmless if _harmless(key) else refused).append(line)
+    return harmless, refused
+
+
+NEW_RUN = ("Resuming would silently train something else. Put the old values back to continue, or start a new run "
+           "in another output_dir (or --no-resume to start over here).")
+
+
+def check_resume(checkpoint: Path | str, previous: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """Before any work: raise :class:`ConfigError` when the resumed run's config differs from the checkpoint's in
+    anything but :data:`HARMLESS` keys; returns the harmless changes (to be logged). ``previous`` None: a
+    checkpoint written before configs were recorded, nothing to compare."""
+    if previous is None:
+        return []
+    harmless, refused = compare(previous, current)
+    if refused:
+        raise ConfigError(f"cannot resume {checkpoint}: the run was trained with another setting of "
+                          f"{'; '.join(refused)}. {NEW_RUN}")
+    return harmless
+
+
+def check_data(checkpoint: Path | str, before: str | None, now: str) -> None:
+    """Once the dataset is read: the training data must be the checkpoint's (same images under the same names)."""
+    if before is not None and before != now:
+        raise ConfigError(f"cannot resume {checkpoint}: its training data had fingerprint {before}, this data_dir "
+                          f"gives {now} (other images, or other pictures under the same names). {NEW_RUN}")
+
+
+LOCK_FILE = ".dtback.lock"
+
+
+def prepare_run_folder(run_dir: Path) -> None:
+    """Before any work: ``run_dir`` can be a run folder (not a file, not inside one, writable); clear message else."""
+    problem = output_problem(run_dir, "folder")
+    if problem is not None:
+        raise ConfigError(f"output.output_dir: {problem}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output.output_dir {run_dir} cannot be created: {err.strerror or err}") from err
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.output_dir {run_dir} is not writable by this user: choose another folder")
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` while a run writes into it (``fcntl.flock`` on ``.dtback.lock``, let go
+    by the system when the process ends, even by SIGKILL): a second run into the same folder stops at once, naming
+    the process that holds it. Holding it, every io temporary left in the folder by a killed run is stale and
+    removed (``.tmp-checkpoint-*``, a half-copied ``base``)."""
+    try:
+        import fcntl  # noqa: PLC0415
+    except ImportError:  # not POSIX: no lock, nothing else changes
+        yield
+        return
+    path = Path(run_dir) / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(f"output.output_dir {run_dir} is in use by a running training ({holder}); wait for it "
+                              "to end, or train into another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        removed = sum(remove_stale_temporaries(folder, older_than=0.0)
+                      for folder in (run_dir, run_dir / CHECKPOINTS))
+        if removed:
+            logger.info("removed %d temporary files or folders left in %s by an interrupted run", removed, run_dir)
+        yield
+    finally:
+        handle.close()

@@ -1,0 +1,211 @@
+"""The run folder is a record (issue 19): a refused resume rewrites nothing, a resume states what changed against
+its checkpoint and refuses what would silently train something else, one run per folder, stale temporaries
+cleaned, a damaged newest checkpoint skipped, a full disk reported, bad output folders refused before any work."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+
+from dtback.config import load_config
+from dtback.errors import CheckpointError, ConfigError, DtbackError
+from dtback.training import checkpoint as ckpt
+from dtback.training.resume import LOCK_FILE, compare, run_folder_lock
+from dtback.training.trainer import train
+from helpers import REPO, make_dataset, save_tiny_dinov2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("record")
+    data = make_dataset(root / "data", {"b": {f"c{i}": 3 for i in range(6)}}, size=(32, 32))
+    return {"data": data, "body": save_tiny_dinov2(root / "dino"), "cache": root / "cache", "root": root}
+
+
+def config(tiny, run_dir: Path, **extra):
+    values = {
+        "data_dir": tiny["data"], "output_dir": run_dir, "input_size": 32, "batch_size": 2,
+        "data.world.generate_if_missing": "false", "identity.body_model": tiny["body"],
+        "identity.cache_dir": tiny["cache"], "identity.face_backend": "dlib", "model.simple_vae": "null",
+        "model.simple_base": "null", "face_weight": 0, "body_weight": 0.1, "training.max_steps": 4,
+        "training.checkpoint_every": 2, "training.validate_every": 1000, "training.num_val_characters": 1,
+        "training.warmup_steps": 1, "training.log_every": 1, "training.log_with": "[]", **extra,
+    }
+    return load_config(REPO / "train" / "config.yaml", [f"{k}={v}" for k, v in values.items()])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    """A finished 4-step run (checkpoints 2 and 4) to copy and resume."""
+    run_dir = tiny["root"] / "run"
+    train(config(tiny, run_dir), resume=None, progress_bar=False)
+    return run_dir
+
+
+def copy_run(trained: Path, target: Path, keep_step: int = 4) -> Path:
+    shutil.copytree(trained, target)
+    for folder in (target / "checkpoints").iterdir():
+        if int(folder.name.split("-")[1]) > keep_step:
+            shutil.rmtree(folder)
+    return target
+
+
+def every_byte(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and p.name != LOCK_FILE}
+
+
+def test_compare_sorts_changes_into_applied_and_refused():
+    harmless, refused = compare({"training": {"log_every": 10, "learning_rate": 1e-4}, "seed": 1},
+                                {"training": {"log_every": 5, "learning_rate": 1e-3}, "seed": 1})
+    assert harmless == ["training.log_every: 10 -> 5"]
+    assert refused == ["training.learning_rate: 0.0001 -> 0.001"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, named", [
+    ({"identity.num_face_latents": 4}, "identity.num_face_latents: 8 -> 4"),  # a shape: was a size-mismatch crash
+    ({"training.learning_rate": 1e-3}, "training.learning_rate"),  # was recorded, and ignored by the scheduler
+    ({"seed": 7}, "seed: 42 -> 7"),
+])
+def test_a_refused_resume_names_the_change_and_rewrites_nothing(tiny, trained, tmp_path, change, named):
+    run_dir = copy_run(trained, tmp_path / "run", keep_step=2)
+    before = every_byte(run_dir)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("(", r"\(")) as err:
+        train(config(tiny, run_dir, **change), resume="auto", progress_bar=False)
+    assert "another output_dir" in str(err.value)
+    assert every_byte(run_dir) == before  # config.yaml included
+
+
+@pytest.mark.slow
+def test_another_dataset_under_the_same_names_is_refused(tiny, trained, tmp_path):
+    other = make_dataset(tmp_path / "other", {"b": {f"c{i}": 3 for i in range(6)}}, size=(32, 32))
+    (other / "b" / "c0" / "000.png").unlink()
+    shutil.copy(other / "b" / "c1" / "000.png", other / "b" / "c0" / "000.png")  # same names, another picture
+    run_dir = copy_run(trained, tmp_path / "run", keep_step=2)
+    before = (run_dir / "config.yaml").read_bytes()
+    with pytest.raises(ConfigError, match="training data had fingerprint"):
+        train(config(tiny, run_dir, data_dir=other), resume="auto", progress_bar=False)
+    assert (run_dir / "config.yaml").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_harmless_changes_are_applied_and_logged(tiny, trained, tmp_path, caplog):
+    run_dir = copy_run(trained, tmp_path / "run", keep_step=2)
+    moved = shutil.copytree(tiny["data"], tmp_path / "moved")  # the same data in another folder: allowed
+    with caplog.at_level(logging.INFO, logger="dtback.training.trainer"):
+        train(config(tiny, run_dir, data_dir=moved, **{"training.log_every": 2}), resume="auto", progress_bar=False)
+    assert "resume applies a changed setting: training.log_every: 1 -> 2" in caplog.text
+    assert load_config(run_dir / "config.yaml").training.log_every == 2
+    a, b = ckpt.load_file(ckpt.latest_checkpoint(trained) / "trainable.safetensors"), \
+        ckpt.load_file(ckpt.latest_checkpoint(run_dir) / "trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the resumed run is the uninterrupted one
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny, trained, tmp_path, caplog):
+    run_dir = copy_run(trained, tmp_path / "run", keep_step=4)
+    newest = run_dir / "checkpoints" / "checkpoint-000004"
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    assert "trainable.safetensors" in ckpt.checkpoint_problem(newest)
+    assert ckpt.resumable_checkpoint(run_dir) == run_dir / "checkpoints" / "checkpoint-000002"
+    with pytest.raises(DtbackError, match="trainable.safetensors"):
+        train(config(tiny, run_dir), resume=newest, progress_bar=False)  # named by hand: refused, not replaced
+    with caplog.at_level(logging.WARNING):
+        result = train(config(tiny, run_dir), resume="auto", progress_bar=False)
+    assert "checkpoint-000004 cannot be resumed from" in caplog.text and result.steps == 4
+    a = ckpt.load_file(trained / "checkpoints" / "checkpoint-000004" / "trainable.safetensors")
+    b = ckpt.load_file(newest / "trainable.safetensors")  # rewritten from step 2 on
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_path_is_checked_before_any_work(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(DtbackError, match="not a checkpoint folder"):
+        train(config(tiny, run_dir), resume=tmp_path / "nowhere", progress_bar=False)
+    assert not (run_dir / "dataset_report.json").exists() and not (run_dir / "config.yaml").exists()
+
+
+def test_output_dir_that_is_a_file_is_refused_before_any_work(tiny, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("not a folder")
+    with pytest.raises(ConfigError, match="output_dir: .*is a file"):
+        train(config(tiny, target), resume=None, progress_bar=False)
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        train(config(tiny, target / "run"), resume=None, progress_bar=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_dir_is_refused(tiny, tmp_path):
+    run_dir = tmp_path / "ro"
+    run_dir.mkdir()
+    run_dir.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match="not writable"):
+            train(config(tiny, run_dir), resume=None, progress_bar=False)
+    finally:
+        run_dir.chmod(0o755)
+
+
+def test_a_second_run_into_the_same_folder_stops_naming_the_first(tiny, tmp_path):
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    with run_folder_lock(run_dir):
+        with pytest.raises(ConfigError, match=f"in use by a running training \\(pid {os.getpid()}"):
+            train(config(tiny, run_dir), resume=None, progress_bar=False)
+
+
+def test_temporaries_of_a_killed_run_are_removed_when_the_next_takes_the_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / ".checkpoint-000002.tmp-999-deadbeef").mkdir(parents=True)
+    (run_dir / ".base.tmp-999-cafebabe").mkdir()
+    (run_dir / ".best_model.pt.tmp-999-0badf00d").write_bytes(b"half")
+    with run_folder_lock(run_dir):
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE, "checkpoints"]
+        assert not list((run_dir / "checkpoints").iterdir())
+
+
+def test_a_full_disk_in_safetensors_is_a_checkpoint_error(tmp_path, monkeypatch):
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    class Adapter:
+        def adapter_state_dict(self):
+            return {}
+
+        def save_pretrained(self, path, state=None):
+            path.mkdir(parents=True)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    snapshot = ckpt.take_snapshot(Adapter(), dict(layer.named_parameters()), optimizer, None)
+    with pytest.raises(CheckpointError, match="No space left on device.*last good checkpoint is none"):
+        ckpt.save_checkpoint(tmp_path, ckpt.Progress(step=1), Adapter(), snapshot, scheduler, keep=2)
+    assert not list((tmp_path / "checkpoints").iterdir())  # no torn checkpoint, no temporary left
+
+
+def test_best_model_records_the_content_of_the_base_beside_it(trained):
+    from dtback.model.flux import base_content_id
+    from dtback.model.identity_flux import read_adapter
+
+    spec, _ = read_adapter(trained / "best_model.pt")
+    assert spec.extra.base_model == "base"
+    assert spec.extra.base_content_id == base_content_id(trained / "base")
+
+
+def test_adapter_blocks_the_base_does_not_have_are_refused_before_feature_caching(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match=r"model\.adapter_double_blocks"):
+        train(config(tiny, tmp_path / "run", **{"identity.cache_dir": cache, "model.adapter_double_blocks": "[0, 40]"}),
+              resume=None, progress_bar=False)
+    assert not (cache / "latents").exists() and not (cache / "text").exists()

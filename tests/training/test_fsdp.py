@@ -114,6 +114,14 @@ def test_two_fsdp_ranks_train_the_weights_one_rank_trains(runs):
     assert len(lines) == STEPS  # one writer
 
 
+def test_fsdp_with_gradient_checkpointing_trains_the_same_weights(runs, tiny, tmp_path):
+    """Blocks recomputed in backward (memory mode) under FSDP2: the same weights as the run that stores them."""
+    checkpointed = tmp_path / "checkpointed"
+    output = run(two_ranks(tiny, checkpointed, **{"training.gradient_checkpointing": "true"}))
+    assert "gradient checkpointing on 6 of 6 blocks" in output.stdout + output.stderr
+    assert_same_run(runs["fsdp"], checkpointed)
+
+
 def resumed_copy(source: Path, target: Path, keep_step: int) -> Path:
     """A copy of a run folder as it was after checkpoint ``keep_step`` (later checkpoints removed)."""
     shutil.copytree(source, target)

@@ -433,3 +433,37 @@ def test_two_processes_write_concurrently(tmp_path: Path, worker) -> None:
     for key in set(keys_a) | set(keys_b):
         assert_entry_equal(fresh.get(f"{key:064x}"), worker.value(key))
     assert temp_files(fresh.folder) == []
+
+
+def test_get_many_reads_what_get_reads_opening_each_shard_once(tmp_path, monkeypatch):
+    cache = open_cache(tmp_path, shard_size=4)
+    for i in range(10):  # shards of 4, 4, and 2 entries still in the buffer
+        cache.put(key_of(i), make_entry(i))
+    assert len(cache.shards) == 2
+    opened = []
+    real_open = cache_module.safe_open
+
+    def counting(path, *args, **kwargs):
+        opened.append(Path(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "safe_open", counting)
+    wanted = [key_of(i) for i in (9, 0, 5, 1, 0, 7, 3)] + [key_of(99)]  # buffered, repeated and missing keys too
+    found = cache.get_many(wanted)
+    assert sorted(opened) == sorted(cache.shards)  # one open per shard, not one per key
+    assert set(found) == set(wanted) and found[key_of(99)] is None
+    for i in (9, 0, 5, 1, 7, 3):
+        assert_entry_equal(found[key_of(i)], make_entry(i))
+
+
+def test_get_many_skips_a_shard_damaged_after_indexing(tmp_path, caplog):
+    cache = open_cache(tmp_path, shard_size=2)
+    for i in range(4):
+        cache.put(key_of(i), make_entry(i))
+    damaged = cache.shards[0]
+    damaged.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING):
+        found = cache.get_many([key_of(i) for i in range(4)])
+    assert found[key_of(0)] is None and found[key_of(1)] is None  # lost with their shard, not a crash
+    assert_entry_equal(found[key_of(2)], make_entry(2))
+    assert damaged in cache.skipped and "unreadable shard on get_many" in caplog.text

@@ -119,8 +119,9 @@ class IdentityPrecomputer:
             for (_, _, key), result in zip(todo, results):
                 self.face_cache.put(key, face_entry(result))
         faces = {}
+        stored = self.face_cache.get_many([key for _, _, key in items])
         for path, rel, key in items:
-            face = self.face_cache.get(key)
+            face = stored[key]
             if face is None:
                 continue  # unreadable: counted by _load
             faces[key] = face

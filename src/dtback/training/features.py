@@ -159,12 +159,22 @@ def build_feature_store(
     skipped: dict[str, str] = {}
     images = [(c, char, entry) for c, char in enumerate(characters) for entry in char.images]
     encoder = _LatentBatcher(vae, latent_cache)
-    with latent_cache:
-        for c, char, entry in tqdm(images, desc="latents", unit="img", disable=not progress):
-            row = _image_row(entry, char, c, data_cfg, buckets, encoder, latent_cache, face_cache, body_cache,
-                             crop_rule, skipped)
-            if row is not None:
-                rows.append(row)
+    with latent_cache, tqdm(total=len(images), desc="latents", unit="img", disable=not progress) as bar:
+        for first in range(0, len(images), READ_CHUNK):  # cache reads per chunk: each shard opened once per chunk
+            chunk = [(c, char, entry, content_hash(entry.path)) for c, char, entry in images[first:first + READ_CHUNK]]
+            keys = [key for *_, key in chunk]
+            latent_keys = [_latent_key(key, buckets[assign_bucket(entry.width, entry.height, buckets)])
+                           for (_, _, entry, key) in chunk]
+            stored = {"face": face_cache.get_many(keys),
+                      "body": body_cache.get_many(keys) if body_cache is not None else {},
+                      "latent": latent_cache.get_many(latent_keys)}
+            for (c, char, entry, key), latent_key in zip(chunk, latent_keys):
+                row = _image_row(entry, char, c, key, data_cfg, buckets, encoder, stored["face"][key],
+                                 stored["body"].get(key), body_cache is not None, stored["latent"][latent_key],
+                                 crop_rule, skipped)
+                if row is not None:
+                    rows.append(row)
+                bar.update()
         encoder.flush()
     if not rows:
         raise ValueError("no usable training images: every image was skipped (see the log)")
@@ -225,18 +235,23 @@ class _LatentBatcher:
             self.cache.put(key, {"latent": row["latent"]})
 
 
-def _image_row(entry, char, c, data_cfg, buckets, encoder, latent_cache, face_cache, body_cache, crop_rule, skipped):
+READ_CHUNK = 256  # images whose cache entries build_feature_store reads together
+
+
+def _latent_key(key: str, size: tuple[int, int]) -> str:
+    return f"{key}-{size[0]}x{size[1]}"
+
+
+def _image_row(entry, char, c, key, data_cfg, buckets, encoder, face, body, wants_body, cached, crop_rule, skipped):
+    """One training row from the image's cached identity entries (``face``, ``body``) and latent (``cached``, or
+    None: encoded by ``encoder``); None, with the reason in ``skipped``, when it cannot be used."""
     rel = f"{char.key}/{entry.path.name}"
-    key = content_hash(entry.path)
     bucket = assign_bucket(entry.width, entry.height, buckets)
     size = buckets[bucket]
-    face = face_cache.get(key)
-    body = body_cache.get(key) if body_cache is not None else None
-    if face is None or (body_cache is not None and body is None):
+    if face is None or (wants_body and body is None):
         skipped[rel] = "no identity cache entry (unreadable when precomputed)"
         return None
-    latent_key = f"{key}-{size[0]}x{size[1]}"
-    cached = latent_cache.get(latent_key)
+    latent_key = _latent_key(key, size)
     pixels = None
     if cached is None:
         try:
@@ -282,5 +297,6 @@ def _cached_text(pipeline, captions: list[str], cache_dir: Path, max_sequence_le
                 embeds, pooled = encode_captions(pipeline, [captions[i] for i in chunk], max_sequence_length)
                 for i, e, p in zip(chunk, embeds, pooled):
                     cache.put(keys[i], {"prompt": e, "pooled": p})
-        entries = [cache.get(key) for key in keys]
+        stored = cache.get_many(keys)
+        entries = [stored[key] for key in keys]
     return torch.stack([e["prompt"] for e in entries]), torch.stack([e["pooled"] for e in entries])

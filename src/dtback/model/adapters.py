@@ -5,9 +5,10 @@ After a chosen block, the image tokens read the identity tokens:
     img += face_scale · W_o · Attn(q(norm(img)), k_f(face), v_f(face))
          + body_scale · W_o · Attn(q(norm(img)), k_b(body), v_b(body))
 
-``W_o`` starts at zero, so a freshly attached adapter adds exactly nothing. Both FLUX block types return
-``(encoder_hidden_states, hidden_states)`` with the image tokens already split from the text tokens, so one forward
-hook on the block works for double and single blocks alike, and text tokens are never touched. The adapters live in
+``W_o`` starts at zero, so a freshly attached adapter adds exactly nothing. FLUX.1's blocks (double and single) and
+FLUX.2's double blocks return ``(encoder_hidden_states, hidden_states)`` with the image tokens already split from the
+text tokens; FLUX.2's single blocks return one ``(B, text + image, dim)`` tensor, text first, which the hook splits at
+the call's text length. One forward hook per block either way, and text tokens are never touched. The adapters live in
 the :class:`~dtback.model.identity_flux.IdentityPreservingFlux` that owns them, never inside the transformer, so
 the transformer's state dict is unchanged by attaching and detaching. Hooks run inside the transformer's gradient
 checkpointing, so they are recomputed with the block.
@@ -159,19 +160,28 @@ class InjectionState:
         self.active = self.face_scale.is_meta or bool((self.face_scale != 0).any() or (self.body_scale != 0).any())
 
 
-def make_hook(adapter: IdentityCrossAttention, state: Callable[[], InjectionState | None]):
-    """A forward hook for a FLUX block that adds ``adapter``'s update to the image tokens of its output."""
+def make_hook(adapter: IdentityCrossAttention, state: Callable[[], InjectionState | None],
+              text_length: Callable[[], int] | None = None):
+    """A forward hook for a FLUX block that adds ``adapter``'s update to the image tokens of its output; a block
+    that returns one joint tensor (FLUX.2 single blocks) is split after ``text_length()`` tokens."""
 
     def hook(module: nn.Module, args, output):
         current = state()
         if current is None or not current.active:
             return None  # exactly the base block
-        encoder_hidden_states, hidden_states = output
+        joint = isinstance(output, torch.Tensor)
+        if joint and text_length is None:
+            raise TypeError(f"{type(module).__name__} returned one tensor: attach() it as a FLUX.2 base")
+        encoder_hidden_states, hidden_states = (output[:, :text_length()], output[:, text_length():]) if joint \
+            else output
         weight = adapter.to_out.weight
         # The adapter runs where its weights (and the identity tokens, made by the same model) are; under CPU offload
         # or a device map that is the block's device, and otherwise the update is computed there and moved back.
         update = adapter(hidden_states.to(weight.device, weight.dtype), current.identity, current.face_scale,
                          current.body_scale)
-        return encoder_hidden_states, hidden_states + update.to(hidden_states.device, hidden_states.dtype)
+        hidden_states = hidden_states + update.to(hidden_states.device, hidden_states.dtype)
+        if joint:
+            return torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        return encoder_hidden_states, hidden_states
 
     return hook

@@ -116,7 +116,7 @@ class AdapterSpec:
                 single_blocks=tuple(payload["single_blocks"]),
                 heads=int(payload["heads"]),
                 head_dim=int(payload["head_dim"]),
-                base=dict(payload["base"]),
+                base={"family": "flux1", **payload["base"]},  # adapters saved before FLUX.2: FLUX.1
                 face_scale=float(payload.get("face_scale", 1.0)),
                 body_scale=float(payload.get("body_scale", 1.0)),
                 lora=payload.get("lora"),
@@ -126,9 +126,22 @@ class AdapterSpec:
             raise AdapterMismatchError(f"{source}: adapter config key missing or malformed: {err}") from err
 
 
-def base_fingerprint(transformer_config: Any) -> dict[str, int]:
-    """The :data:`BASE_KEYS` of a ``FluxTransformer2DModel`` config."""
-    return {key: int(transformer_config[key]) for key in BASE_KEYS}
+FAMILIES = {"flux1": "FLUX.1 (FluxTransformer2DModel)", "flux2": "FLUX.2 (Flux2Transformer2DModel)"}
+
+
+def base_family(transformer_config: Any) -> str:
+    """``flux1`` or ``flux2``: which FLUX transformer class a config belongs to, told by the keys only one has
+    (FLUX.1 takes a pooled text embedding; FLUX.2 embeds timestep and guidance in ``timestep_guidance_channels``)."""
+    if "pooled_projection_dim" in transformer_config:
+        return "flux1"
+    if "timestep_guidance_channels" in transformer_config:
+        return "flux2"
+    raise AdapterMismatchError(f"not a FLUX transformer config (keys {sorted(transformer_config)})")
+
+
+def base_fingerprint(transformer_config: Any) -> dict[str, int | str]:
+    """The family (:func:`base_family`) and :data:`BASE_KEYS` of a FLUX transformer config."""
+    return {"family": base_family(transformer_config), **{key: int(transformer_config[key]) for key in BASE_KEYS}}
 
 
 def spec_from_config(
@@ -184,6 +197,7 @@ class IdentityPreservingFlux(nn.Module):
         self._handles: list[Any] = []
         self._transformer: list[nn.Module] = []  # a list, so the base is not registered as a submodule
         self._state: InjectionState | None = None
+        self._text_length = 0  # FLUX.2: text tokens of the current transformer call (see attach)
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, identity_cfg: IdentityConfig, transformer_config: Any,
@@ -201,10 +215,17 @@ class IdentityPreservingFlux(nn.Module):
         if self._transformer:
             raise RuntimeError("adapters are already attached; detach() first")
         self.check_base(transformer.config, source="the adapter")
+        text_length = None
+        if self.spec.base["family"] == "flux2":
+            # FLUX.2's single blocks return text and image tokens in one tensor: the hooks split it at the prompt's
+            # length, which each transformer call states.
+            self._handles.append(transformer.register_forward_pre_hook(self._note_text_length, with_kwargs=True))
+            text_length = self._current_text_length
         for name, adapter in self.adapters.items():
             kind, index = name.split("_")
             blocks = transformer.transformer_blocks if kind == "double" else transformer.single_transformer_blocks
-            self._handles.append(blocks[int(index)].register_forward_hook(make_hook(adapter, self._current_state)))
+            hook = make_hook(adapter, self._current_state, text_length)
+            self._handles.append(blocks[int(index)].register_forward_hook(hook))
         if self.spec.lora:
             self._add_lora(transformer)
         self._transformer.append(transformer)
@@ -227,10 +248,11 @@ class IdentityPreservingFlux(nn.Module):
         """Raise :class:`AdapterMismatchError` naming both shapes when the base is not the one trained on."""
         found = base_fingerprint(transformer_config)
         if found != self.spec.base:
-            diff = {k: (self.spec.base[k], found[k]) for k in BASE_KEYS if self.spec.base[k] != found[k]}
+            diff = {k: (self.spec.base.get(k), found[k]) for k in found if self.spec.base.get(k) != found[k]}
+            trained, given = FAMILIES[str(self.spec.base["family"])], FAMILIES[str(found["family"])]
             raise AdapterMismatchError(
-                f"{source} was trained on a FLUX transformer with {self.spec.base}, but the base has {found} "
-                f"(differs in {', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())})"
+                f"{source} was trained on a {trained} transformer with {self.spec.base}, but the base is a {given} "
+                f"transformer with {found} (differs in {', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())})"
             )
 
     def _add_lora(self, transformer: nn.Module) -> None:
@@ -244,6 +266,13 @@ class IdentityPreservingFlux(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------------ running
+
+    def _note_text_length(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+        self._text_length = int(text.shape[1])
+
+    def _current_text_length(self) -> int:
+        return self._text_length
 
     def _current_state(self) -> InjectionState | None:
         return self._state

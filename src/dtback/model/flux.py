@@ -15,7 +15,7 @@ import hashlib
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -94,21 +94,26 @@ def _bpe_pieces(word: str) -> list[str]:
     return list(word[:-1]) + [word[-1] + "</w>"]
 
 
-def build_simple_tokenizers(words: list[str] = CAPTION_WORDS) -> tuple[CLIPTokenizer, T5TokenizerFast]:
-    """CLIP (BPE) and T5 (unigram) tokenizers over ``words`` with a per-character fallback for any other word."""
-    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab: dict[str, int] = {}
-    for piece in ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters), ",</w>", ".</w>"]:
-        vocab.setdefault(piece, len(vocab))
+def merge_words(vocab: dict[str, int], words: Iterable[list[str]]) -> list[tuple[str, str]]:
+    """BPE merges that join each word's pieces left to right into one token (added to ``vocab``)."""
     merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys(words):
-        pieces = _bpe_pieces(word)
+    for pieces in words:
         while len(pieces) > 1:
             pair = (pieces[0], pieces[1])
             if pair not in merges:
                 merges.append(pair)
             vocab.setdefault(pair[0] + pair[1], len(vocab))
             pieces = [pair[0] + pair[1], *pieces[2:]]
+    return merges
+
+
+def build_simple_tokenizers(words: list[str] = CAPTION_WORDS) -> tuple[CLIPTokenizer, T5TokenizerFast]:
+    """CLIP (BPE) and T5 (unigram) tokenizers over ``words`` with a per-character fallback for any other word."""
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab: dict[str, int] = {}
+    for piece in ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters), ",</w>", ".</w>"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = merge_words(vocab, (_bpe_pieces(word) for word in dict.fromkeys(words)))
     clip = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     unigram = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
     unigram += [("▁" + w, -1.0) for w in dict.fromkeys(words)] + [(c, -5.0) for c in letters + ",."]

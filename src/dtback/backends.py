@@ -74,7 +74,7 @@ def simple_vae(model: ModelConfig, world: Path | None = None) -> AutoencoderKL |
     """The simple model's VAE as ``model.simple_vae`` says: the world's, a diffusers folder, or None (random)."""
     if model.simple_vae == WORLD:
         return load_world_vae(world_vae_folder(world))
-    return flux.folder_vae(model.simple_vae)
+    return flux.folder_vae(model.simple_vae, model.base)
 
 
 def initial_simple_pipeline(model: ModelConfig, seed: int, world: Path | None = None) -> FluxPipeline:

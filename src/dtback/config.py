@@ -286,6 +286,11 @@ def head_choices(width: int) -> list[int]:
 class ModelConfig(_Section):
     """The FLUX base, and the identity resamplers and adapters attached to it."""
 
+    base: Literal["flux1", "flux2", "flux2_klein"] = Field(
+        "flux1", description="The FLUX family: flux1 (FLUX.1 [dev]/[schnell]), flux2 (FLUX.2 [dev]), flux2_klein "
+        "(FLUX.2 [klein] 4B/9B). The simple model exists for flux1 and flux2_klein. Training runs on each; "
+        "dtback generate and evaluate on flux1 so far."
+    )
     use_simple_model: bool = Field(
         True, description="Build a small FLUX-architecture model in code (offline) instead of loading FLUX.1."
     )
@@ -376,6 +381,18 @@ class ModelConfig(_Section):
             if dim is not None and heads is not None and dim % heads:
                 raise ValueError(f"{heads_key}={heads} does not divide {dim_key}={dim}: attention splits the width "
                                  f"into equal heads; choose one of {head_choices(dim)} heads")
+        return self
+
+    @model_validator(mode="after")
+    def _check_family(self) -> "ModelConfig":
+        if self.use_simple_model and self.base == "flux2":
+            raise ValueError("base=flux2 (FLUX.2 [dev]) has no simple model: use base: flux2_klein with the simple "
+                             "model, or use_simple_model: false with a FLUX.2 [dev] folder")
+        if self.use_simple_model and self.base != "flux1":
+            for key in ("simple_vae", "simple_base"):
+                if getattr(self, key) == "world":
+                    raise ValueError(f"{key}=world is a FLUX.1 model (the identity world's), but base={self.base}: "
+                                     f"set {key}: null (random weights) or a {self.base} folder")
         return self
 
     @model_validator(mode="after")

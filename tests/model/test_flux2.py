@@ -14,7 +14,7 @@ from dtback.identity.resampler import IdentityInputs
 from dtback.model.flux import CAPTION_WORDS
 from dtback.model.flux2 import (
     SIMPLE_FLUX2_TRANSFORMER, build_simple_flux2_pipeline, decode_flux2_latents, encode_flux2_captions,
-    encode_flux2_latents,
+    encode_flux2_latents, image_ids, text_ids,
 )
 from dtback.model.identity_flux import IdentityPreservingFlux
 
@@ -61,23 +61,28 @@ def test_the_tokenizer_keeps_caption_words_whole_and_knows_every_byte(pipeline):
 def test_captions_encode_to_three_stacked_layers_with_text_positions(pipeline):
     embeds, ids = encode_flux2_captions(pipeline, ["a photo of a person", "a man on a beach"], 16)
     assert embeds.shape == (2, 16, pipeline.transformer.config.joint_attention_dim)
-    assert torch.equal(ids[0], torch.stack([torch.zeros(16), torch.zeros(16), torch.zeros(16), torch.arange(16)], 1)
-                       .long())
+    assert torch.equal(ids[0].float(), text_ids(16))  # what the training step gives the transformer
     assert not torch.allclose(embeds[0], embeds[1])
 
 
 def test_latents_are_what_the_pipeline_encodes_and_decode_back(pipeline):
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        latents = encode_flux2_latents(pipeline.vae, pixels)
+        latents = encode_flux2_latents(pipeline.vae, pixels * 2 - 1)
         own = pipeline._encode_vae_image(pixels * 2 - 1, generator=None)  # patchified and normalised
     assert latents.shape == (2, 4, 8, 8)
+    # Tokens and their positions as dtback packs FLUX.1 latents are FLUX.2's (positions with the 4th axis added).
+    from diffusers import FluxPipeline
+
+    flux1_ids = FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
+    assert torch.equal(image_ids(flux1_ids), Flux2KleinPipeline._prepare_latent_ids(own)[0].float())
+    assert torch.equal(FluxPipeline._pack_latents(latents, 2, 4, 8, 8), Flux2KleinPipeline._pack_latents(own))
     assert torch.allclose(Flux2KleinPipeline._patchify_latents(latents), own, atol=1e-6)
     # Decoding undoes the normalisation exactly as the pipeline's sampling does before its VAE decode.
     raw = own * torch.sqrt(pipeline.vae.bn.running_var.view(1, -1, 1, 1) + pipeline.vae.config.batch_norm_eps) \
         + pipeline.vae.bn.running_mean.view(1, -1, 1, 1)
     with torch.no_grad():
-        expected = (pipeline.vae.decode(Flux2KleinPipeline._unpatchify_latents(raw)).sample / 2 + 0.5).clamp(0, 1)
+        expected = pipeline.vae.decode(Flux2KleinPipeline._unpatchify_latents(raw)).sample
         assert torch.allclose(decode_flux2_latents(pipeline.vae, latents), expected, atol=1e-5)
     # Differentiable, for the identity losses.
     latents.requires_grad_(True)

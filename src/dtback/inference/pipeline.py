@@ -171,6 +171,10 @@ class IdentityFluxPipeline:
         adapter = Path(adapter)
         device = str(offload_device(offload, device)) if offload != "none" else (device or "cpu")
         spec, _ = read_adapter(adapter)
+        if spec.base.get("family", "flux1") != "flux1":
+            raise AdapterMismatchError(
+                f"{adapter} was trained on a FLUX.2 base ({spec.base['family']}); dtback generate and evaluate run "
+                "FLUX.1 adapters only so far (FLUX.2 trains; its sampling through dtback is issue 20)")
         source = resolve_base(adapter, spec.extra.base_model, base)
         check_base_content(adapter, spec.extra, source, chosen=bool(base))
         dtype = dtype or devices.resolve_dtype("auto", device)

@@ -15,7 +15,7 @@ import hashlib
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -25,6 +25,8 @@ from dtback import devices
 from dtback.config import ModelConfig
 from dtback.errors import ConfigError, MissingModelError
 from dtback.io import replace_folder
+from dtback.model.flux2 import build_simple_flux2_pipeline
+from dtback.model.simple_parts import CAPTION_WORDS, FLUX_SCHEDULER, SIMPLE_VAE, merge_words  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 DTYPE_KWARG = "dtype" if importlib.util.find_spec("diffusers.utils.deprecation_utils") else "torch_dtype"
 
 MODEL_INDEX = "model_index.json"
+PIPELINE_CLASSES = {"flux1": "FluxPipeline", "flux2": "Flux2Pipeline", "flux2_klein": "Flux2KleinPipeline"}
 REAL_MAX_SEQUENCE_LENGTH = 512
 SIMPLE_MAX_SEQUENCE_LENGTH = 32
 
@@ -49,62 +52,8 @@ SIMPLE_TRANSFORMER: dict[str, Any] = dict(
     axes_dims_rope=(8, 12, 12),  # sums to attention_head_dim
 )
 
-# Four blocks: downsampling x8, like FLUX's VAE; 4 latent channels instead of 16.
-SIMPLE_VAE: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[32, 64, 64, 64],
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=16,
-    sample_size=128,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    scaling_factor=1.0,
-    shift_factor=0.0,
-)
-
-# FLUX.1's scheduler settings: resolution-dependent shift of the sigmas.
-FLUX_SCHEDULER: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
-
-CAPTION_WORDS = """
-a an the of in on at with and or to from by near under over behind front side left right up down
-photo picture image portrait person man woman people character someone standing sitting walking running jumping
-posing waving looking facing turned raised lowered arms arm hands hand legs one both head body full close shot view
-indoor outdoor inside outside street city park forest beach mountain mountains room studio office garden field
-desert snow sky sea river lake road bridge house building wall window door kitchen cafe restaurant shop market
-day night morning evening sunset sunrise light lighting dark bright dim soft warm cold sunny cloudy rainy
-background scene plain grey gray blue green red white black yellow orange purple pink brown
-small large big tall short far center centre middle corner top bottom edge
-camera cool daylight lit living out overcast sides stretched sunshine
-""".split()
-
-
 def _bpe_pieces(word: str) -> list[str]:
     return list(word[:-1]) + [word[-1] + "</w>"]
-
-
-def merge_words(vocab: dict[str, int], words: Iterable[list[str]]) -> list[tuple[str, str]]:
-    """BPE merges that join each word's pieces left to right into one token (added to ``vocab``)."""
-    merges: list[tuple[str, str]] = []
-    for pieces in words:
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-            pieces = [pair[0] + pair[1], *pieces[2:]]
-    return merges
 
 
 def build_simple_tokenizers(words: list[str] = CAPTION_WORDS) -> tuple[CLIPTokenizer, T5TokenizerFast]:
@@ -237,15 +186,25 @@ def load_base(cfg: ModelConfig, output_dir: Path, seed: int = 0, device: str | t
     if cfg.use_simple_model:
         folder = simple_model_dir(cfg, output_dir)
         if not (folder / MODEL_INDEX).is_file():
-            made = initial() if initial is not None else initial_simple_pipeline(cfg, seed, folder_vae(cfg.simple_vae))
+            made = initial() if initial is not None else initial_simple_pipeline(cfg, seed,
+                                                                                 folder_vae(cfg.simple_vae, cfg.base))
             save_pipeline_atomic(made, folder)
         source = str(folder)
     else:
         source = cfg.pretrained_model
-    pipeline = _from_pretrained(source, dtype, local_files_only)
-    for component in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
-        component.requires_grad_(False).eval()
+    pipeline = _from_pretrained(source, dtype, local_files_only, cfg.base)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):  # FLUX.2 has one text encoder
+        component = getattr(pipeline, name, None)
+        if component is not None:
+            component.requires_grad_(False).eval()
     return pipeline
+
+
+def pipeline_class(base: str) -> type:
+    """The diffusers pipeline class of ``model.base``."""
+    import diffusers  # noqa: PLC0415
+
+    return getattr(diffusers, PIPELINE_CLASSES[base])
 
 
 def initial_simple_pipeline(cfg: ModelConfig, seed: int, vae: AutoencoderKL | None) -> FluxPipeline:
@@ -253,7 +212,9 @@ def initial_simple_pipeline(cfg: ModelConfig, seed: int, vae: AutoencoderKL | No
     ``seed`` (null); with ``vae`` (None: random weights). ``world`` is the identity world's, resolved by
     :func:`dtback.backends.initial_simple_pipeline`."""
     if cfg.simple_base is None:
-        logger.info("building the simple FLUX model from random weights (seed %d)", seed)
+        logger.info("building the simple %s model from random weights (seed %d)", cfg.base, seed)
+        if cfg.base == "flux2_klein":
+            return build_simple_flux2_pipeline(seed, vae=vae)
         return build_simple_pipeline(seed, vae=vae)
     if cfg.simple_base == "world":
         raise ConfigError("model.simple_base=world is the identity world's base: load it through "
@@ -261,13 +222,14 @@ def initial_simple_pipeline(cfg: ModelConfig, seed: int, vae: AutoencoderKL | No
     folder = Path(cfg.simple_base).expanduser()
     if not (folder / MODEL_INDEX).is_file():
         raise MissingModelError(f"model.simple_base {folder} is not a diffusers FluxPipeline folder (no {MODEL_INDEX})")
-    return FluxPipeline.from_pretrained(folder, **({"vae": vae} if vae is not None else {}), local_files_only=True,
-                                        **{DTYPE_KWARG: torch.float32})
+    return pipeline_class(cfg.base).from_pretrained(folder, **({"vae": vae} if vae is not None else {}),
+                                                    local_files_only=True, **{DTYPE_KWARG: torch.float32})
 
 
-def folder_vae(source: str | None) -> AutoencoderKL | None:
-    """The simple model's VAE from ``model.simple_vae`` when that is a diffusers ``AutoencoderKL`` folder (None:
-    random weights). ``world`` is resolved by :func:`dtback.backends.simple_vae`."""
+def folder_vae(source: str | None, base: str = "flux1") -> AutoencoderKL | None:
+    """The simple model's VAE from ``model.simple_vae`` when that is a diffusers folder (``AutoencoderKL``;
+    ``AutoencoderKLFlux2`` for a FLUX.2 ``base``; None: random weights). ``world`` is resolved by
+    :func:`dtback.backends.simple_vae`."""
     if source is None:
         return None
     if source == "world":
@@ -275,10 +237,14 @@ def folder_vae(source: str | None) -> AutoencoderKL | None:
     folder = Path(source)
     if not (folder / "config.json").is_file():
         raise MissingModelError(f"model.simple_vae {folder} is not a diffusers AutoencoderKL folder (no config.json)")
+    if base != "flux1":
+        from diffusers import AutoencoderKLFlux2  # noqa: PLC0415
+
+        return AutoencoderKLFlux2.from_pretrained(folder)
     return AutoencoderKL.from_pretrained(folder)
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) -> FluxPipeline:
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, base: str = "flux1") -> FluxPipeline:
     path = Path(source).expanduser()
     hint = (f"Download it first: dtback download --model {source} (FLUX.1-dev is gated: accept its licence on "
             "huggingface.co and log in with `hf auth login`).")
@@ -287,7 +253,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) ->
     if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise MissingModelError(f"FLUX folder {path} does not exist. {hint}")
     try:
-        return FluxPipeline.from_pretrained(source, **{DTYPE_KWARG: dtype}, local_files_only=local_files_only)
+        return pipeline_class(base).from_pretrained(source, **{DTYPE_KWARG: dtype}, local_files_only=local_files_only)
     except OSError as err:
         raise MissingModelError(
             f"FLUX base {source!r} is neither a diffusers folder nor in the local Hugging Face cache "

@@ -27,7 +27,7 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from tokenizers import pre_tokenizers
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from dtback.model.flux import CAPTION_WORDS, FLUX_SCHEDULER, SIMPLE_VAE, merge_words
+from dtback.model.simple_parts import CAPTION_WORDS, FLUX_SCHEDULER, SIMPLE_VAE, merge_words
 
 TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's default text_encoder_out_layers
 SIMPLE_TEXT_WIDTH = 32
@@ -106,22 +106,22 @@ def _latent_statistics(vae: AutoencoderKLFlux2, like: torch.Tensor) -> tuple[tor
 
 
 def encode_flux2_latents(vae: AutoencoderKLFlux2, pixels: torch.Tensor) -> torch.Tensor:
-    """``pixels (B, 3, H, W)`` in [0, 1] -> normalised latents ``(B, C, H/8, W/8)``: the VAE's mode, its 2 x 2
+    """``pixels (B, 3, H, W)`` in [-1, 1] -> normalised latents ``(B, C, H/8, W/8)``: the VAE's mode, its 2 x 2
     patches normalised by the batch-norm running statistics (as ``Flux2KleinPipeline`` encodes images), then put
     back in place."""
-    latents = vae.encode(pixels.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mode()
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
     patches = Flux2KleinPipeline._patchify_latents(latents)
     mean, std = _latent_statistics(vae, patches)
     return Flux2KleinPipeline._unpatchify_latents((patches - mean) / std)
 
 
 def decode_flux2_latents(vae: AutoencoderKLFlux2, latents: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`encode_flux2_latents`: normalised latents ``(B, C, h, w)`` -> pixels in [0, 1];
-    differentiable (the identity losses decode the prediction through it)."""
+    """The inverse of :func:`encode_flux2_latents`: normalised latents ``(B, C, h, w)`` -> pixels ``(B, 3, 8h, 8w)``
+    ≈ [-1, 1]; differentiable (the identity losses decode the prediction through it)."""
     patches = Flux2KleinPipeline._patchify_latents(latents.to(vae.dtype))
     mean, std = _latent_statistics(vae, patches)
     raw = Flux2KleinPipeline._unpatchify_latents(patches * std + mean)
-    return (vae.decode(raw, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+    return vae.decode(raw, return_dict=False)[0]
 
 
 def encode_flux2_captions(pipeline: Flux2KleinPipeline, captions: list[str],
@@ -130,3 +130,14 @@ def encode_flux2_captions(pipeline: Flux2KleinPipeline, captions: list[str],
     with torch.no_grad():
         return pipeline.encode_prompt(captions, device=pipeline.text_encoder.device,
                                       max_sequence_length=max_sequence_length)
+
+
+def text_ids(length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """FLUX.2's text positions ``(L, 4)``: (t, h, w, l) = (0, 0, 0, token index), as its pipelines give them."""
+    index = torch.arange(length, device=device, dtype=torch.float32)
+    return torch.stack([torch.zeros_like(index)] * 3 + [index], dim=1)
+
+
+def image_ids(flux1_ids: torch.Tensor) -> torch.Tensor:
+    """FLUX.2's image positions ``(N, 4)`` = (t, h, w, l) = (0, h, w, 0) from FLUX.1's ``(N, 3)`` = (0, h, w)."""
+    return torch.nn.functional.pad(flux1_ids, (0, 1))

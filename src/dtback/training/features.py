@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLFlux2
 from tqdm.auto import tqdm
 
 from dtback.config import DataConfig
@@ -29,6 +30,8 @@ from dtback.data.layout import CharacterEntry
 from dtback.data.pairs import caption_for, to_tensor
 from dtback.identity.crops import BodyCropRule, person_box
 from dtback.identity.cache import EmbeddingCache, content_hash
+from dtback.model.flux2 import decode_flux2_latents, encode_flux2_captions, encode_flux2_latents
+from dtback.model.identity_flux import base_family
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     if sum(t.numel() for _, t in params) <= SMALL_MODEL_PARAMS:
         for name, tensor in params:
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     else:
         digest.update(str(getattr(config, "_name_or_path", "")).encode())
     return f"{type(module).__name__}@{digest.hexdigest()[:16]}"
@@ -75,7 +78,7 @@ class FeatureStore:
     caption: torch.Tensor
     captions: list[str]
     prompt_embeds: torch.Tensor
-    pooled_embeds: torch.Tensor
+    pooled_embeds: torch.Tensor | None  # FLUX.2 has no pooled text embedding
     face_embeds: torch.Tensor | None
     face_valid: torch.Tensor
     face_boxes: torch.Tensor
@@ -86,6 +89,7 @@ class FeatureStore:
     body_boxes: torch.Tensor
     skipped: dict[str, str]
     contents: list[str] = field(default_factory=list)  # content hash of each image (the caches' key)
+    family: str = "flux1"  # the base family whose latents and text these are (dtback.model.identity_flux.base_family)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -104,7 +108,10 @@ class FeatureStore:
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """``pixels (B, 3, H, W)`` in [-1, 1] → FLUX-normalised latents ``(B, C, H/8, W/8)`` (the posterior mean)."""
+    """``pixels (B, 3, H, W)`` in [-1, 1] → FLUX-normalised latents ``(B, C, H/8, W/8)`` (the posterior mean; a
+    FLUX.2 VAE's latents normalised as :func:`dtback.model.flux2.encode_flux2_latents` does)."""
+    if isinstance(vae, AutoencoderKLFlux2):
+        return encode_flux2_latents(vae, pixels)
     param = next(vae.parameters())
     latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mean
     shift = vae.config.shift_factor or 0.0
@@ -113,6 +120,8 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`encode_latents` (differentiable): ``(B, C, h, w)`` → pixels ``(B, 3, 8h, 8w)`` ≈ [-1, 1]."""
+    if isinstance(vae, AutoencoderKLFlux2):
+        return decode_flux2_latents(vae, latents)
     param = next(vae.parameters())
     shift = vae.config.shift_factor or 0.0
     return vae.decode(latents.to(param.dtype) / vae.config.scaling_factor + shift).sample
@@ -120,16 +129,20 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_captions(pipeline, captions: Sequence[str], max_sequence_length: int, batch_size: int = 32):
-    """``(prompt_embeds (U, S, Dt), pooled (U, Dp))`` through the pipeline's own ``encode_prompt``."""
-    device = pipeline.text_encoder_2.device
+    """``(prompt_embeds (U, S, Dt), pooled (U, Dp))`` through the pipeline's own ``encode_prompt``; FLUX.2 has no
+    pooled embedding (None)."""
+    flux2 = base_family(pipeline.transformer.config) == "flux2"
     embeds, pooled = [], []
     for start in range(0, len(captions), batch_size):
         chunk = list(captions[start:start + batch_size])
-        prompt, pool, _ = pipeline.encode_prompt(prompt=chunk, prompt_2=None, device=device,
-                                                 max_sequence_length=max_sequence_length)
+        if flux2:
+            prompt, _ = encode_flux2_captions(pipeline, chunk, max_sequence_length)
+        else:
+            prompt, pool, _ = pipeline.encode_prompt(prompt=chunk, prompt_2=None, device=pipeline.text_encoder_2.device,
+                                                     max_sequence_length=max_sequence_length)
+            pooled.append(pool.to("cpu", TEXT_DTYPE))
         embeds.append(prompt.to("cpu", TEXT_DTYPE))
-        pooled.append(pool.to("cpu", TEXT_DTYPE))
-    return torch.cat(embeds), torch.cat(pooled)
+    return torch.cat(embeds), torch.cat(pooled) if pooled else None
 
 
 def _map_box(box: np.ndarray, transform: tuple[float, float, float], size: tuple[int, int]) -> np.ndarray:
@@ -205,6 +218,7 @@ def build_feature_store(
         body_boxes=torch.stack([row["body_box"] for row in rows]),
         skipped=skipped,
         contents=[row["content"] for row in rows],
+        family=base_family(pipeline.transformer.config),
     )
 
 
@@ -284,7 +298,8 @@ def _image_row(entry, char, c, key, data_cfg, buckets, encoder, face, body, want
 
 
 def _cached_text(pipeline, captions: list[str], cache_dir: Path, max_sequence_length: int, progress: bool):
-    encoders = f"{module_fingerprint(pipeline.text_encoder)}+{module_fingerprint(pipeline.text_encoder_2)}"
+    encoders = "+".join(module_fingerprint(encoder) for encoder in (pipeline.text_encoder,
+                                                                     getattr(pipeline, "text_encoder_2", None)) if encoder)
     cache = EmbeddingCache(cache_dir / "text", encoders, {"max_sequence_length": max_sequence_length})
     keys = [hashlib.sha256(text.encode("utf-8")).hexdigest() for text in captions]
     missing = [i for i, key in enumerate(keys) if key not in cache]
@@ -295,8 +310,9 @@ def _cached_text(pipeline, captions: list[str], cache_dir: Path, max_sequence_le
             for start in tqdm(chunks, desc="captions", unit="batch", disable=not progress):
                 chunk = missing[start:start + 32]
                 embeds, pooled = encode_captions(pipeline, [captions[i] for i in chunk], max_sequence_length)
-                for i, e, p in zip(chunk, embeds, pooled):
-                    cache.put(keys[i], {"prompt": e, "pooled": p})
+                for row, i in enumerate(chunk):
+                    cache.put(keys[i], {"prompt": embeds[row], **({"pooled": pooled[row]} if pooled is not None else {})})
         stored = cache.get_many(keys)
         entries = [stored[key] for key in keys]
-    return torch.stack([e["prompt"] for e in entries]), torch.stack([e["pooled"] for e in entries])
+    pooled = torch.stack([e["pooled"] for e in entries]) if "pooled" in entries[0] else None
+    return torch.stack([e["prompt"] for e in entries]), pooled

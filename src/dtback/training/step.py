@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from dtback.config import TrainingConfig
+from dtback.model.flux2 import image_ids as flux2_image_ids
+from dtback.model.flux2 import text_ids as flux2_text_ids
 from dtback.model.identity_flux import IdentityPreservingFlux
 from dtback.training.batches import Batch
 from dtback.training.features import FeatureStore
@@ -72,10 +74,14 @@ def compute_loss(
         hidden_states=noisy,
         timestep=sigmas.to(device),
         encoder_hidden_states=store.prompt_embeds[caption].to(device).float(),
-        pooled_projections=store.pooled_embeds[caption].to(device).float(),
         txt_ids=torch.zeros(store.prompt_embeds.shape[1], 3, device=device),
         img_ids=batch.image_ids.to(device),
     )
+    if store.family == "flux2":  # no pooled text; positions on 4 axes, text along the last
+        transformer_inputs.update(txt_ids=flux2_text_ids(store.prompt_embeds.shape[1], device),
+                                  img_ids=flux2_image_ids(transformer_inputs["img_ids"]))
+    else:
+        transformer_inputs["pooled_projections"] = store.pooled_embeds[caption].to(device).float()
     if guidance is not None:
         transformer_inputs["guidance"] = torch.full((batch_size,), guidance, device=device)
     prediction = module(identity=batch.identity, face_scale=keep, body_scale=keep, **transformer_inputs)

@@ -63,13 +63,23 @@ def generate(pipeline, model: IdentityPreservingFlux, store: FeatureStore, val: 
     identity = None if condition == "no_id" else model.encode_identity(reference_inputs(store, references)[0])
     device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
     caption = store.caption[torch.tensor(val.targets)]
-    prompt = {"prompt_embeds": store.prompt_embeds[caption].to(device, dtype),
-              "pooled_prompt_embeds": store.pooled_embeds[caption].to(device, dtype)}
+    prompt = {"prompt_embeds": store.prompt_embeds[caption].to(device, dtype)}
+    if store.pooled_embeds is not None:
+        prompt["pooled_prompt_embeds"] = store.pooled_embeds[caption].to(device, dtype)
     kwargs = {}
     if pipeline.transformer.config.guidance_embeds:
         kwargs["guidance_scale"] = guidance
     branches = 1
-    if true_cfg > 1.0 and identity is not None:
+    cfg = true_cfg > 1.0 and identity is not None
+    if store.family == "flux2":
+        # FLUX.2 [klein]'s guidance_scale is true CFG (against the negative prompt), off without identity; FLUX.2
+        # [dev] is guidance-distilled and has no true CFG.
+        if not pipeline.transformer.config.guidance_embeds:
+            kwargs["guidance_scale"] = true_cfg if cfg else 1.0
+            if cfg:
+                branches = 2
+                kwargs["negative_prompt_embeds"] = prompt["prompt_embeds"]
+    elif cfg:
         branches = 2
         kwargs.update(true_cfg_scale=true_cfg, negative_prompt_embeds=prompt["prompt_embeds"],
                       negative_pooled_prompt_embeds=prompt["pooled_prompt_embeds"])

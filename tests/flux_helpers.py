@@ -35,11 +35,12 @@ def make_model(transformer, lora_rank: int = 0, seed: int = 1, **model_overrides
 
 
 def randomise_outputs(model: IdentityPreservingFlux, seed: int = 2) -> None:
-    """Give the zero-initialised output projections random weights, as training would."""
+    """Give the zero-initialised output projections random weights and biases, as training would."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for adapter in model.adapters.values():
             adapter.to_out.weight.copy_(torch.randn(adapter.to_out.weight.shape, generator=generator) * 0.1)
+            adapter.to_out.bias.copy_(torch.randn(adapter.to_out.bias.shape, generator=generator) * 0.1)
 
 
 def identity_inputs(seed: int = 3, batch: int = BATCH) -> IdentityInputs:

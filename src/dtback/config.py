@@ -288,8 +288,7 @@ class ModelConfig(_Section):
 
     base: Literal["flux1", "flux2", "flux2_klein"] = Field(
         "flux1", description="The FLUX family: flux1 (FLUX.1 [dev]/[schnell]), flux2 (FLUX.2 [dev]), flux2_klein "
-        "(FLUX.2 [klein] 4B/9B). The simple model exists for flux1 and flux2_klein. Training runs on each; "
-        "dtback generate and evaluate on flux1 so far."
+        "(FLUX.2 [klein] 4B/9B). The simple model exists for flux1 and flux2_klein."
     )
     use_simple_model: bool = Field(
         True, description="Build a small FLUX-architecture model in code (offline) instead of loading FLUX.1."

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import DiffusionPipeline, Flux2KleinPipeline, FluxPipeline
 from PIL import Image
 
 from dtback import backends, devices
@@ -171,15 +171,14 @@ class IdentityFluxPipeline:
         adapter = Path(adapter)
         device = str(offload_device(offload, device)) if offload != "none" else (device or "cpu")
         spec, _ = read_adapter(adapter)
-        if spec.base.get("family", "flux1") != "flux1":
-            raise AdapterMismatchError(
-                f"{adapter} was trained on a FLUX.2 base ({spec.base['family']}); dtback generate and evaluate run "
-                "FLUX.1 adapters only so far (FLUX.2 trains; its sampling through dtback is issue 20)")
         source = resolve_base(adapter, spec.extra.base_model, base)
         check_base_content(adapter, spec.extra, source, chosen=bool(base))
         dtype = dtype or devices.resolve_dtype("auto", device)
+        # FLUX.1 adapters on a FluxPipeline; FLUX.2 ones on the pipeline the base folder names (Flux2Pipeline for
+        # [dev], Flux2KleinPipeline for [klein]); attaching checks the transformer is of the adapter's family.
+        loader = FluxPipeline if spec.base["family"] == "flux1" else DiffusionPipeline
         try:
-            pipeline = FluxPipeline.from_pretrained(source, **{DTYPE_KWARG: dtype}, local_files_only=local_files_only)
+            pipeline = loader.from_pretrained(source, **{DTYPE_KWARG: dtype}, local_files_only=local_files_only)
         except OSError as err:
             raise MissingModelError(f"FLUX base {source!r} (for {adapter}) could not be loaded: {err}") from err
         model = IdentityPreservingFlux.from_pretrained(adapter, transformer=pipeline.transformer)
@@ -328,7 +327,18 @@ class IdentityFluxPipeline:
         face = self.model.spec.face_scale if face_scale is None else face_scale
         body = self.model.spec.body_scale if body_scale is None else body_scale
         true_cfg = true_cfg_scale > 1.0
-        if true_cfg:
+        if isinstance(self.pipeline, Flux2KleinPipeline):
+            # [klein]: no distilled guidance; its guidance_scale is true CFG against negative prompt embeddings.
+            guidance_scale = true_cfg_scale
+            if true_cfg:
+                negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else \
+                    list(negative_prompt or prompts)
+                pipeline_kwargs["negative_prompt_embeds"] = self.pipeline.encode_prompt(
+                    negative, max_sequence_length=self.max_sequence_length)[0]
+        elif true_cfg and not isinstance(self.pipeline, FluxPipeline):
+            raise DtbackError(f"true CFG (true_cfg_scale={true_cfg_scale}) needs FLUX.1 or FLUX.2 [klein]; "
+                              f"{type(self.pipeline).__name__} is guidance-distilled: use guidance_scale")
+        elif true_cfg:
             pipeline_kwargs.update(true_cfg_scale=true_cfg_scale,
                                    negative_prompt=prompts if negative_prompt is None else negative_prompt)
         branches = 2 if true_cfg else 1

@@ -129,20 +129,23 @@ class IdentityCrossAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, identity: IdentityTokens, face_scale: torch.Tensor,
                 body_scale: torch.Tensor) -> torch.Tensor:
-        """``hidden (B, L, dim)``; scales ``(B,)`` already zero where a part is invalid → update ``(B, L, dim)``."""
+        """``hidden (B, L, dim)``; scales ``(B,)`` already zero where a part is invalid → update ``(B, L, dim)``.
+        A sample whose every present branch has scale 0 gets an update of exactly zero (the output bias too)."""
         batch, length, _ = hidden.shape
         q = self.to_q(self.norm(hidden)).view(batch, length, self.heads, -1).transpose(1, 2)
         q = self.norm_q(q)
-        mixed = None
+        mixed, used = None, torch.zeros(batch, dtype=torch.bool, device=hidden.device)
         for tokens, kv_proj, scale in ((identity.face, self.to_kv_face, face_scale),
                                        (identity.body, self.to_kv_body, body_scale)):
             if tokens is None or kv_proj is None:
                 continue
             out = self._branch(q, kv_proj, tokens) * scale.view(batch, 1, 1, 1).to(q.dtype)
             mixed = out if mixed is None else mixed + out
+            used = used | (scale.to(used.device) != 0)
         if mixed is None:
             return torch.zeros_like(hidden)
-        return self.to_out(mixed.transpose(1, 2).reshape(batch, length, -1))
+        update = F.linear(mixed.transpose(1, 2).reshape(batch, length, -1), self.to_out.weight)
+        return update + self.to_out.bias * used.view(batch, 1, 1).to(update.dtype)
 
 
 @dataclass

@@ -217,3 +217,15 @@ def test_a_run_config_with_the_removed_duplicate_hash_bits_still_loads(tmp_path)
     with pytest.warns(FutureWarning, match="data.build.duplicate_hash_bits is no longer used"):
         cfg = load_config(old)
     assert cfg.data.build.min_face_size == 40
+
+
+def test_the_licence_clean_recipe_names_only_permissive_models():
+    """train/flux2_klein_licence_clean.yaml: FLUX.2 [klein] base 4B, dlib faces, DINOv2-small bodies, in the folders
+    `dtback download` puts them in."""
+    from dtback.download import DEFAULT_BODY_REPO, FLUX_LICENCES, FLUX_REPOS
+
+    cfg = load_config(REPO / "train" / "flux2_klein_licence_clean.yaml")
+    assert cfg.model.base == "flux2_klein" and not cfg.model.use_simple_model
+    assert Path(cfg.model.pretrained_model).name == FLUX_REPOS["flux2-klein-base-4b"].split("/")[1]
+    assert FLUX_LICENCES["flux2-klein-base-4b"] == "Apache-2.0"
+    assert cfg.identity.face_backend == "dlib" and Path(cfg.identity.body_model).name == DEFAULT_BODY_REPO.split("/")[1]

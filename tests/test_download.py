@@ -178,3 +178,21 @@ def test_check_passes_on_a_complete_folder_and_prints_the_settings(tmp_path, cap
     assert f"--set identity.face_backend=insightface --set identity.face_model_dir={face}" in capsys.readouterr().err
     assert main(["download", "--check", "--only", "flux,faces"]) == EXIT_BAD_INPUT
     assert "--only flux,faces: choose from flux,face,body" in capsys.readouterr().err
+
+
+def test_flux2_choices_fetch_one_text_encoder_and_set_the_family(tmp_path, capsys):
+    """FLUX.2 has one text encoder (no text_encoder_2); a complete folder prints the settings that load it."""
+    klein = tmp_path / "FLUX.2-klein-base-4B"
+    for name in ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                 "transformer/config.json", "vae/config.json"):
+        (klein / name).parent.mkdir(parents=True, exist_ok=True)
+        (klein / name).write_text("{}")
+    assert main(["download", "--check", "--models-dir", str(tmp_path), "--only", "flux",
+                 "--flux", "flux2-klein-base-4b"]) == 0
+    assert (f"--set model.base=flux2_klein --set model.use_simple_model=false --set model.pretrained_model={klein}"
+            in capsys.readouterr().err)
+    from dtback.download import make_targets
+
+    (dev,) = make_targets("flux2-dev", only=["flux"])
+    assert dev.repo_id == "black-forest-labs/FLUX.2-dev" and "model.base=flux2" in dev.also_set
+    assert not any("text_encoder_2" in pattern for pattern in dev.patterns)

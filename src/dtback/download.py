@@ -5,7 +5,7 @@ Each target is one hub repository mirrored (the files dtback reads, by pattern) 
 
 | target | default repo | folder | config key to point at it |
 |---|---|---|---|
-| flux | ``black-forest-labs/FLUX.1-dev`` (or ``--flux schnell``) | ``FLUX.1-dev`` | ``model.pretrained_model`` |
+| flux | ``black-forest-labs/FLUX.1-dev`` (or ``--flux schnell`` / a FLUX.2 choice) | ``FLUX.1-dev`` | ``model.pretrained_model`` |
 | face | ``DIAMONIK7777/antelopev2`` (the pack PuLID fetches) | ``antelopev2`` | ``identity.face_model_dir`` |
 | body | ``facebook/dinov2-small`` | ``dinov2-small`` | ``identity.body_model`` |
 
@@ -36,7 +36,18 @@ from dtback.io import write_json
 logger = logging.getLogger(__name__)
 
 MANIFEST = "dtback_download.json"
-FLUX_REPOS = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
+FLUX_REPOS = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
+              "flux2-dev": "black-forest-labs/FLUX.2-dev",
+              "flux2-klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+              "flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",
+              "flux2-klein-base-9b": "black-forest-labs/FLUX.2-klein-base-9B",
+              "flux2-klein-9b": "black-forest-labs/FLUX.2-klein-9B"}
+# Licences as their model pages state them (read from third-party mirrors here: the hub was not reachable); the
+# undistilled "base" klein checkpoints are the ones to train adapters on.
+FLUX_LICENCES = {"dev": "FLUX.1 [dev] non-commercial, gated", "schnell": "Apache-2.0",
+                 "flux2-dev": "FLUX.2 [dev] non-commercial, gated", "flux2-klein-base-4b": "Apache-2.0",
+                 "flux2-klein-4b": "Apache-2.0", "flux2-klein-base-9b": "FLUX non-commercial",
+                 "flux2-klein-9b": "FLUX non-commercial"}
 DEFAULT_FACE_REPO = "DIAMONIK7777/antelopev2"
 DEFAULT_BODY_REPO = "facebook/dinov2-small"
 TARGET_NAMES = ("flux", "face", "body")
@@ -46,6 +57,10 @@ FLUX_PATTERNS = ("model_index.json", "scheduler/*", "text_encoder/*", "text_enco
 FLUX_REQUIRED = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
                  "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer_2/spiece.model",
                  "transformer/config.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+# FLUX.2: one text encoder and its tokenizer (Mistral for [dev], Qwen3 for [klein]).
+FLUX2_PATTERNS = ("model_index.json", "scheduler/*", "text_encoder/*", "tokenizer/*", "transformer/*", "vae/*")
+FLUX2_REQUIRED = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                  "transformer/config.json", "vae/config.json")
 # dtback's InsightFace backend reads the SCRFD detector and the ArcFace recognizer of the pack.
 FACE_REQUIRED = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 BODY_PATTERNS = ("config.json", "preprocessor_config.json", "model.safetensors")
@@ -101,9 +116,14 @@ def make_targets(flux: str = "dev", face_repo: str = DEFAULT_FACE_REPO, body_rep
     if flux not in FLUX_REPOS:
         raise DownloadError(f"--flux {flux}: choose from {', '.join(FLUX_REPOS)}")
     flux_repo = FLUX_REPOS[flux]
+    flux_target = Target("flux", flux_repo, flux_repo.split("/")[-1], FLUX_PATTERNS, FLUX_REQUIRED,
+                         "model.pretrained_model")
+    if flux.startswith("flux2"):
+        base = "flux2" if flux == "flux2-dev" else "flux2_klein"
+        flux_target = Target("flux", flux_repo, flux_repo.split("/")[-1], FLUX2_PATTERNS, FLUX2_REQUIRED,
+                             "model.pretrained_model", (f"model.base={base}", "model.use_simple_model=false"))
     every = {
-        "flux": Target("flux", flux_repo, flux_repo.split("/")[-1], FLUX_PATTERNS, FLUX_REQUIRED,
-                       "model.pretrained_model"),
+        "flux": flux_target,
         "face": Target("face", face_repo, face_repo.split("/")[-1], ("*.onnx",), FACE_REQUIRED,
                        "identity.face_model_dir", ("identity.face_backend=insightface",)),
         "body": Target("body", body_repo, body_repo.split("/")[-1], BODY_PATTERNS, BODY_REQUIRED,
@@ -247,8 +267,8 @@ def gated_message(repo_id: str, endpoint: str = "https://huggingface.co") -> str
     return (f"{repo_id} is a gated model: the hub refused it without an accepted licence. 1) Log in at "
             f"{endpoint}/{repo_id} and accept the licence on the model page; 2) give this machine a token with read "
             "access: `huggingface-cli login` (or `hf auth login`), or HF_TOKEN=hf_... in the environment; 3) run the "
-            "command again. FLUX.1-dev's licence is non-commercial; `--flux schnell` fetches FLUX.1-schnell "
-            "(Apache-2.0).")
+            "command again. FLUX.1-dev's and FLUX.2-dev's licences are non-commercial; `--flux schnell` (FLUX.1-schnell) "
+            "and `--flux flux2-klein-base-4b` (FLUX.2 [klein] 4B) are Apache-2.0.")
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -273,7 +293,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the models go (default: models/)")
     parser.add_argument("--only", default=",".join(TARGET_NAMES), help="comma-separated subset of flux,face,body")
     parser.add_argument("--flux", choices=sorted(FLUX_REPOS), default="dev",
-                        help="FLUX.1-dev (gated, non-commercial licence) or FLUX.1-schnell (default: dev)")
+                        help="which FLUX (default: dev = FLUX.1-dev): " + "; ".join(
+                            f"{name}: {FLUX_REPOS[name].split('/')[1]} ({FLUX_LICENCES[name]})" for name in FLUX_REPOS))
     parser.add_argument("--face-repo", default=DEFAULT_FACE_REPO,
                         help=f"hub repo with the InsightFace antelopev2 ONNX pack (default: {DEFAULT_FACE_REPO})")
     parser.add_argument("--body-repo", default=DEFAULT_BODY_REPO,

@@ -352,7 +352,8 @@ class ModelConfig(_Section):
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the base transformer through peft (0: no LoRA).")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; null: equal to the rank.")
     lora_targets: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="Module names LoRA wraps in the transformer."
+        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="Module names LoRA wraps in the transformer "
+        "(on FLUX.2 the default also wraps its single blocks' fused to_qkv_mlp_proj)."
     )
     base_quantization: Literal["int8"] | None = Field(
         None, description="Memory mode: int8 stores the frozen base's block weights in 8 bits (torchao, halves them); "

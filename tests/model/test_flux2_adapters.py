@@ -142,3 +142,44 @@ def test_an_adapter_saved_before_families_reads_as_flux1(tmp_path):
     del config["base"]["family"]  # as written by dtback before FLUX.2
     (saved / CONFIG_FILE).write_text(json.dumps(config))
     assert IdentityPreservingFlux.from_pretrained(saved, transformer=flux1).spec.base["family"] == "flux1"
+
+
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
+def test_a_few_steps_reduce_the_loss_and_move_only_the_adapters(base, tmp_path, family):
+    """The same adapters on either family learn (a fixed target, Adam) while the base stays as it was."""
+    if family == "flux1":
+        from diffusers import FluxTransformer2DModel
+
+        from flux_helpers import transformer_inputs
+
+        base = FluxTransformer2DModel.from_pretrained(save_tiny_flux(tmp_path / "f1")).requires_grad_(False)
+        step_inputs = transformer_inputs()
+    else:
+        step_inputs = inputs()
+    frozen = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    model = every_block(base).attach(base)
+    target = torch.randn(base(**step_inputs)[0].shape, generator=torch.Generator().manual_seed(9))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = (model(identity=identity_inputs(), **step_inputs)[0] - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(torch.equal(tensor, frozen[name]) for name, tensor in base.state_dict().items())
+
+
+def test_lora_on_flux2_reaches_the_single_blocks_and_detaches(base):
+    reference = run(None, base)
+    model = make_model(base, lora_rank=2)
+    assert model.spec.lora["targets"] == ["to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj"]
+    model.attach(base)
+    wrapped = {name for name, module in base.named_modules() if hasattr(module, "lora_A")}
+    assert any(name.startswith("single_transformer_blocks.") for name in wrapped)
+    assert any(name.startswith("transformer_blocks.") for name in wrapped)
+    model(identity=identity_inputs(), **inputs())[0].square().mean().backward()
+    assert any(p.grad is not None for name, p in base.named_parameters() if "lora_B" in name and "single" in name)
+    model.detach()
+    assert torch.equal(run(None, base), reference)

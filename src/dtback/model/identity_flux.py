@@ -126,6 +126,7 @@ class AdapterSpec:
             raise AdapterMismatchError(f"{source}: adapter config key missing or malformed: {err}") from err
 
 
+FLUX1_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # model.lora_targets' default
 FAMILIES = {"flux1": "FLUX.1 (FluxTransformer2DModel)", "flux2": "FLUX.2 (Flux2Transformer2DModel)"}
 
 
@@ -175,8 +176,13 @@ def spec_from_config(
     )
     lora = None
     if model_cfg.lora_rank > 0:
+        targets = list(model_cfg.lora_targets)
+        if base["family"] == "flux2" and targets == FLUX1_LORA_TARGETS:
+            # FLUX.2's single blocks project q, k, v and the MLP input in one fused layer: without it LoRA would
+            # reach the double blocks only.
+            targets.append("to_qkv_mlp_proj")
         lora = {"rank": model_cfg.lora_rank, "alpha": model_cfg.lora_alpha or float(model_cfg.lora_rank),
-                "targets": list(model_cfg.lora_targets)}
+                "targets": targets}
     return AdapterSpec(resampler, layout.double, layout.single, heads, inner // heads, base,
                        model_cfg.face_scale, model_cfg.body_scale, lora)
 

@@ -115,7 +115,7 @@ def random_inputs(size: int, batch: int, device: torch.device, dtype: torch.dtyp
     """Transformer inputs of ``adapter_overhead`` filled with values: latents, text, ids on the latent grid."""
     generator = torch.Generator(device).manual_seed(seed)
     with torch.device(device):
-        inputs = transformer_inputs(size, batch)
+        inputs = transformer_inputs(FLUX_DEV, size, batch)
         identity = identity_inputs(batch)
     for key in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
         inputs[key] = inputs[key].normal_(generator=generator).to(dtype)

@@ -288,7 +288,7 @@ class ModelConfig(_Section):
 
     base: Literal["flux1", "flux2", "flux2_klein"] = Field(
         "flux1", description="The FLUX family: flux1 (FLUX.1 [dev]/[schnell]), flux2 (FLUX.2 [dev]), flux2_klein "
-        "(FLUX.2 [klein] 4B/9B). The simple model exists for flux1 and flux2_klein."
+        "(FLUX.2 [klein] 4B/9B); the simple model is built for each."
     )
     use_simple_model: bool = Field(
         True, description="Build a small FLUX-architecture model in code (offline) instead of loading FLUX.1."
@@ -385,9 +385,6 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check_family(self) -> "ModelConfig":
-        if self.use_simple_model and self.base == "flux2":
-            raise ValueError("base=flux2 (FLUX.2 [dev]) has no simple model: use base: flux2_klein with the simple "
-                             "model, or use_simple_model: false with a FLUX.2 [dev] folder")
         if self.use_simple_model and self.base != "flux1":
             for key in ("simple_vae", "simple_base"):
                 if getattr(self, key) == "world":

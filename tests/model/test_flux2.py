@@ -105,3 +105,21 @@ def test_identity_adapters_sample_through_the_flux2_pipeline_with_true_cfg(pipel
         assert np.abs(generate(pipeline) - base_image).max() > 1e-3
     with model.identity_per_call(tokens, steps=2, branches=2, face_scale=0.0):
         np.testing.assert_array_equal(generate(pipeline), base_image)
+
+
+def test_the_simple_flux2_dev_model_saves_reloads_and_reads_its_prompts(tmp_path):
+    """FLUX.2 [dev]'s pipeline (Mistral 3 text encoder, distilled guidance) with the simple model's sizes."""
+    from diffusers import Flux2Pipeline
+
+    built = build_simple_flux2_pipeline(seed=1, dev=True)
+    built.save_pretrained(tmp_path / "dev", safe_serialization=True)
+    loaded = Flux2Pipeline.from_pretrained(tmp_path / "dev")
+    assert loaded.transformer.config.guidance_embeds
+    embeds, _ = encode_flux2_captions(loaded, ["a photo of a person", "a man on a beach"], 16)
+    assert embeds.shape == (2, 16, loaded.transformer.config.joint_attention_dim)
+    assert not torch.allclose(embeds[0], embeds[1])  # the prompt is read, not cut off behind a system message
+    settings = dict(prompt="a photo of a person", height=64, width=64, num_inference_steps=2, guidance_scale=3.5,
+                    max_sequence_length=16, output_type="np")
+    image = loaded(**settings, generator=torch.Generator().manual_seed(0)).images[0]
+    np.testing.assert_allclose(built(**settings, generator=torch.Generator().manual_seed(0)).images[0], image,
+                               atol=1e-5)

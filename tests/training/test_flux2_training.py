@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtback.config import load_config
-from dtback.errors import ConfigError
+from dtback.errors import ConfigError, DtbackError
 from dtback.model.identity_flux import read_adapter
 from dtback.training.trainer import train
 from helpers import REPO, make_dataset, save_tiny_dinov2
@@ -39,10 +39,15 @@ def root(tmp_path_factory):
     return root
 
 
+PIPELINES = {"flux2_klein": "Flux2KleinPipeline", "flux2": "Flux2Pipeline"}
+
+
 @pytest.mark.slow
-def test_a_flux2_klein_run_trains_validates_and_saves_an_adapter_of_its_family(root):
-    run_dir = root / "run"
-    result = train(config(root, run_dir), resume=None, progress_bar=False)
+@pytest.mark.parametrize("base", ["flux2_klein", "flux2"])
+def test_a_flux2_run_trains_validates_generates_and_evaluates(root, base):
+    """[klein]: true CFG in validation and generation; [dev]: distilled guidance, no true CFG."""
+    run_dir = root / f"run_{base}"
+    result = train(config(root, run_dir, **{"model.base": base}), resume=None, progress_bar=False)
     assert result.steps == 4
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -54,7 +59,7 @@ def test_a_flux2_klein_run_trains_validates_and_saves_an_adapter_of_its_family(r
     # The base written next to the adapter is a FLUX.2 [klein] pipeline; the adapter says so, and only its
     # adapters and resampler trained (the base is frozen, as real FLUX.2 is).
     index = json.loads((run_dir / "base" / "model_index.json").read_text())
-    assert index["_class_name"] == "Flux2KleinPipeline" and index["transformer"][1] == "Flux2Transformer2DModel"
+    assert index["_class_name"] == PIPELINES[base] and index["transformer"][1] == "Flux2Transformer2DModel"
     spec, _ = read_adapter(run_dir / "best_model.pt")
     assert spec.base["family"] == "flux2"
     first = load_file(run_dir / "checkpoints" / "checkpoint-000002" / "trainable.safetensors")
@@ -69,9 +74,9 @@ def test_a_flux2_klein_run_trains_validates_and_saves_an_adapter_of_its_family(r
     from dtback.inference.pipeline import IdentityFluxPipeline
 
     pipe = IdentityFluxPipeline.from_pretrained(run_dir / "best_model.pt")
-    assert type(pipe.pipeline).__name__ == "Flux2KleinPipeline"
+    assert type(pipe.pipeline).__name__ == PIPELINES[base]
     references, _ = pipe.encode_references([Image.open(p) for p in sorted((root / "data" / "b" / "c0").glob("*.png"))])
-    settings = dict(num_inference_steps=2, height=32, width=32, true_cfg_scale=2.0)
+    settings = dict(num_inference_steps=2, height=32, width=32, true_cfg_scale=2.0 if base == "flux2_klein" else 1.0)
     with torch.no_grad():
         for adapter in pipe.model.adapters.values():  # 4 steps barely move them: make the effect visible
             adapter.to_out.weight.normal_(std=0.5)
@@ -82,14 +87,15 @@ def test_a_flux2_klein_run_trains_validates_and_saves_an_adapter_of_its_family(r
     # dtback evaluate on the run's held-out characters, through the same pipeline.
     from dtback.evaluation.benchmark import EvaluateSettings, evaluate
 
-    results = evaluate(EvaluateSettings(model=run_dir / "best_model.pt", out=root / "eval", steps=2,
+    if base == "flux2":
+        with pytest.raises(DtbackError, match="Flux2Pipeline is guidance-distilled"):
+            pipe("a photo of a person", references, **{**settings, "true_cfg_scale": 2.0})
+    results = evaluate(EvaluateSettings(model=run_dir / "best_model.pt", out=root / f"eval_{base}", steps=2,
                                         images_per_prompt=1, num_characters=2, device="cpu", progress=False))
     assert {"with_identity", "no_identity", "shuffled"} <= set(results["conditions"])
-    assert (root / "eval" / "results.json").is_file()
+    assert (root / f"eval_{base}" / "results.json").is_file()
 
 
 def test_flux2_settings_that_cannot_work_are_refused_naming_the_key(root, tmp_path):
-    with pytest.raises(ConfigError, match="base=flux2 .*has no simple model"):
-        config(root, tmp_path / "run", **{"model.base": "flux2"})
     with pytest.raises(ConfigError, match="simple_vae=world is a FLUX.1 model"):
         config(root, tmp_path / "run", **{"model.simple_vae": "world"})

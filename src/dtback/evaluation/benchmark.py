@@ -161,10 +161,14 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     held = load_held_out(run_dir, cfg, settings.data_dir, settings.characters, settings.num_characters,
                          settings.references, settings.allow_trained)
     prompts = read_prompts(settings.prompts_file, held.is_world)
-    if settings.true_cfg is None:
+    from_run = settings.true_cfg is None
+    if from_run:
         settings = settings.model_copy(update={"true_cfg": cfg.training.val_true_cfg if cfg is not None else 1.0})
     device = str(devices.available_device(settings.device))
     pipe = IdentityFluxPipeline.from_pretrained(settings.model, base=settings.base, device=device)
+    if from_run and settings.true_cfg > 1.0 and not pipe.supports_true_cfg:  # as the run's validation sampled it
+        logger.info("%s has no true CFG (guidance-distilled): evaluating without it", type(pipe.pipeline).__name__)
+        settings = settings.model_copy(update={"true_cfg": 1.0})
     pipe.pipeline.set_progress_bar_config(disable=True)
     extra = pipe.model.spec.extra
     size = extra.input_size

@@ -194,6 +194,11 @@ class IdentityFluxPipeline:
             pipe.enable_offload(offload, device)
         return pipe
 
+    @property
+    def supports_true_cfg(self) -> bool:
+        """FLUX.1 and FLUX.2 [klein] sample with true CFG; FLUX.2 [dev] is guidance-distilled and has none."""
+        return isinstance(self.pipeline, (FluxPipeline, Flux2KleinPipeline))
+
     def enable_offload(self, mode: str, device: str | torch.device | None = None) -> None:
         """diffusers' CPU offload of the FLUX components onto the GPU ``device`` (None: this machine's).
 
@@ -335,7 +340,7 @@ class IdentityFluxPipeline:
                     list(negative_prompt or prompts)
                 pipeline_kwargs["negative_prompt_embeds"] = self.pipeline.encode_prompt(
                     negative, max_sequence_length=self.max_sequence_length)[0]
-        elif true_cfg and not isinstance(self.pipeline, FluxPipeline):
+        elif true_cfg and not self.supports_true_cfg:
             raise DtbackError(f"true CFG (true_cfg_scale={true_cfg_scale}) needs FLUX.1 or FLUX.2 [klein]; "
                               f"{type(self.pipeline).__name__} is guidance-distilled: use guidance_scale")
         elif true_cfg:

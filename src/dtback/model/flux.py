@@ -213,8 +213,8 @@ def initial_simple_pipeline(cfg: ModelConfig, seed: int, vae: AutoencoderKL | No
     :func:`dtback.backends.initial_simple_pipeline`."""
     if cfg.simple_base is None:
         logger.info("building the simple %s model from random weights (seed %d)", cfg.base, seed)
-        if cfg.base == "flux2_klein":
-            return build_simple_flux2_pipeline(seed, vae=vae)
+        if cfg.base != "flux1":
+            return build_simple_flux2_pipeline(seed, vae=vae, dev=cfg.base == "flux2")
         return build_simple_pipeline(seed, vae=vae)
     if cfg.simple_base == "world":
         raise ConfigError("model.simple_base=world is the identity world's base: load it through "

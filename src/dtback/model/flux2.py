@@ -12,10 +12,13 @@ What differs from FLUX.1 (:mod:`dtback.model.flux`), and where the rest of dtbac
 - **transformer**: ``Flux2Transformer2DModel``; modulation shared by all blocks; its single blocks return one joint
   text + image tensor (the identity hooks split it: :mod:`dtback.model.adapters`).
 
-The simple model is the FLUX.2 [klein] pipeline (``Flux2KleinPipeline``, true CFG, not distilled) with small configs,
-random weights and a byte-level tokenizer built in memory (whole tokens for the caption words, bytes for anything
-else), saved in diffusers format and loaded with ``from_pretrained`` like the real one. Its text encoder has the 27
-layers whose 9th, 18th and 27th hidden states the pipeline stacks by default, so no call needs other layers.
+The simple models are FLUX.2's pipelines with small configs, random weights and a byte-level tokenizer built in
+memory (whole tokens for the caption words, bytes for anything else), saved in diffusers format and loaded with
+``from_pretrained`` like the real ones: [klein] (``Flux2KleinPipeline``, a Qwen3 text encoder, true CFG, not
+distilled) and [dev] (``Flux2Pipeline``, a Mistral 3 text encoder, guidance-distilled). Each text encoder has as many
+layers as the pipeline's default stacked layers need (27 and 30), so no call passes other layers. The [dev]
+tokenizer's chat template keeps the user's text only: FLUX.2 [dev]'s long system message would fill the simple
+model's 32 prompt tokens.
 """
 
 from __future__ import annotations
@@ -25,11 +28,16 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from tokenizers import pre_tokenizers
-from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from diffusers import Flux2Pipeline
+from transformers import (
+    Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig, Qwen2TokenizerFast, Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from dtback.model.simple_parts import CAPTION_WORDS, FLUX_SCHEDULER, SIMPLE_VAE, merge_words
 
 TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's default text_encoder_out_layers
+DEV_TEXT_LAYERS = (10, 20, 30)  # Flux2Pipeline's
 SIMPLE_TEXT_WIDTH = 32
 
 # Hidden 128 (4 heads x 32), 2 double + 4 single blocks, like the simple FLUX.1 model.
@@ -57,6 +65,11 @@ CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Mistral's instruction markup around the user's text parts; the system message is left out (see the module doc).
+DEV_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST]{% for part in message['content'] %}"
+    "{{ part['text'] }}{% endfor %}[/INST]{% endif %}{% endfor %}"
+)
 
 
 def build_simple_qwen_tokenizer(words: list[str] = CAPTION_WORDS) -> Qwen2TokenizerFast:
@@ -72,31 +85,36 @@ def build_simple_qwen_tokenizer(words: list[str] = CAPTION_WORDS) -> Qwen2Tokeni
 
 
 def build_simple_flux2_pipeline(seed: int = 0, vae: AutoencoderKLFlux2 | None = None,
-                                transformer: dict[str, Any] | None = None) -> Flux2KleinPipeline:
-    """The simple FLUX.2 [klein] model with random weights (deterministic by ``seed``); ``vae`` replaces the random
-    VAE; ``transformer`` overrides keys of :data:`SIMPLE_FLUX2_TRANSFORMER`."""
+                                transformer: dict[str, Any] | None = None,
+                                dev: bool = False) -> Flux2KleinPipeline | Flux2Pipeline:
+    """The simple FLUX.2 [klein] model (``dev``: [dev]) with random weights (deterministic by ``seed``); ``vae``
+    replaces the random VAE; ``transformer`` overrides keys of :data:`SIMPLE_FLUX2_TRANSFORMER`."""
     tokenizer = build_simple_qwen_tokenizer()
+    if dev:
+        tokenizer.chat_template = DEV_CHAT_TEMPLATE
+    text = dict(vocab_size=len(tokenizer), hidden_size=SIMPLE_TEXT_WIDTH, intermediate_size=64, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        flux2 = Flux2Transformer2DModel(**{**SIMPLE_FLUX2_TRANSFORMER, **(transformer or {})})
+        flux2 = Flux2Transformer2DModel(**{**SIMPLE_FLUX2_TRANSFORMER, "guidance_embeds": dev, **(transformer or {})})
         if vae is None:
             vae = AutoencoderKLFlux2(**SIMPLE_FLUX2_VAE)
-        text_encoder = Qwen3ForCausalLM(Qwen3Config(
-            vocab_size=len(tokenizer), hidden_size=SIMPLE_TEXT_WIDTH, intermediate_size=64,
-            num_hidden_layers=max(TEXT_LAYERS), num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-        ))
+        if dev:  # Mistral 3 with the smallest vision tower its config accepts (text only is ever used)
+            text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+                text_config=MistralConfig(**text, num_hidden_layers=max(DEV_TEXT_LAYERS)),
+                vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, head_dim=8, patch_size=4, image_size=32),
+                image_token_index=tokenizer.pad_token_id, spatial_merge_size=1,
+            ))
+        else:
+            text_encoder = Qwen3ForCausalLM(Qwen3Config(**text, num_hidden_layers=max(TEXT_LAYERS),
+                                                        tie_word_embeddings=True))
     finally:
         torch.random.set_rng_state(generator_state)
-    return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        transformer=flux2,
-        is_distilled=False,
-    )
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae.eval(),
+                 text_encoder=text_encoder.eval(), tokenizer=tokenizer, transformer=flux2)
+    return Flux2Pipeline(**parts) if dev else Flux2KleinPipeline(**parts, is_distilled=False)
 
 
 def _latent_statistics(vae: AutoencoderKLFlux2, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +142,7 @@ def decode_flux2_latents(vae: AutoencoderKLFlux2, latents: torch.Tensor) -> torc
     return vae.decode(raw, return_dict=False)[0]
 
 
-def encode_flux2_captions(pipeline: Flux2KleinPipeline, captions: list[str],
+def encode_flux2_captions(pipeline: Flux2KleinPipeline | Flux2Pipeline, captions: list[str],
                           max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prompt_embeds (N, L, 3 x width), text_ids (N, L, 4))`` through the pipeline's own prompt encoding."""
     with torch.no_grad():

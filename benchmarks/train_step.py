@@ -272,6 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the results here (rewritten after every row)")
     parser.add_argument("--cudnn-attention", action="store_true", help="let attention use cuDNN (off, as in "
                         "training: its backward failed on an H100, see dtback.devices.attention_backends)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated blocks "
+                        "(diffusers' compile_repeated_blocks; the first steps of each row compile)")
     parser.add_argument("--profile", help="append a torch.profiler table of one adapter step per row to this file")
     parser.add_argument("--time-limit", type=float, help="seconds: rows not started by then are recorded as skipped "
                         "(benchmarks/gpu_check.sh fits its window this way)")
@@ -303,11 +305,13 @@ def run(args: argparse.Namespace) -> int:
     transformer = build_transformer(params, device, dtype, args.seed)
     torch.manual_seed(args.seed)
     model = identity_model(transformer).to(device)
+    if args.compile:
+        transformer.compile_repeated_blocks()
     results = {
         "preset": args.preset, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
         "device": device_name, "peak_tflops": args.peak_tflops, "base_dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-        "cudnn_attention": args.cudnn_attention,
+        "cudnn_attention": args.cudnn_attention, "compile": args.compile,
         "base_parameters": sum(p.numel() for p in transformer.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters()),
         "base_weight_gb": weight_bytes(transformer) / 2**30, "rows": [],

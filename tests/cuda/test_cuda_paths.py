@@ -100,14 +100,27 @@ def test_resume_on_the_gpu_continues_from_the_checkpoint(gpu_run, world, tmp_pat
     run, _, _ = gpu_run
     copy = tmp_path / "run"
     subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
-    cfg = load_config(REPO / "train" / "config.yaml", world_settings(world, copy, **{"training.max_steps": 6}))
+    # As if killed after step 3: the latest checkpoint is step 2's. The same config resumes (a changed max_steps
+    # would be refused: it changes the learning-rate schedule the restored scheduler follows).
+    subprocess.run(["rm", "-r", str(copy / "checkpoints" / "checkpoint-000004")], check=True)
+    cfg = load_config(REPO / "train" / "config.yaml", world_settings(world, copy))
     result = train(cfg, resume="auto", progress_bar=False)
-    assert result.steps == 6
+    assert result.steps == 4
     steps = [row["step"] for row in metrics(copy)]
-    assert steps == [1, 2, 3, 4, 5, 6]  # continued at 5, nothing repeated
-    before = load_file(copy / "checkpoints" / "checkpoint-000004" / "trainable.safetensors")
-    after = load_file(copy / "checkpoints" / "checkpoint-000006" / "trainable.safetensors")
-    assert any(not torch.equal(before[key], after[key]) for key in after)
+    assert steps == [1, 2, 3, 4, 3, 4]  # the resumed run re-logs the steps after its checkpoint, from 3 on
+    def load(folder, step):
+        return load_file(folder / "checkpoints" / f"checkpoint-{step:06d}" / "trainable.safetensors")
+
+    start, straight, resumed = load(run, 2), load(run, 4), load(copy, 4)
+    assert all(torch.isfinite(value.float()).all() for value in resumed.values())
+    assert any(not torch.equal(start[key], resumed[key]) for key in resumed)  # it trained on from step 2
+    # Continued from step 2's weights and optimiser state, the resumed step 4 lands near the straight run's step 4
+    # (bf16 autocast is not bit-exact on a GPU): nearer than step 2 is to it.
+    def distance(a, b):
+        return sum((a[key].float() - b[key].float()).norm() ** 2 for key in a) ** 0.5
+
+    assert distance(resumed, straight) < 0.5 * distance(start, straight), (
+        distance(resumed, straight), distance(start, straight))
 
 
 def test_the_pipeline_on_cuda_agrees_with_itself_under_offload_and_with_the_cpu(gpu_run, world):
@@ -134,9 +147,14 @@ def test_the_pipeline_on_cuda_agrees_with_itself_under_offload_and_with_the_cpu(
     assert np.abs(images["sequential"] - images["gpu"]).mean() < 0.01
     # float32 on the GPU vs the CPU: the same numbers up to TF32 convolutions and summation order.
     assert np.abs(images["cpu"] - images["gpu_float32"]).mean() < 0.03
-    # bf16 (the GPU's default) vs float32: the same picture, not the same pixels (H100, 2026-11-26: mean |diff| 0.080).
-    assert np.abs(images["cpu"] - images["gpu"]).mean() < 0.15
-    assert np.corrcoef(images["cpu"].ravel(), images["gpu"].ravel())[0, 1] > 0.9
+    # bf16 (the GPU's default) vs float32: near, not equal. Measured mean |diff| 0.080 on an H100 (2026-11-26) and
+    # 0.080 on an H200 (2026-11-27, correlation 0.79); this 4-step model's float32 images of seeds 0 and 1 differ
+    # by only 0.056 there, so neither a correlation bound nor a comparison with another seed tells a right bf16
+    # path from a wrong one here. The bound is twice the measured drift; a broken path (an image of noise, a black
+    # image) differs by several times that.
+    drift = float(np.abs(images["cpu"] - images["gpu"]).mean())
+    print(f"bf16 vs float32 on the GPU: mean |diff| {drift:.4f}")
+    assert np.isfinite(images["gpu"]).all() and drift < 0.15, drift
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None or importlib.util.find_spec("bitsandbytes") is None,

@@ -475,6 +475,10 @@ class TrainingConfig(_Section):
     identity_loss_max_samples: int = Field(
         4, ge=1, description="Identity losses on at most this many low-noise samples per micro-batch (VAE decode cost)."
     )
+    identity_loss_every: int = Field(
+        1, ge=1, description="Identity losses on every k-th optimiser step only (1: every step); between them a step "
+        "is the flow loss alone, without the VAE decode and the encoders' forward and backward.",
+    )
     identity_loss_max_sigma: float = Field(
         0.6, ge=0.0, le=1.0, description="Identity losses only on samples with noise level sigma below this."
     )

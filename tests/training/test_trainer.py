@@ -301,3 +301,16 @@ def test_train_called_from_python_never_runs_world_encoders_on_photos(tmp_path):
     with pytest.raises(ConfigError, match="identity.body_model=world"):
         train(cfg, resume=None, progress_bar=False)
     assert not (tmp_path / "run").exists()  # stopped before any work
+
+
+def test_identity_loss_every_k_steps_leaves_the_steps_between_to_the_flow_loss(tiny, tmp_path):
+    """training.identity_loss_every=2: the body loss is computed (and logged) on steps 1 and 3, not on 2 and 4."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(REPO / "train" / "config.yaml", overrides(tiny, run_dir, **{
+        "training.identity_loss_every": 2, "training.max_steps": 4, "training.log_every": 1,
+        "training.identity_dropout": 0, "training.identity_loss_max_sigma": 1.0}))
+    train(cfg, resume=None, progress_bar=False)
+    rows = {row["step"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert [step for step in rows if "loss/body" in rows[step]] == [1, 3]
+    assert all(rows[step]["loss"] == rows[step]["loss/flow"] * cfg.training.content_weight for step in (2, 4))

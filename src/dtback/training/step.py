@@ -59,8 +59,10 @@ def compute_loss(
     device: torch.device,
     guidance: float | None,
     scheduler_config: dict,
+    with_identity_loss: bool = True,
 ) -> StepOutput:
-    """Total loss of one micro-batch and its terms (floats, for logging)."""
+    """Total loss of one micro-batch and its terms (floats, for logging); ``with_identity_loss`` False leaves the
+    identity losses out of this step (``training.identity_loss_every``)."""
     batch_size = len(batch.targets)
     latents = batch.latents.to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -91,7 +93,7 @@ def compute_loss(
     flow = flow_matching_loss(prediction, latents, noise, weights).mean()
     total = cfg.content_weight * flow
     terms = {"loss/flow": flow.item()}
-    if identity_loss is not None and identity_loss.active:
+    if with_identity_loss and identity_loss is not None and identity_loss.active:
         identity_terms = identity_loss(predict_x0(noisy, prediction, sigmas.to(device)), batch, sigmas)
         kept = ~drop_identity.to(device)
         face = masked_mean(identity_terms.face, identity_terms.face_used & kept)

@@ -294,7 +294,8 @@ def _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainab
         generator = step_generator(cfg.seed, progress.step, accelerator.process_index + micro * accelerator.num_processes)
         with accelerator.accumulate(module), accelerator.autocast():
             out = compute_loss(module, batch, parts.store, t, parts.identity_loss, generator, accelerator.device,
-                               parts.guidance, parts.scheduler_config)
+                               parts.guidance, parts.scheduler_config,
+                               with_identity_loss=progress.step % t.identity_loss_every == 0)
             bad = accelerator.reduce((~torch.isfinite(out.loss.detach())).float().reshape(1), "sum")
             if bad.item() > 0:  # any rank: all ranks stop together
                 raise TrainingDiverged(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,15 @@ def gpu_run(world, tmp_path_factory):
     return run, result, seen[0]
 
 
+def trainable(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"checkpoint-{step:06d}" / "trainable.safetensors")
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Euclidean distance between two state dicts with the same keys."""
+    return float(sum((a[key].float() - b[key].float()).norm() ** 2 for key in a) ** 0.5)
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -87,8 +97,7 @@ def test_training_runs_on_the_gpu_in_bf16_with_both_identity_losses(gpu_run):
         assert np.isfinite(row["loss"]) and 0 < row["loss/flow"] < 10
         assert "loss/face" in row and "loss/body" in row  # the differentiable world encoders ran under autocast
         assert 0 <= row["loss/face"] <= 2 and 0 <= row["loss/body"] <= 2
-    first = load_file(run / "checkpoints" / "checkpoint-000002" / "trainable.safetensors")
-    last = load_file(run / "checkpoints" / "checkpoint-000004" / "trainable.safetensors")
+    first, last = trainable(run, 2), trainable(run, 4)
     assert all(torch.isfinite(value.float()).all() for value in last.values())
     assert sum(not torch.equal(first[key], last[key]) for key in last) > len(last) // 2  # the adapters trained
 
@@ -99,26 +108,20 @@ def test_resume_on_the_gpu_continues_from_the_checkpoint(gpu_run, world, tmp_pat
 
     run, _, _ = gpu_run
     copy = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
+    shutil.copytree(run, copy)
     # As if killed after step 3: the latest checkpoint is step 2's. The same config resumes (a changed max_steps
     # would be refused: it changes the learning-rate schedule the restored scheduler follows).
-    subprocess.run(["rm", "-r", str(copy / "checkpoints" / "checkpoint-000004")], check=True)
+    shutil.rmtree(copy / "checkpoints" / "checkpoint-000004")
     cfg = load_config(REPO / "train" / "config.yaml", world_settings(world, copy))
     result = train(cfg, resume="auto", progress_bar=False)
     assert result.steps == 4
     steps = [row["step"] for row in metrics(copy)]
     assert steps == [1, 2, 3, 4, 3, 4]  # the resumed run re-logs the steps after its checkpoint, from 3 on
-    def load(folder, step):
-        return load_file(folder / "checkpoints" / f"checkpoint-{step:06d}" / "trainable.safetensors")
-
-    start, straight, resumed = load(run, 2), load(run, 4), load(copy, 4)
+    start, straight, resumed = trainable(run, 2), trainable(run, 4), trainable(copy, 4)
     assert all(torch.isfinite(value.float()).all() for value in resumed.values())
     assert any(not torch.equal(start[key], resumed[key]) for key in resumed)  # it trained on from step 2
     # Continued from step 2's weights and optimiser state, the resumed step 4 lands near the straight run's step 4
     # (bf16 autocast is not bit-exact on a GPU): nearer than step 2 is to it.
-    def distance(a, b):
-        return sum((a[key].float() - b[key].float()).norm() ** 2 for key in a) ** 0.5
-
     assert distance(resumed, straight) < 0.5 * distance(start, straight), (
         distance(resumed, straight), distance(start, straight))
 

@@ -26,6 +26,7 @@ blocks, 256 px) in a few minutes, so it is always testable; ``--preset tiny`` is
 Usage:
   python benchmarks/train_step.py --json train_step.json                       # full size on a GPU
   python benchmarks/train_step.py --scaled-down --json train_step_cpu.json     # CPU
+  python benchmarks/train_step.py --sizes 512 --modes base --compile           # torch.compile the blocks (GPU)
 """
 
 from __future__ import annotations

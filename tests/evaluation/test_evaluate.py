@@ -90,6 +90,10 @@ def test_no_identity_reader_accuracy_is_what_the_reader_reads(evaluated, world_r
     for image in (i for i in results["images"] if i["condition"] == "no_identity"):
         truth = json.loads(open(f"{data_dir}/{image['character']}/000.json").read())["attributes"]
         read = reader.read([np.asarray(Image.open(out / image["path"]).convert("RGB"))])[0]
+        assert image["reader"]["read"] == read  # each image's reading is in results.json, with its hits
+        assert image["reader"]["hits"] == {name: float(read[name] == truth[part][name])
+                                           for part, names in (("face", FACE_ATTRIBUTES), ("body", BODY_ATTRIBUTES))
+                                           for name in names}
         face.append(np.mean([read[name] == truth["face"][name] for name in FACE_ATTRIBUTES]))
         body.append(np.mean([read[name] == truth["body"][name] for name in BODY_ATTRIBUTES]))
     row = results["conditions"]["no_identity"]

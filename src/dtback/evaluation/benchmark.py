@@ -135,6 +135,7 @@ class Generated:
     path: str
     scores: dict[str, float | None] = field(default_factory=dict)
     attributes: dict[str, float] = field(default_factory=dict)  # reader hit (1/0) per attribute, on the world
+    read: dict[str, str] = field(default_factory=dict)  # the value the reader read per attribute, on the world
 
 
 def check_settings(settings: EvaluateSettings) -> None:
@@ -303,6 +304,7 @@ class Scorer:
                 face, body = attribute_accuracy(values, truth)
                 g.scores.update(reader_face=face, reader_body=body, reader_mean=(face + body) / 2)
                 g.attributes = attribute_hits(values, truth)
+                g.read = dict(values)
         if self.clip is not None:
             sims = self.clip.similarity(images, [self.prompts[g.prompt] for g in generated])
             for g, sim in zip(generated, sims):
@@ -374,7 +376,8 @@ def summarise(generated: list[Generated], held: HeldOut, prompts: list[str], sco
         "per_character": per_character,
         "images": [{"condition": g.condition, "character": held.characters[g.row].key,
                     "reference_of": None if g.source is None else held.characters[g.source].key,
-                    "prompt": g.prompt, "index": g.index, "path": g.path, "scores": g.scores} for g in generated],
+                    "prompt": g.prompt, "index": g.index, "path": g.path, "scores": g.scores,
+                    **({"reader": {"read": g.read, "hits": g.attributes}} if g.read else {})} for g in generated],
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import random
 
 import numpy as np
@@ -26,6 +27,24 @@ def test_sigmas_are_in_range_and_shift_up_with_resolution():
     plain = sample_sigmas(TrainingConfig(resolution_shift=False, timestep_sampling="uniform"), 20000, 4096,
                           torch.Generator().manual_seed(0))
     assert abs(float(plain.mean()) - 0.5) < 0.01
+
+
+def test_flux2_sigmas_shift_as_its_pipelines_sample_at_that_many_steps():
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    uniform = TrainingConfig(timestep_sampling="uniform")
+    u = sample_sigmas(TrainingConfig(timestep_sampling="uniform", resolution_shift=False), 64, 64,
+                      torch.Generator().manual_seed(0))
+    for steps in (4, 50):
+        shift = math.exp(compute_empirical_mu(64, steps))
+        expected = shift / (shift + (1 / u - 1))
+        got = sample_sigmas(uniform, 64, 64, torch.Generator().manual_seed(0), empirical_mu_steps=steps)
+        assert torch.allclose(got, expected, atol=1e-6)
+    # FLUX.2 at 64 tokens samples far noisier than FLUX.1's calculate_shift would, and fewer steps shift it more
+    flux1 = sample_sigmas(uniform, 64, 64, torch.Generator().manual_seed(0))
+    few = sample_sigmas(uniform, 64, 64, torch.Generator().manual_seed(0), empirical_mu_steps=4)
+    many = sample_sigmas(uniform, 64, 64, torch.Generator().manual_seed(0), empirical_mu_steps=50)
+    assert float(many.mean()) > float(flux1.mean()) + 0.1 and (few >= many).all()
 
 
 def test_flow_matching_identities():

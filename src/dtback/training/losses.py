@@ -2,8 +2,8 @@
 
 Flow matching (FLUX's training objective): ``x_t = (1 - σ)·x0 + σ·ε`` and the transformer predicts the velocity
 ``v = ε - x0``. Noise levels are drawn logit-normal (or uniform) and shifted up for larger images the way FLUX's
-sampler shifts them (``calculate_shift`` of the image token count), so training spends its steps where sampling
-does.
+sampler shifts them, so training spends its steps where sampling does: FLUX.1's ``calculate_shift`` of the image
+token count, or for FLUX.2 its ``compute_empirical_mu`` of the token count and the sampling step count.
 
 Identity terms: ``x̂0 = x_t - σ·v̂`` is decoded by the VAE, the target's face and body are cropped at their boxes,
 and the differentiable encoders compare them with the references: ``1 - cos(enc(x̂0 crop), enc(reference))``. Only
@@ -17,14 +17,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from dtback.config import TrainingConfig
 
 
 def sample_sigmas(cfg: TrainingConfig, batch: int, image_seq_len: int, generator: torch.Generator,
-                  scheduler_config: dict | None = None) -> torch.Tensor:
-    """Noise levels ``σ (B,)`` in (0, 1): logit-normal or uniform, then FLUX's resolution shift when enabled."""
+                  scheduler_config: dict | None = None, empirical_mu_steps: int | None = None) -> torch.Tensor:
+    """Noise levels ``σ (B,)`` in (0, 1): logit-normal or uniform, then FLUX's resolution shift when enabled: FLUX.1's
+    from ``scheduler_config`` (the pipeline scheduler's), or, given ``empirical_mu_steps`` (FLUX.2, whose pipelines
+    shift by the token count and the number of sampling steps), FLUX.2's at that many steps."""
     if cfg.timestep_sampling == "logit_normal":
         u = compute_density_for_timestep_sampling("logit_normal", batch, cfg.logit_mean, cfg.logit_std,
                                                   generator=generator)
@@ -34,8 +37,11 @@ def sample_sigmas(cfg: TrainingConfig, batch: int, image_seq_len: int, generator
     if not cfg.resolution_shift:
         return u
     sc = scheduler_config or {}
-    mu = calculate_shift(image_seq_len, sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
-                         sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
+    if empirical_mu_steps is not None:
+        mu = compute_empirical_mu(image_seq_len, empirical_mu_steps)
+    else:
+        mu = calculate_shift(image_seq_len, sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
+                             sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
     shift = torch.tensor(mu).exp()
     return shift / (shift + (1 / u - 1))
 

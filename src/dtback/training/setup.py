@@ -71,6 +71,8 @@ class RunParts:
     accelerator: Any = None  # the run's Accelerator: its trackers (training.log_with) get the logs
     sharded_module: Any = None  # the FSDP-sharded training module (training.distributed: fsdp), None otherwise
     record: dict = field(default_factory=dict)  # the config and data fingerprint every checkpoint records
+    # FLUX.2 pipelines shift their noise levels by the sampling step count too: training shifts as validation samples
+    empirical_mu_steps: int | None = None
 
     def log(self, terms: dict[str, float]) -> None:
         append_jsonl(self.run_dir / METRICS_FILE, terms)
@@ -288,6 +290,7 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
         val_set=val_set, identity_loss=identity_loss, face_encoder=face_encoder, body_encoder=body_encoder,
         guidance=cfg.training.val_guidance if transformer.config.guidance_embeds else None,
         scheduler_config=dict(pipeline.scheduler.config), base_trainable=base_trainable, is_main=is_main,
+        empirical_mu_steps=cfg.training.val_sampling_steps if cfg.model.base != "flux1" else None,
     )
     parts.scorers = [similarity_scorer(store, val_set, face_encoder, body_encoder)]
     reader_scorer = validation_scorer(Path(cfg.data.data_dir), world, store.characters)

@@ -60,13 +60,15 @@ def compute_loss(
     guidance: float | None,
     scheduler_config: dict,
     with_identity_loss: bool = True,
+    empirical_mu_steps: int | None = None,
 ) -> StepOutput:
     """Total loss of one micro-batch and its terms (floats, for logging); ``with_identity_loss`` False leaves the
-    identity losses out of this step (``training.identity_loss_every``)."""
+    identity losses out of this step (``training.identity_loss_every``); ``empirical_mu_steps``: FLUX.2's noise
+    shift (:func:`~dtback.training.losses.sample_sigmas`)."""
     batch_size = len(batch.targets)
     latents = batch.latents.to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device)
-    sigmas = sample_sigmas(cfg, batch_size, latents.shape[1], generator, scheduler_config)
+    sigmas = sample_sigmas(cfg, batch_size, latents.shape[1], generator, scheduler_config, empirical_mu_steps)
     drop_caption = torch.rand(batch_size, generator=generator) < cfg.caption_dropout
     drop_identity = torch.rand(batch_size, generator=generator) < cfg.identity_dropout
     caption = torch.where(drop_caption, torch.zeros_like(batch.caption), batch.caption)

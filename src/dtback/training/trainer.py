@@ -295,7 +295,8 @@ def _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainab
         with accelerator.accumulate(module), accelerator.autocast():
             out = compute_loss(module, batch, parts.store, t, parts.identity_loss, generator, accelerator.device,
                                parts.guidance, parts.scheduler_config,
-                               with_identity_loss=progress.step % t.identity_loss_every == 0)
+                               with_identity_loss=progress.step % t.identity_loss_every == 0,
+                               empirical_mu_steps=parts.empirical_mu_steps)
             bad = accelerator.reduce((~torch.isfinite(out.loss.detach())).float().reshape(1), "sum")
             if bad.item() > 0:  # any rank: all ranks stop together
                 raise TrainingDiverged(

@@ -154,6 +154,19 @@ def test_a_read_only_output_dir_is_refused(tiny, tmp_path):
         run_dir.chmod(0o755)
 
 
+def test_an_output_dir_the_user_cannot_write_is_refused_even_as_root(tiny, tmp_path, monkeypatch):
+    # Runs as root too (who writes into read-only folders): the access check the refusal rests on says no.
+    from dtback.training import resume
+
+    run_dir = tmp_path / "theirs"
+    run_dir.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(resume.os, "access", lambda path, mode: False if Path(path) == run_dir else real_access(path, mode))
+    with pytest.raises(ConfigError, match=f"{run_dir} is not writable"):
+        train(config(tiny, run_dir), resume=None, progress_bar=False)
+    assert list(run_dir.iterdir()) == []  # refused before anything was written
+
+
 def test_a_second_run_into_the_same_folder_stops_naming_the_first(tiny, tmp_path):
     run_dir = tmp_path / "busy"
     run_dir.mkdir()

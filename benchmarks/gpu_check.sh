@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check of every CUDA path, for the few minutes a GPU is lent (issue 18). On one GPU, in order:
-#   1. the CUDA tests (pytest -m cuda: bf16 training + resume, memory modes, offload, evaluate, DDP on one GPU)
+#   1. the CUDA tests (pytest -m cuda: bf16 training + resume, memory modes, offload, evaluate, DDP on one GPU,
+#      then training.compile with inductor)
 #   2. benchmarks/train_step.py: FLUX.1-dev architecture, random bf16 weights, 512 and 1024 px, every memory mode
 #   3. benchmarks/sample.py --full: FLUX.1-dev pipeline at 1024 px, identity vs base, memory with/without offload
 # then benchmarks/gpu_record.py turns the JSON into the rows of benchmarks/README.md.
@@ -11,7 +12,7 @@
 #
 # Usage: benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]      (OUT_DIR default: $OUT, else ./gpu_check)
 #   --dry-run   the same script on the CPU with the scaled-down configs (tiny train step, small sampler), in ~1 min
-# Limits in seconds (environment): GPU_CHECK_TESTS_S (120), GPU_CHECK_TRAIN_S (200), GPU_CHECK_SAMPLE_S (140).
+# Limits in seconds (environment): GPU_CHECK_TESTS_S (150), GPU_CHECK_TRAIN_S (200), GPU_CHECK_SAMPLE_S (140).
 # GPU_CHECK_PARTS: the parts to run (default "cuda_tests train_step sample").
 # GPU_CHECK_WHEELS: the wheel folder (default REPO/.whl; empty: none). Build it with the command in benchmarks/README.
 # Output (8 files, the device tool's limit): env.json, cuda_tests.xml, train_step.json, train_step_profile.txt
@@ -58,7 +59,7 @@ else
     TRAIN_ARGS=(--preset full --device cuda --warmup 2 --steps 5)
     SAMPLE_ARGS=(--full --device cuda --repeats 3)
 fi
-TESTS_S="${GPU_CHECK_TESTS_S:-120}"
+TESTS_S="${GPU_CHECK_TESTS_S:-150}"
 TRAIN_S="${GPU_CHECK_TRAIN_S:-200}"
 SAMPLE_S="${GPU_CHECK_SAMPLE_S:-140}"
 
@@ -87,12 +88,13 @@ EOF
 
 PARTS=()
 ONLY=" ${GPU_CHECK_PARTS:-cuda_tests train_step sample} "
-part() {  # part NAME LIMIT_S COMMAND...: run with a hard limit (+20 s over the python-side one), record the exit
+part() {  # part NAME LIMIT_S COMMAND...: run with a hard limit (+20 s over the python-side one), record the exit;
+    # the hard limit interrupts (SIGINT) first, so pytest still writes its report of the tests that finished
     local name="$1" limit="$2"; shift 2
     if [[ "$ONLY" != *" $name "* ]]; then log "part $name: not in GPU_CHECK_PARTS"; return; fi
     log "part $name (limit ${limit} s): $*"
     local start=$SECONDS
-    timeout --kill-after 5 "$((limit + 20))" "$@" 2>&1 | tee -a "$LOG"
+    timeout --signal INT --kill-after 10 "$((limit + 20))" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     log "part $name: exit $rc after $((SECONDS - start)) s"
     PARTS+=("{\"part\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - start)), \"limit_s\": $limit}")

@@ -49,7 +49,7 @@ def test_dry_run_runs_every_part_on_the_cpu_and_records_them(tmp_path):
     assert sample["repeats_done"] == 1 and sample["identity_ratio"] > 0 and sample["memory"]
     rows = (out / "rows.md").read_text()
     assert "dry run on the CPU" in rows and "| base |" in rows and "identity / base" in rows
-    assert rows.count("| skipped |") == 6  # the CUDA tests are collected and skip without a GPU
+    assert rows.count("| skipped |") == 7  # the CUDA tests are collected and skip without a GPU
 
 
 def test_record_judges_the_issue_8_targets(gpu_record, tmp_path):

@@ -1,6 +1,6 @@
-"""The CUDA paths on tiny models: bf16 autocast training with both identity losses, resume on the GPU, the memory
-modes' steps (int8 base, 8-bit AdamW, checkpointing), the pipeline on ``cuda`` with diffusers' model and sequential
-CPU offload, ``dtback evaluate``, and DDP with one GPU process.
+"""The CUDA paths on tiny models: bf16 autocast training with both identity losses (eager and compiled), resume on
+the GPU, the memory modes' steps (int8 base, 8-bit AdamW, checkpointing), the pipeline on ``cuda`` with diffusers'
+model and sequential CPU offload, ``dtback evaluate``, and DDP with one GPU process.
 
 Marked ``cuda`` and skipped without a GPU: ``pytest -m cuda`` collects them everywhere; ``benchmarks/gpu_check.sh``
 runs them first on a GPU machine. Each asserts numbers: finite losses, weights that moved, images that agree with
@@ -205,3 +205,19 @@ def test_ddp_with_one_gpu_process_trains(world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(run)
     assert [row["step"] for row in rows] == [1, 2] and all(np.isfinite(row["loss"]) for row in rows)
+
+
+# Last: inductor compiles for tens of seconds; under gpu_check.sh the tests before it finish first.
+def test_compiled_blocks_train_on_the_gpu_like_the_eager_run(gpu_run, world, tmp_path):
+    """training.compile with inductor for real: the same 4 steps in bf16 land near the eager run's losses."""
+    from dtback.config import load_config
+    from dtback.training.trainer import train
+
+    run, _, _ = gpu_run
+    compiled = tmp_path / "run"
+    cfg = load_config(REPO / "train" / "config.yaml", world_settings(world, compiled, **{"training.compile": "true"}))
+    assert train(cfg, resume=None, progress_bar=False).steps == 4
+    eager, fused = metrics(run), metrics(compiled)
+    assert [row["step"] for row in fused] == [1, 2, 3, 4]
+    for a, b in zip(eager, fused):
+        assert np.isfinite(b["loss"]) and b["loss/flow"] == pytest.approx(a["loss/flow"], rel=0.05, abs=0.02)

@@ -175,6 +175,8 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     if ema is not None:
         ema.to(accelerator.device)
     apply_checkpointing(parts.pipeline.transformer, t)
+    if t.compile:  # each FLUX block (with its adapter hook) becomes one compiled region; the first steps compile
+        parts.pipeline.transformer.compile_repeated_blocks()
     stop = _StopFlag()
     bar = tqdm(total=steps, initial=progress.step, desc="training", unit="step",
                disable=not (progress_bar and accelerator.is_main_process))

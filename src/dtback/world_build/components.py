@@ -89,10 +89,12 @@ def build_world_components(folder: Path, only: Sequence[str] = COMPONENTS, progr
         start = time.perf_counter()
         figures = builders[name](folder, progress)
         figures["wall_seconds"] = round(time.perf_counter() - start, 1)
+        # Each component's own: a later build of another part (--only) may run with other threads.
+        figures["machine"] = f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
         summary.setdefault("components", {})[name] = figures
+        summary.pop("machine", None)  # older summaries: one machine line for all parts
         summary.update({
             "world_version": WORLD_VERSION,
-            "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
             "command": "dtback world-components --out <folder>",
         })
         write_json(summary_path, summary)

@@ -472,7 +472,10 @@ class TrainingConfig(_Section):
     )
     logit_mean: float = Field(0.0, description="logit_normal: mean of the normal before the sigmoid.")
     logit_std: float = Field(1.0, gt=0, description="logit_normal: std of the normal before the sigmoid.")
-    resolution_shift: bool = Field(True, description="Shift noise levels up for larger images, as FLUX samples (FLUX.2: also by training.val_sampling_steps, as its pipelines shift by the step count).")
+    resolution_shift: bool = Field(
+        True, description="Shift noise levels up for larger images, as FLUX samples (FLUX.2: also by "
+        "training.val_sampling_steps, as its pipelines shift by the step count)."
+    )
     person_loss_weight: float = Field(
         1.0, ge=1.0, description="Flow-matching loss weight of the latent patches inside the target's person box "
         "(1 elsewhere): where identity lives. 1 weighs every patch alike."

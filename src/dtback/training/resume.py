@@ -33,7 +33,7 @@ HARMLESS = (
     "training.log_every", "training.validate_every", "training.checkpoint_every", "training.keep_checkpoints",
     "training.num_val_characters", "training.val_sampling_steps", "training.val_guidance", "training.val_true_cfg",
     "training.log_with", "training.gradient_accumulation_steps", "training.distributed", "training.cudnn_attention",
-    "training.gradient_checkpointing", "training.gradient_checkpointing_every", "identity.device",
+    "training.gradient_checkpointing", "training.gradient_checkpointing_every", "training.compile", "identity.device",
     "identity.cache_dir", "data.scan_threads", "model.offload_after_cache", "output.",
     "data.data_dir",  # the folder may move: the training data's fingerprint (check_data) decides
 )

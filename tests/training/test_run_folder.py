@@ -66,6 +66,11 @@ def test_compare_sorts_changes_into_applied_and_refused():
                                 {"training": {"log_every": 5, "learning_rate": 1e-3}, "seed": 1})
     assert harmless == ["training.log_every: 10 -> 5"]
     assert refused == ["training.learning_rate: 0.0001 -> 0.001"]
+    # The validation step count is harmless for FLUX.1; a FLUX.2 run shifts its training noise levels by it.
+    for base, harmful in (("flux1", False), ("flux2_klein", True)):
+        harmless, refused = compare({"model": {"base": base}, "training": {"val_sampling_steps": 20}},
+                                    {"model": {"base": base}, "training": {"val_sampling_steps": 28}})
+        assert (refused if harmful else harmless) == ["training.val_sampling_steps: 20 -> 28"]
 
 
 @pytest.mark.slow

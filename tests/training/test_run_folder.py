@@ -166,7 +166,8 @@ def test_an_output_dir_the_user_cannot_write_is_refused_even_as_root(tiny, tmp_p
     run_dir = tmp_path / "theirs"
     run_dir.mkdir()
     real_access = os.access
-    monkeypatch.setattr(resume.os, "access", lambda path, mode: False if Path(path) == run_dir else real_access(path, mode))
+    monkeypatch.setattr(resume.os, "access",
+                        lambda path, mode: False if Path(path) == run_dir else real_access(path, mode))
     with pytest.raises(ConfigError, match=f"{run_dir} is not writable"):
         train(config(tiny, run_dir), resume=None, progress_bar=False)
     assert list(run_dir.iterdir()) == []  # refused before anything was written

@@ -30,6 +30,7 @@ EMBEDDED_OVERRIDES = {
     "data.input_size": 128, "model.adapter_double_interval": 1, "model.adapter_single_interval": 1,
     "training.batch_size": 8, "training.learning_rate": 3e-4, "training.max_steps": 2500, "training.ema_decay": 0.995,
     "training.num_val_characters": 8, "training.identity_loss_max_samples": 2, "training.val_true_cfg": 3.0,
+    "training.mixed_precision": "bf16",
 }
 
 

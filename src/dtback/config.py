@@ -428,7 +428,8 @@ class TrainingConfig(_Section):
         "bases that do not fit one device with room to train. One rank: no effect.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null: no clipping.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, no mixed precision on a CPU."
+        "auto", description="auto: bf16 on a GPU that supports it, no mixed precision on a CPU. bf16 on a CPU "
+        "without bf16 instructions (AVX512-BF16 or AMX) trains in float32, with a warning: emulated bf16 is slower."
     )
     @field_validator("mixed_precision", mode="before")
     @classmethod

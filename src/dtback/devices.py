@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def accelerator() -> torch.device | None:
@@ -97,3 +98,18 @@ def attention_backends(cudnn: bool) -> Iterator[None]:
 def auto_mixed_precision() -> str:
     """accelerate's ``mixed_precision`` for ``auto``: ``bf16`` on a CUDA GPU that supports it, else ``no``."""
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def cpu_bf16_attention(device: torch.device, mixed_precision: str):
+    """The attention kernels of a training step: on a CPU under bf16 autocast, the math kernel (its backward is
+    ~2x faster there than the CPU flash kernel's in bf16, benchmarks/README.md); elsewhere torch's choice."""
+    if device.type == "cpu" and mixed_precision == "bf16":
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where bf16 autocast makes training
+    faster; elsewhere torch emulates bf16 and float32 is the faster choice."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)

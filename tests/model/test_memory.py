@@ -121,6 +121,28 @@ def test_apply_checkpointing_follows_the_config(load_base):
         enable_checkpointing(transformer, 0)
 
 
+# ------------------------------------------------------------------------------------------------- AdamW
+
+
+def test_adamw_uses_torchs_fused_kernel_on_the_cpu_and_steps_as_the_loop_does():
+    torch.manual_seed(0)
+    starts = [torch.randn(64, 32), torch.randn(32)]
+    grads = [[torch.randn_like(s) for s in starts] for _ in range(5)]
+    fused = [torch.nn.Parameter(s.clone()) for s in starts]
+    loop = [torch.nn.Parameter(s.clone()) for s in starts]
+    opt = make_adamw([{"params": fused, "lr": 1e-2}], TrainingConfig())
+    reference = torch.optim.AdamW(loop, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, foreach=False)
+    assert opt.defaults["fused"] is True
+    for step in grads:
+        for params, optimizer in ((fused, opt), (loop, reference)):
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b, start in zip(fused, loop, starts):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a.detach(), start)
+
+
 # ------------------------------------------------------------------------------------------------- 8-bit AdamW
 
 

@@ -8,6 +8,8 @@ rounding differs; measured at most 5e-7 on these weights (|w| <= ~1) after 6 ste
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -22,6 +24,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from dtback import devices
 
 from helpers import REPO, make_dataset, save_tiny_dinov2
 
@@ -47,7 +51,7 @@ def settings(tiny, run_dir: Path, **extra) -> list[str]:
         "model.simple_base": "null", "face_weight": 0, "body_weight": 0.1, "training.max_steps": STEPS,
         "training.checkpoint_every": 2, "training.validate_every": STEPS, "training.val_sampling_steps": 2,
         "training.num_val_characters": 1, "training.warmup_steps": 2, "training.log_every": 1,
-        "training.log_with": "[]", **extra,
+        "training.log_with": "[]", "training.mixed_precision": "no", **extra,  # float32: the same on every CPU
     }
     return [part for key, value in values.items() for part in ("--set", f"{key}={value}")]
 
@@ -226,3 +230,14 @@ def test_two_nodes_on_one_machine(runs, tiny, tmp_path):
     outputs = [launcher.communicate(timeout=600)[0] for launcher in launchers]
     assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert_same_run(runs["one"], run_dir)
+
+
+@pytest.mark.skipif(not devices.cpu_has_native_bf16(), reason="this CPU has no bf16 instructions: bf16 runs in float32")
+def test_two_fsdp_ranks_train_and_validate_in_bf16(tiny, tmp_path):
+    """training.mixed_precision=bf16 under FSDP: the ranks gather bf16 weights, and validation (whose float32 VAE
+    decodes the bf16 latents they give) runs under autocast; the run ends with its best model."""
+    run_dir = tmp_path / "bf16"
+    run(two_ranks(tiny, run_dir, **{"training.mixed_precision": "bf16"}))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == STEPS and all(math.isfinite(row["loss"]) for row in rows)
+    assert (run_dir / "best_model.pt").is_file() and (run_dir / "validation.jsonl").read_text().strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -44,7 +45,7 @@ def overrides(tiny, run_dir: Path, **extra) -> list[str]:
         "model.simple_base": "null", "face_weight": 0, "body_weight": 0.1,
         "training.max_steps": 8, "training.checkpoint_every": 4, "training.validate_every": 1000,
         "training.val_sampling_steps": 2, "training.num_val_characters": 1, "training.warmup_steps": 2,
-        "training.log_every": 2, **extra,
+        "training.log_every": 2, "training.mixed_precision": "no", **extra,  # the same numbers on every CPU
     }
     return [f"{key}={value}" for key, value in settings.items()]
 
@@ -345,3 +346,56 @@ def test_compiled_blocks_train_to_the_same_losses_as_eager(tiny, tmp_path, monke
     assert compiled and set(compiled) == set(blocks)  # only the repeated blocks, and only when asked
     assert len(losses[True]) == 3 and all(0 < flow < 10 for flow, _ in losses[True])
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_float32_with_a_warning(monkeypatch, caplog):
+    cfg = load_config(None, ["training.mixed_precision=bf16"])
+    monkeypatch.setattr(trainer_module, "_has_gpu", lambda: False)
+    monkeypatch.setattr(trainer_module.devices, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger=trainer_module.logger.name):
+        assert trainer_module.mixed_precision(cfg) == "no"
+    assert "no bf16 instructions" in caplog.text
+    monkeypatch.setattr(trainer_module.devices, "cpu_has_native_bf16", lambda: True)
+    assert trainer_module.mixed_precision(cfg) == "bf16"
+    assert trainer_module.mixed_precision(load_config(None, ["training.mixed_precision=no"])) == "no"
+
+
+def test_bf16_training_steps_on_a_cpu_use_the_math_attention_kernel():
+    from dtback import devices
+
+    flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
+    before = [flag() for flag in flags]
+    with devices.cpu_bf16_attention(torch.device("cpu"), "bf16"):
+        assert [flag() for flag in flags] == [False, True]
+    assert [flag() for flag in flags] == before
+    for device, precision in (("cpu", "no"), ("cuda", "bf16")):
+        with devices.cpu_bf16_attention(torch.device(device), precision):
+            assert [flag() for flag in flags] == before
+
+
+@pytest.mark.slow
+def test_a_bf16_cpu_run_trains_close_to_float32_and_caches_its_latents_apart(tiny, tmp_path, monkeypatch):
+    """training.mixed_precision=bf16 on a CPU: autocast steps under the math attention kernel, latents encoded under
+    autocast and cached in their own namespace (a float32 run never reads them). Where the CPU has no bf16
+    instructions torch emulates them: slower, the same path."""
+    monkeypatch.setattr(trainer_module.devices, "cpu_has_native_bf16", lambda: True)
+    entered = []
+    real = trainer_module.devices.cpu_bf16_attention
+    monkeypatch.setattr(trainer_module.devices, "cpu_bf16_attention",
+                        lambda device, precision: entered.append((device.type, precision)) or real(device, precision))
+    cache, rows = tmp_path / "cache", {}
+    for precision in ("no", "bf16"):
+        run_dir = tmp_path / precision
+        cfg = load_config(REPO / "train" / "config.yaml", overrides(tiny, run_dir, **{
+            "training.mixed_precision": precision, "identity.cache_dir": cache, "training.max_steps": 3,
+            "training.log_every": 1, "training.identity_dropout": 0, "training.identity_loss_max_sigma": 1.0}))
+        train(cfg, resume=None, progress_bar=False)
+        rows[precision] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {("cpu", "no"), ("cpu", "bf16")} <= set(entered)
+    assert all(math.isfinite(row["loss"]) and "loss/body" in row for row in rows["bf16"])
+    first_fp32, first_bf16 = rows["no"][0], rows["bf16"][0]  # same weights, noise and batch: bf16 rounding only
+    for key in ("loss/flow", "loss/body"):
+        assert first_bf16[key] == pytest.approx(first_fp32[key], rel=0.05, abs=0.01)
+    assert first_bf16["loss/flow"] != first_fp32["loss/flow"]  # autocast did run
+    settings = [json.loads(path.read_text())["settings"] for path in (cache / "latents").glob("*/encoder.json")]
+    assert sorted(s.get("autocast", "none") for s in settings) == ["bfloat16", "none"]

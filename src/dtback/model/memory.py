@@ -135,7 +135,11 @@ def make_adamw(groups: list[dict], cfg: TrainingConfig) -> torch.optim.Optimizer
                               "(or pip install bitsandbytes)") from err
         return bnb.optim.AdamW8bit(groups, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+        # torch's fused kernel, on CPUs as on GPUs: one pass over each tensor (the embedded default's 276 tensors:
+        # 3.7 ms a step against 15.5 ms for the per-tensor loop on 2 CPU threads; benchmarks/README.md)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and type(p.data) is torch.Tensor
+                    for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=fused or None)
     raise ConfigError(f"training.optimizer: unknown optimizer {cfg.optimizer!r}; expected adamw or adamw8bit")
 
 

@@ -119,8 +119,12 @@ class RunParts:
         was_training = transformer.training
         transformer.eval()
         main = accelerator.is_main_process
+        sharded = self.sharded_module is not None
+        # FSDP gathers its parameters in training.mixed_precision's dtype: under autocast the float32 VAE (the
+        # simple model's) decodes the bf16 latents they give.
+        precision = accelerator.autocast() if sharded else contextlib.nullcontext()
         try:
-            with distributed.unsharded(self.sharded_module, self.sharded_module is not None):
+            with distributed.unsharded(self.sharded_module, sharded), precision:
                 metrics, images = run_validation(
                     self.pipeline, self.model, self.store, self.val_set, self.scorers if main else [],
                     self.cfg.data.input_size, t.val_sampling_steps, t.val_guidance, self.cfg.seed,
@@ -252,8 +256,11 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
         place_for_caching(pipeline, accelerator.device, cfg.model)
         pipeline.set_progress_bar_config(disable=True)  # validation sampling: the training bar is enough
         crop_rule = body_encoder.crop_rule if body_encoder is not None else BodyCropRule.from_config(cfg.identity)
+        pipeline.vae.to(memory_format=torch.channels_last)  # its convolutions run faster so, on CPUs as on GPUs
+        autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
         store = build_feature_store(pipeline, characters, cfg.data, precomputer.face_cache, precomputer.body_cache,
-                                    cache_dir, max_sequence_length(cfg.model), crop_rule, progress=show)
+                                    cache_dir, max_sequence_length(cfg.model), crop_rule, progress=show,
+                                    autocast=autocast)
         finish_caching(pipeline, accelerator.device, cfg.model)
     transformer = pipeline.transformer
     dims = {"face_dim": store.face_embeds.shape[1] if store.face_embeds is not None else 0,

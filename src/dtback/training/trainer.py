@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -53,10 +54,17 @@ class TrainResult:
 
 
 def mixed_precision(cfg: Config) -> str:
+    """accelerate's ``mixed_precision`` for ``training.mixed_precision``. ``bf16`` on a CPU without bf16 in
+    hardware (:func:`dtback.devices.cpu_has_native_bf16`) trains in float32, with a warning: torch would emulate
+    bf16 there, slower than float32."""
     choice = cfg.training.mixed_precision
-    if choice != "auto":
-        return choice
-    return devices.auto_mixed_precision()
+    if choice == "auto":
+        return devices.auto_mixed_precision()
+    if choice == "bf16" and not _has_gpu() and not devices.cpu_has_native_bf16():
+        logger.warning("training.mixed_precision=bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), "
+                       "where bf16 autocast is slower than float32; training in float32")
+        return "no"
+    return choice
 
 
 def make_optimizer(cfg: Config, parts: RunParts) -> torch.optim.Optimizer:
@@ -116,6 +124,10 @@ def _train(cfg: Config, resume: str | Path | None, progress_bar: bool) -> TrainR
     # Logs go to accelerate's trackers (training.log_with); TensorBoard's events to <run>/tensorboard/dtback/.
     output_dir = Path(cfg.output.output_dir)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / TENSORBOARD_DIR))
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another precision:
+    # a second run in the same process (a notebook, a sweep) starts from a fresh one. The process group
+    # (PartialState) stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), gradient_accumulation_steps=t.gradient_accumulation_steps,
                               cpu=not _has_gpu(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -152,7 +164,7 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     module = TrainModule(parts.pipeline.transformer, parts.model)
     sharded = distributed.fsdp_enabled(t.distributed, accelerator.num_processes)
     if sharded:  # before the optimiser: its parameters are the shards (dtback.training.distributed)
-        distributed.shard(module, mixed_precision(cfg))
+        distributed.shard(module, accelerator.mixed_precision)
     optimizer = make_optimizer(cfg, parts)
     world = accelerator.num_processes
     per_step = world * t.gradient_accumulation_steps
@@ -294,7 +306,8 @@ def _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainab
         # Keyed by the micro-batch's place in the step's group, so 2 ranks x 1 and 1 rank x 2 accumulation steps
         # draw the same noise for the same images (the same training, sharded or not).
         generator = step_generator(cfg.seed, progress.step, accelerator.process_index + micro * accelerator.num_processes)
-        with accelerator.accumulate(module), accelerator.autocast():
+        with accelerator.accumulate(module), accelerator.autocast(), \
+                devices.cpu_bf16_attention(accelerator.device, accelerator.mixed_precision):
             out = compute_loss(module, batch, parts.store, t, parts.identity_loss, generator, accelerator.device,
                                parts.guidance, parts.scheduler_config,
                                with_identity_loss=progress.step % t.identity_loss_every == 0,

@@ -374,10 +374,10 @@ def test_bf16_training_steps_on_a_cpu_use_the_math_attention_kernel():
 
 
 @pytest.mark.slow
-def test_a_bf16_cpu_run_trains_close_to_float32_and_caches_its_latents_apart(tiny, tmp_path, monkeypatch):
-    """training.mixed_precision=bf16 on a CPU: autocast steps under the math attention kernel, latents encoded under
-    autocast and cached in their own namespace (a float32 run never reads them). Where the CPU has no bf16
-    instructions torch emulates them: slower, the same path."""
+def test_a_bf16_cpu_run_trains_close_to_float32_on_the_same_float32_latents(tiny, tmp_path, monkeypatch):
+    """training.mixed_precision=bf16 on a CPU: autocast steps under the math attention kernel, on the latents a
+    float32 run encoded (the cache's one namespace: latents are never encoded under autocast). Where the CPU has no
+    bf16 instructions torch emulates them: slower, the same path."""
     monkeypatch.setattr(trainer_module.devices, "cpu_has_native_bf16", lambda: True)
     entered = []
     real = trainer_module.devices.cpu_bf16_attention
@@ -397,5 +397,4 @@ def test_a_bf16_cpu_run_trains_close_to_float32_and_caches_its_latents_apart(tin
     for key in ("loss/flow", "loss/body"):
         assert first_bf16[key] == pytest.approx(first_fp32[key], rel=0.05, abs=0.01)
     assert first_bf16["loss/flow"] != first_fp32["loss/flow"]  # autocast did run
-    settings = [json.loads(path.read_text())["settings"] for path in (cache / "latents").glob("*/encoder.json")]
-    assert sorted(s.get("autocast", "none") for s in settings) == ["bfloat16", "none"]
+    assert len(list((cache / "latents").glob("*/encoder.json"))) == 1

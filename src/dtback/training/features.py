@@ -125,7 +125,8 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
         return decode_flux2_latents(vae, latents)
     param = next(vae.parameters())
     shift = vae.config.shift_factor or 0.0
-    latents = (latents.to(param.dtype) / vae.config.scaling_factor + shift).contiguous(memory_format=torch.channels_last)
+    latents = latents.to(param.dtype) / vae.config.scaling_factor + shift
+    latents = latents.contiguous(memory_format=torch.channels_last)
     return vae.decode(latents).sample
 
 
@@ -163,23 +164,19 @@ def build_feature_store(
     max_sequence_length: int,
     crop_rule: BodyCropRule = BodyCropRule(),
     progress: bool = True,
-    autocast: torch.dtype | None = None,
 ) -> FeatureStore:
     """Latents (cached), captions (cached) and identity features (read from the filled identity caches) of every
     image of ``characters``. Images that became unreadable, or lack an identity entry, are skipped and named in
-    ``skipped``; the identity caches must have been filled first (``IdentityPrecomputer.run``). ``autocast``:
-    encode a float32 VAE's latents under autocast to this dtype (a bf16 run on a CPU: ~2.5x faster); such latents
-    are cached apart from float32 ones."""
+    ``skipped``; the identity caches must have been filled first (``IdentityPrecomputer.run``). Latents are
+    encoded in the VAE's own dtype, never under a run's bf16 autocast: on the world, bf16-encoded latents (errors up
+    to 0.02) cost the embedded default 0.015 reader accuracy (benchmarks/README.md)."""
     buckets = make_buckets(data_cfg.input_size, data_cfg.max_aspect_ratio, data_cfg.bucketing)
     vae = pipeline.vae
-    if next(vae.parameters()).dtype != torch.float32:
-        autocast = None  # a bf16/fp16 VAE computes in its own dtype already
-    settings = {"buckets": buckets} | ({"autocast": str(autocast).removeprefix("torch.")} if autocast else {})
-    latent_cache = EmbeddingCache(cache_dir / "latents", module_fingerprint(vae), settings)
+    latent_cache = EmbeddingCache(cache_dir / "latents", module_fingerprint(vae), {"buckets": buckets})
     rows: list[dict] = []
     skipped: dict[str, str] = {}
     images = [(c, char, entry) for c, char in enumerate(characters) for entry in char.images]
-    encoder = _LatentBatcher(vae, latent_cache, autocast)
+    encoder = _LatentBatcher(vae, latent_cache)
     with latent_cache, tqdm(total=len(images), desc="latents", unit="img", disable=not progress) as bar:
         for first in range(0, len(images), READ_CHUNK):  # cache reads per chunk: each shard opened once per chunk
             chunk = [(c, char, entry, content_hash(entry.path)) for c, char, entry in images[first:first + READ_CHUNK]]
@@ -233,8 +230,8 @@ def build_feature_store(
 class _LatentBatcher:
     """Encodes images through the VAE in batches per bucket size; rows get their latent when their batch runs."""
 
-    def __init__(self, vae, cache: EmbeddingCache, autocast: torch.dtype | None = None, batch_size: int = 32):
-        self.vae, self.cache, self.autocast, self.batch_size = vae, cache, autocast, batch_size
+    def __init__(self, vae, cache: EmbeddingCache, batch_size: int = 32):
+        self.vae, self.cache, self.batch_size = vae, cache, batch_size
         self.pending: dict[tuple[int, int], list[tuple[str, torch.Tensor, dict]]] = {}
 
     def add(self, key: str, size: tuple[int, int], pixels: torch.Tensor, row: dict) -> None:
@@ -251,10 +248,7 @@ class _LatentBatcher:
         queue = self.pending.pop(size, [])
         if not queue:
             return
-        device = next(self.vae.parameters()).device
-        with torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            latents = encode_latents(self.vae, torch.stack([pixels for _, pixels, _ in queue]))
-        latents = latents.to("cpu", LATENT_DTYPE)
+        latents = encode_latents(self.vae, torch.stack([pixels for _, pixels, _ in queue])).to("cpu", LATENT_DTYPE)
         for (key, _, row), latent in zip(queue, latents):
             row["latent"] = latent.clone()
             self.cache.put(key, {"latent": row["latent"]})

@@ -257,10 +257,8 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
         pipeline.set_progress_bar_config(disable=True)  # validation sampling: the training bar is enough
         crop_rule = body_encoder.crop_rule if body_encoder is not None else BodyCropRule.from_config(cfg.identity)
         pipeline.vae.to(memory_format=torch.channels_last)  # its convolutions run faster so, on CPUs as on GPUs
-        autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
         store = build_feature_store(pipeline, characters, cfg.data, precomputer.face_cache, precomputer.body_cache,
-                                    cache_dir, max_sequence_length(cfg.model), crop_rule, progress=show,
-                                    autocast=autocast)
+                                    cache_dir, max_sequence_length(cfg.model), crop_rule, progress=show)
         finish_caching(pipeline, accelerator.device, cfg.model)
     transformer = pipeline.transformer
     dims = {"face_dim": store.face_embeds.shape[1] if store.face_embeds is not None else 0,

@@ -36,12 +36,13 @@ class BaseRecipe:
     """The pretraining run: its own world (characters and seed disjoint from the embedded default's world seed 0)
     and the trainer settings that differ from the embedded default."""
 
-    # 2,048 characters and 16,000 steps (about 1 h 45 min on 2 threads): held-out flow loss 0.355, where 1,024 and
-    # 4,000 steps gave 0.436, and the embedded default on it transfers more identity (benchmarks/README.md, issue 14).
+    # 2,048 characters and 16,000 float32 steps (about 1 h 45 min on 2 threads): held-out flow loss 0.355, where
+    # 1,024 and 4,000 steps gave 0.436, and the embedded default on it transfers more identity (benchmarks/README.md,
+    # issue 14). bf16 compiled steps run 1.49x as fast on a CPU with bf16 instructions: 25,000 in about the same time.
     characters: int = 2048
     images_per_character: int = 8
     world_seed: int = 7
-    steps: int = 16000
+    steps: int = 25000
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 200
@@ -54,8 +55,11 @@ class BaseRecipe:
     double_blocks: int = 2
     single_blocks: int = 4
     # torch.compile the blocks (training.compile): 1.22x the steps/s of this recipe on 2 CPU threads after ~70 s of
-    # compiling (benchmarks/README.md); the shipped base was built eager.
-    compile: bool = False
+    # compiling, 1.49x with bf16 steps (benchmarks/README.md).
+    compile: bool = True
+    # training.mixed_precision: bf16 autocast where the CPU or GPU has bf16 instructions (float32 with a warning
+    # elsewhere); the world's latents are encoded in float32 either way.
+    mixed_precision: str = "bf16"
 
     def transformer(self) -> dict[str, Any]:
         """Overrides of :data:`~dtback.model.flux.SIMPLE_TRANSFORMER` for :func:`build_simple_pipeline`."""
@@ -77,7 +81,7 @@ class BaseRecipe:
             "training.identity_dropout=1.0", f"training.validate_every={self.steps}",
             f"training.checkpoint_every={self.steps}", "training.keep_checkpoints=1",
             "training.num_val_characters=8", "training.log_every=100",
-            f"training.compile={str(self.compile).lower()}",
+            f"training.compile={str(self.compile).lower()}", f"training.mixed_precision={self.mixed_precision}",
         ]
 
 

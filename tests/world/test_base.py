@@ -73,3 +73,35 @@ def test_a_base_of_another_world_version_is_refused(tmp_path):
     info.write_text(json.dumps({**json.loads(info.read_text()), "world_version": -1}))
     with pytest.raises(MissingModelError, match="world version -1.*--only base"):
         load_world_base(folder)
+
+
+def test_a_sixteen_channel_vae_gets_a_transformer_of_64_packed_channels_that_denoises(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from dtback.world.vae import world_vae_config
+
+    vae = AutoencoderKL(**world_vae_config(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=32,
+                                           latent_channels=16))
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)  # as build_world_vae sets them
+    pipeline = build_simple_pipeline(0, vae=vae)
+    assert pipeline.transformer.config.in_channels == 64
+    image = pipeline("a person", height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+                     max_sequence_length=32, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    # The 4-channel default is unchanged, and an explicit transformer key still wins.
+    assert build_simple_pipeline(0).transformer.config.in_channels == SIMPLE_TRANSFORMER["in_channels"] == 16
+    assert build_simple_pipeline(0, vae=vae, transformer={"in_channels": 16}).transformer.config.in_channels == 16
+
+
+def test_a_base_made_for_another_vae_is_refused_by_name(tmp_path):
+    from dtback.world.vae import world_vae_config
+
+    source = save_pipeline_atomic(build_simple_pipeline(3), tmp_path / "four")  # 16 packed = a 4-channel VAE
+    vae_folder = tmp_path / "vae16"
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(**world_vae_config(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=32,
+                                     latent_channels=16)).save_pretrained(vae_folder)
+    cfg = ModelConfig(simple_model_dir=tmp_path / "run", simple_base=str(source), simple_vae=str(vae_folder))
+    with pytest.raises(MissingModelError, match=r"four.*16 packed latent channels \(a 4-channel VAE\).*has 16"):
+        load_base(cfg, output_dir=tmp_path)

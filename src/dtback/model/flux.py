@@ -72,9 +72,11 @@ def build_simple_tokenizers(words: list[str] = CAPTION_WORDS) -> tuple[CLIPToken
 
 def build_simple_pipeline(seed: int = 0, vae: AutoencoderKL | None = None,
                           transformer: dict[str, Any] | None = None) -> FluxPipeline:
-    """The simple model with random weights (deterministic by ``seed``); ``vae`` replaces the random VAE;
-    ``transformer`` overrides keys of :data:`SIMPLE_TRANSFORMER` (the world base's recipe makes a wider one)."""
-    transformer_config = {**SIMPLE_TRANSFORMER, **(transformer or {})}
+    """The simple model with random weights (deterministic by ``seed``); ``vae`` replaces the random VAE (the
+    transformer then takes 2x2 packs of its latent channels); ``transformer`` overrides keys of
+    :data:`SIMPLE_TRANSFORMER` (the world base's recipe makes a wider one)."""
+    fit = {"in_channels": 4 * vae.config.latent_channels} if vae is not None else {}
+    transformer_config = {**SIMPLE_TRANSFORMER, **fit, **(transformer or {})}
     clip_tokenizer, t5_tokenizer = build_simple_tokenizers()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -222,8 +224,24 @@ def initial_simple_pipeline(cfg: ModelConfig, seed: int, vae: AutoencoderKL | No
     folder = Path(cfg.simple_base).expanduser()
     if not (folder / MODEL_INDEX).is_file():
         raise MissingModelError(f"model.simple_base {folder} is not a diffusers FluxPipeline folder (no {MODEL_INDEX})")
-    return pipeline_class(cfg.base).from_pretrained(folder, **({"vae": vae} if vae is not None else {}),
-                                                    local_files_only=True, **{DTYPE_KWARG: torch.float32})
+    pipeline = pipeline_class(cfg.base).from_pretrained(folder, **({"vae": vae} if vae is not None else {}),
+                                                        local_files_only=True, **{DTYPE_KWARG: torch.float32})
+    return check_latent_channels(pipeline, f"model.simple_base {folder}")
+
+
+def check_latent_channels(pipeline: FluxPipeline, source: str) -> FluxPipeline:
+    """``pipeline`` when its FLUX.1 transformer takes 2x2 packs of its VAE's latent channels; a
+    :class:`MissingModelError` naming ``source`` when the two were made for different VAEs (a 4-channel world base
+    with a 16-channel world VAE would fail in the first forward with a bare shape error)."""
+    transformer, vae = getattr(pipeline, "transformer", None), getattr(pipeline, "vae", None)
+    if not isinstance(pipeline, FluxPipeline) or transformer is None or vae is None:
+        return pipeline
+    packed, channels = transformer.config.in_channels, vae.config.latent_channels
+    if packed != 4 * channels:
+        raise MissingModelError(
+            f"{source}: its transformer takes {packed} packed latent channels (a {packed // 4}-channel VAE) but "
+            f"its VAE has {channels}: rebuild the base against this VAE or choose the VAE it was trained with")
+    return pipeline
 
 
 def folder_vae(source: str | None, base: str = "flux1") -> AutoencoderKL | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
-from dtback.model.flux import DTYPE_KWARG
+from dtback.model.flux import DTYPE_KWARG, check_latent_channels
 from dtback.world.files import read_component_info, world_models_dir
 from dtback.world.vae import load_world_vae, world_vae_folder
 
@@ -44,4 +44,5 @@ def load_world_base(folder: Path | str | None = None) -> FluxPipeline:
     read_component_info(base / INFO_FILE, REBUILD.format(folder=base.parent),
                         "pretrained world base (or set model.simple_base: null for random weights)")
     vae = load_world_vae(world_vae_folder(folder))
-    return FluxPipeline.from_pretrained(base, vae=vae, local_files_only=True, **{DTYPE_KWARG: torch.float32})
+    pipeline = FluxPipeline.from_pretrained(base, vae=vae, local_files_only=True, **{DTYPE_KWARG: torch.float32})
+    return check_latent_channels(pipeline, f"world base {base} ({REBUILD.format(folder=base.parent)})")

@@ -29,8 +29,9 @@ INFO_FILE = "world_vae.json"
 
 
 def world_vae_config(block_out_channels: tuple[int, ...] = (16, 32, 64, 64), norm_num_groups: int = 1,
-                     sample_size: int = 128) -> dict[str, Any]:
-    """``AutoencoderKL`` keyword arguments of the world VAE (4 blocks: 8x downsampling; 4 latent channels).
+                     sample_size: int = 128, latent_channels: int = 4) -> dict[str, Any]:
+    """``AutoencoderKL`` keyword arguments of the world VAE (4 blocks: 8x downsampling; ``latent_channels``: 4 as
+    FLUX.1's predecessors, 16 as FLUX.1's own VAE; the simple transformer takes 2x2 packs of them).
 
     One normalisation group: with 16-64 channels, smaller groups normalise colour away (the decoder's last
     GroupNorm sees 2 channels per group at 8 groups); one group kept large flat areas in their colour (+0.7 dB).
@@ -43,7 +44,7 @@ def world_vae_config(block_out_channels: tuple[int, ...] = (16, 32, 64, 64), nor
         "up_block_types": ("UpDecoderBlock2D",) * blocks,
         "block_out_channels": tuple(block_out_channels),
         "layers_per_block": 1,
-        "latent_channels": 4,
+        "latent_channels": latent_channels,
         "norm_num_groups": norm_num_groups,
         "sample_size": sample_size,
         "mid_block_add_attention": False,  # attention over 16 x 16 latents costs more than it buys at this size

@@ -26,7 +26,7 @@ from dtback.training.losses import flow_matching_loss, noisy_latents
 from dtback.training.trainer import train
 from dtback.world.base import INFO_FILE, REBUILD
 from dtback.world.people import WORLD_VERSION, render_image, sample_characters
-from dtback.world.vae import to_model_range
+from dtback.world.vae import load_world_vae, to_model_range, world_vae_folder
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,11 @@ def build_world_base(folder: Path, recipe: BaseRecipe = BaseRecipe(), progress: 
     # The run uses the VAE, encoders and reader of the components folder being built (the base's parent).
     with tempfile.TemporaryDirectory(prefix="dtback-world-base-") as tmp:
         work = Path(tmp)
-        initial = save_pipeline_atomic(build_simple_pipeline(recipe.seed, transformer=recipe.transformer()),
-                                       work / "start")
+        # Random weights; the transformer takes 2x2 packs of the components' VAE's latent channels (the run
+        # replaces the random VAE by that one: model.simple_vae=world).
+        channels = load_world_vae(world_vae_folder(folder.parent)).config.latent_channels
+        transformer = {**recipe.transformer(), "in_channels": 4 * channels}
+        initial = save_pipeline_atomic(build_simple_pipeline(recipe.seed, transformer=transformer), work / "start")
         cfg = load_config(None, recipe.overrides(work / "world", work / "run", folder.parent, initial))
         start = time.perf_counter()
         result = train(cfg, resume=None, progress_bar=progress)

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 
 from dtback.backends import load_base, simple_vae
 from dtback.config import ConfigError, ModelConfig, load_config
@@ -12,6 +13,7 @@ from dtback.errors import MissingModelError
 from dtback.model.flux import SIMPLE_TRANSFORMER, build_simple_pipeline, save_pipeline_atomic
 from dtback.world.base import load_world_base
 from dtback.world.files import PACKAGED_WORLD_MODELS
+from dtback.world.vae import world_vae_config
 from dtback.world_build.base import held_out_flow_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -75,11 +77,7 @@ def test_a_base_of_another_world_version_is_refused(tmp_path):
         load_world_base(folder)
 
 
-def test_a_sixteen_channel_vae_gets_a_transformer_of_64_packed_channels_that_denoises(tmp_path):
-    from diffusers import AutoencoderKL
-
-    from dtback.world.vae import world_vae_config
-
+def test_a_sixteen_channel_vae_gets_a_transformer_of_64_packed_channels_that_denoises():
     vae = AutoencoderKL(**world_vae_config(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=32,
                                            latent_channels=16))
     vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)  # as build_world_vae sets them
@@ -94,12 +92,8 @@ def test_a_sixteen_channel_vae_gets_a_transformer_of_64_packed_channels_that_den
 
 
 def test_a_base_made_for_another_vae_is_refused_by_name(tmp_path):
-    from dtback.world.vae import world_vae_config
-
     source = save_pipeline_atomic(build_simple_pipeline(3), tmp_path / "four")  # 16 packed = a 4-channel VAE
     vae_folder = tmp_path / "vae16"
-    from diffusers import AutoencoderKL
-
     AutoencoderKL(**world_vae_config(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=32,
                                      latent_channels=16)).save_pretrained(vae_folder)
     cfg = ModelConfig(simple_model_dir=tmp_path / "run", simple_base=str(source), simple_vae=str(vae_folder))

@@ -49,7 +49,7 @@ from diffusers import FluxTransformer2DModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_overhead import BODY_DIM, FACE_DIM, FLUX_DEV, identity_inputs, measure, transformer_inputs  # noqa: E402
 
-from dtback.config import IdentityConfig, ModelConfig, TrainingConfig  # noqa: E402
+from dtback.config import COMPILE_WITH_QUANTIZATION, IdentityConfig, ModelConfig, TrainingConfig  # noqa: E402
 from dtback.devices import attention_backends  # noqa: E402
 from dtback.errors import DtbackError  # noqa: E402
 from dtback.io import write_json  # noqa: E402
@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     }
     quantized, longest_row = False, 0.0
     for mode in sorted(args.modes, key=lambda m: MODES[m]["quantization"] is not None):  # int8 is one way
-        if MODES[mode]["quantization"] and not quantized:
+        if MODES[mode]["quantization"] and not quantized and not args.compile:  # compiled: skipped below
             try:
                 quantize_base(transformer, MODES[mode]["quantization"])
             except DtbackError as err:  # torchao missing: the int8 rows are reported as skipped, with the reason
@@ -334,6 +334,8 @@ def run(args: argparse.Namespace) -> int:
                 row = {"mode": mode, "size": size, "status": f"skipped: time limit ({elapsed:.0f} s + the longest "
                                                            f"row so far {longest_row:.0f} s > --time-limit "
                                                            f"{args.time_limit:.0f} s)"}
+            elif args.compile and MODES[mode]["quantization"]:
+                row = {"mode": mode, "size": size, "status": f"skipped: {COMPILE_WITH_QUANTIZATION}"}
             else:
                 try:
                     row = run_mode(transformer, model, mode, size, args, device, dtype, flops[size])

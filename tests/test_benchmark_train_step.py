@@ -56,3 +56,13 @@ def test_mfu_peak_is_taken_from_the_device_name(train_step):
     assert train_step.device_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert train_step.device_peak_tflops("NVIDIA H200") == 989.4
     assert train_step.device_peak_tflops("Some Future GPU") is None
+
+
+def test_compiled_int8_rows_are_skipped_with_the_reason(train_step, tmp_path):
+    out = tmp_path / "train_step.json"
+    assert train_step.main(["--preset", "tiny", "--warmup", "1", "--steps", "1", "--device", "cpu", "--compile",
+                            "--modes", "int8", "int8_adamw8bit", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["mode"] for row in rows] == ["int8", "int8_adamw8bit"]
+    for row in rows:
+        assert row["status"].startswith("skipped: torch.compile cannot compile a training step through torchao")

@@ -540,6 +540,11 @@ class TrainingConfig(_Section):
         return self
 
 
+# Why training.compile and model.base_quantization exclude each other (the benchmark's int8 rows say it too).
+COMPILE_WITH_QUANTIZATION = ("torch.compile cannot compile a training step through torchao's quantized weights "
+                             "(aliased outputs beside tensor-subclass inputs)")
+
+
 class OutputConfig(_Section):
     """Where a run writes checkpoints and reports."""
 
@@ -556,6 +561,17 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _compile_with_int8(self) -> "Config":
+        # torch 2.13 with torchao 0.18: AOT autograd refuses a graph with aliased outputs (FLUX's norms chunk one
+        # projection into views) once torchao's int8 weights are among its inputs, so the first step would stop
+        # with an inductor traceback (benchmarks/README, training step).
+        if self.training.compile and self.model.base_quantization is not None:
+            raise ValueError(f"training.compile=true with model.base_quantization={self.model.base_quantization}: "
+                             f"{COMPILE_WITH_QUANTIZATION}; turn one of them off: compile speeds the bfloat16 base, "
+                             "int8 saves memory")
+        return self
 
     def cache_dir(self) -> Path:
         """The embedding cache folder: ``identity.cache_dir``, else ``<output_dir>/cache``."""

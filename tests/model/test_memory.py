@@ -84,6 +84,27 @@ def test_base_quantization_keys_fail_early_naming_the_key(tmp_path):
     cfg = load_config(None, ["model.use_simple_model=false", "model.base_quantization=int8",
                              "model.offload_after_cache=true", "training.optimizer=adamw8bit"])
     assert (cfg.model.base_quantization, cfg.model.offload_after_cache) == ("int8", True)
+    with pytest.raises(ConfigError, match="training.compile=true with model.base_quantization=int8: torch.compile "
+                                          "cannot compile a training step through torchao's quantized weights"):
+        load_config(None, ["model.use_simple_model=false", "model.base_quantization=int8", "training.compile=true"])
+
+
+@pytest.mark.slow
+@needs_torchao
+def test_compiled_blocks_still_cannot_train_through_int8_weights(load_base):
+    """The reason the config refuses training.compile with model.base_quantization: the first compiled training
+    step through torchao's int8 weights fails inside torch. When a torch/torchao release passes this test, lift the
+    refusal (config.Config._compile_with_int8) and measure the compiled int8 rows on a GPU."""
+    transformer = load_base()
+    quantize_base(transformer, "int8")
+    transformer.compile_repeated_blocks()
+    inputs = transformer_inputs()
+    latents = inputs["hidden_states"].clone().requires_grad_(True)
+    from torch._dynamo.exc import BackendCompilerFailed  # noqa: PLC0415
+
+    with pytest.raises(BackendCompilerFailed, match="alias") as caught:
+        transformer(**{**inputs, "hidden_states": latents})[0].square().mean().backward()
+    assert "subclass" in str(caught.value)
 
 
 # -------------------------------------------------------------------------------------- gradient checkpointing

@@ -15,7 +15,7 @@
 # Limits in seconds (environment): GPU_CHECK_TESTS_S (140), GPU_CHECK_TRAIN_S (250), GPU_CHECK_SAMPLE_S (90): the
 # training rows (all 8 took 224 s on the H200) before sampling, whose 1024 px ratio two GPUs have measured already.
 # GPU_CHECK_PARTS: the parts to run (default "cuda_tests train_step sample").
-# GPU_CHECK_WHEELS: the wheel folder (default REPO/.whl; empty: none). Build it with the command in benchmarks/README.
+# GPU_CHECK_WHEELS: the wheel folder (default REPO/.whl; empty: none). Build it with benchmarks/gpu_wheels.py.
 # Output (8 files, the device tool's limit): env.json, cuda_tests.xml, train_step.json, train_step_profile.txt
 # (torch.profiler table of one step per row), sample.json, parts.json, rows.md, gpu_check.log.
 set -uo pipefail

@@ -82,3 +82,29 @@ def test_record_reports_a_broken_file_and_goes_on(gpu_record, tmp_path, capsys):
     text = gpu_record.record(tmp_path)
     assert "not measured (no sample.json)" in text and "no 512 px row ran" in text
     assert "sample.json: not JSON" in capsys.readouterr().err
+
+
+def test_gpu_wheels_drops_the_unused_bitsandbytes_libraries_and_keeps_the_rest(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_wheels", BENCHMARKS / "gpu_wheels.py")
+    gpu_wheels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_wheels)
+    import zipfile  # noqa: PLC0415
+
+    names = ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so",
+             "bitsandbytes/libbitsandbytes_cuda118.so", "bitsandbytes/libbitsandbytes_cuda126.so",
+             "bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/libbitsandbytes_rocm64.so",
+             "bitsandbytes/libbitsandbytes_xpu2025.so", "bitsandbytes-0.50.2.dist-info/RECORD"]
+    wheels = {"bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl": names,
+              "torchao-0.18.0-cp310-abi3-manylinux_2_28_x86_64.whl": ["torchao/libbitsandbytes_rocm64.so"]}
+    for wheel, members in wheels.items():
+        with zipfile.ZipFile(tmp_path / wheel, "w") as archive:
+            for name in members:
+                archive.writestr(name, name.encode())
+    untouched = (tmp_path / "torchao-0.18.0-cp310-abi3-manylinux_2_28_x86_64.whl").read_bytes()
+    assert gpu_wheels.main(["--out", str(tmp_path), "--no-download"]) == 0
+    with zipfile.ZipFile(tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl") as archive:
+        assert archive.namelist() == ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so",
+                                      "bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes-0.50.2.dist-info/RECORD"]
+        assert archive.read("bitsandbytes/libbitsandbytes_cuda130.so") == b"bitsandbytes/libbitsandbytes_cuda130.so"
+    assert (tmp_path / "torchao-0.18.0-cp310-abi3-manylinux_2_28_x86_64.whl").read_bytes() == untouched
+    assert sorted(p.name for p in tmp_path.glob("*.whl*")) == sorted(wheels)  # no partial file left behind

@@ -72,6 +72,9 @@ def test_bad_config_values_name_the_file_and_key(tmp_path, text, key, fragment):
         ("training.learning_rate=nan", "training.learning_rate: Input should be a finite number"),
         ("batch_size=true", "training.batch_size: Input should be a number, not the boolean true"),
         ("training.adam_betas=[2,3]", "training.adam_betas: each beta must be in [0, 1)"),
+        ("data.caption_template='{character:d}'", "data.caption_template: placeholder(s) {character:d} carry a format"),
+        ("data.caption_template='{character!r} {bundle:>99999999999}'",
+         "data.caption_template: placeholder(s) {character!r}, {bundle:>99999999999} carry a format spec"),
     ],
 )
 def test_bad_overrides_name_the_argument(override, fragment):
@@ -283,3 +286,125 @@ def test_download_into_a_file_is_refused(tmp_path, capsys):
     assert f"--models-dir {models} is a file, not a folder" in capsys.readouterr().err
     assert main(["download", "--models-dir", str(models / "sub"), "--check"]) == EXIT_BAD_INPUT
     assert f"is inside {models}, which is a file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- decoders that raise unusual exception types
+
+
+def _bad_avif_and_dds(folder: Path) -> list[Path]:
+    """An AVIF whose 'pixi' box claims 91 bits per channel (Pillow: RuntimeError) and a DDS with an unknown pixel
+    format (NotImplementedError)."""
+    import io  # noqa: PLC0415
+
+    from PIL import Image, features  # noqa: PLC0415
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image, written = Image.new("RGB", (64, 48), (120, 90, 60)), []
+    if features.check("avif"):
+        buffer = io.BytesIO()
+        image.save(buffer, "AVIF")
+        data = bytearray(buffer.getvalue())
+        data[data.find(b"pixi") + 9] = 91
+        written.append(folder / "bad.avif")
+        written[-1].write_bytes(data)
+    buffer = io.BytesIO()
+    image.save(buffer, "DDS")
+    data = bytearray(buffer.getvalue())
+    data[80] = 0x9C
+    written.append(folder / "bad.dds")
+    written[-1].write_bytes(data)
+    return written
+
+
+def _huge_header_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A few hundred bytes whose PNG header claims ``width`` x ``height`` (over Pillow's decompression-bomb limit)."""
+    import struct  # noqa: PLC0415
+    import zlib  # noqa: PLC0415
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decoder_runtime_errors_and_huge_headers_are_counted_skips_at_every_level(tmp_path, capsys):
+    from dtback.data.images import ImageSkip, load_rgb  # noqa: PLC0415
+    from dtback.data.layout import scan_dataset  # noqa: PLC0415
+
+    root = make_dataset(tmp_path / "ds", {"b1": {"a": 3, "b": 3}}, size=(16, 16))
+    in_character = _bad_avif_and_dds(root / "b1" / "a")
+    at_bundle_level = _bad_avif_and_dds(root / "b1")
+    _huge_header_png(root / "panorama.png")
+    _huge_header_png(root / "b1" / "panorama.png")
+    for path in in_character:
+        with pytest.raises(ImageSkip) as caught:
+            load_rgb(path, 50_000_000)
+        assert caught.value.reason.value == "corrupt" and caught.value.path == path
+    index = finishes(lambda: scan_dataset(DataConfig(data_dir=root), 0, progress=False))
+    assert [(c.key, len(c.images)) for c in index.characters] == [("b1/a", 3), ("b1/b", 3)]
+    skips = {s.path: s.reason for s in index.skips}
+    assert {skips[f"b1/a/{p.name}"] for p in in_character} == {"corrupt"}
+    assert skips["panorama.png"] == skips["b1/panorama.png"] == "misplaced"
+    assert {p.name for p in at_bundle_level} <= {Path(name).name for name in index.ignored}
+    assert main(["dataset", "inspect", str(root), "--no-progress"]) == 0
+    assert "skipped b1/a/bad.dds: corrupt" in capsys.readouterr().err
+
+
+def test_a_strip_image_is_cropped_before_it_is_resized(tmp_path):
+    """A 3 KB PNG of 1,000,000 x 1 px would cover a 176 x 96 bucket at 96,000,000 x 96 px (28 GB) if resized first."""
+    from PIL import Image  # noqa: PLC0415
+
+    from dtback.data.buckets import bucket_transform, resize_to_bucket  # noqa: PLC0415
+
+    strip = Image.new("RGB", (1_000_000, 1), (10, 200, 30))
+    out = finishes(lambda: resize_to_bucket(strip, (176, 96)), seconds=20)
+    assert out.size == (176, 96) and out.getpixel((88, 48)) == (10, 200, 30)
+    scale, left, top = bucket_transform(1_000_000, 1, (176, 96))
+    assert (scale, top) == (96.0, 0) and left == (96_000_000 - 176) // 2
+
+
+# ------------------------------------------------------------------------- paths that silently meant something else
+
+
+def test_home_in_a_path_is_the_home_folder_and_a_run_inside_its_data_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(None, ["data_dir=~/photos", "output_dir=~/runs/a", "identity.cache_dir=~/cache"])
+    assert cfg.data.data_dir == tmp_path / "home" / "photos" and cfg.identity.cache_dir == tmp_path / "home" / "cache"
+    assert cfg.output.output_dir == tmp_path / "home" / "runs" / "a"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"data_dir={tmp_path / 'photos'}", f"output_dir={tmp_path / 'photos' / 'run'}"])
+    assert f"--set output_dir={tmp_path / 'photos' / 'run'}" in str(info.value)
+    assert "is inside data.data_dir" in str(info.value) and "read as a character" in str(info.value)
+
+
+def test_a_missing_data_dir_of_the_users_own_is_announced_as_a_warning(tmp_path, caplog):
+    from dtback.world.files import ensure_world  # noqa: PLC0415
+
+    data = DataConfig(data_dir=tmp_path / "dtaa_typo", world={"characters": 4, "images_per_character": 3, "size": 32})
+    with caplog.at_level("INFO", logger="dtback.world.files"):
+        ensure_world(data, progress=False)
+    warning = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and "dtaa_typo is missing" in warning[0].getMessage()
+    assert "if you meant photos, check the path" in warning[0].getMessage()
+
+
+def test_symlinked_captions_from_outside_and_symlinked_characters_are_not_used(tmp_path):
+    from dtback.data.layout import scan_dataset  # noqa: PLC0415
+
+    root = make_dataset(tmp_path / "ds", {"b": {"Gerhard": 3, "c": 3, "e": 3}}, size=(16, 16))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("text from outside the dataset")
+    os.symlink(secret, root / "b" / "Gerhard" / "000.txt")
+    (root / "b" / "c" / "000.txt").write_text("a caption of the dataset's own")
+    os.symlink("Gerhard", root / "b" / "alias")  # the same identity twice: it could land in train and val at once
+    index = scan_dataset(DataConfig(data_dir=root), 0, progress=False)
+    assert [c.key for c in index.characters] == ["b/Gerhard", "b/c", "b/e"]
+    captions = {f"{c.key}/{image.path.name}": image.caption for c in index.characters for image in c.images}
+    assert captions["b/Gerhard/000.png"] is None and captions["b/c/000.png"] == "a caption of the dataset's own"
+    skips = {s.path: (s.reason, s.detail) for s in index.skips}
+    assert skips["b/Gerhard/000.txt"][0] == "symlink_outside_root"
+    assert skips["b/alias"] == ("duplicate_folder", "the same folder as b/Gerhard (a symlink): one identity is one "
+                                                     "character")

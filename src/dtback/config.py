@@ -15,6 +15,7 @@ import difflib
 import types
 import warnings
 import re
+import os
 import string
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence, Union, get_args, get_origin
@@ -45,6 +46,12 @@ class _Section(BaseModel):
         if problem:
             raise ValueError(problem)
         return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _home_in_paths(cls, value: Any) -> Any:
+        # `data_dir: ~/photos` means the home folder, as in a shell; left alone it would name a folder "~" here.
+        return value.expanduser() if isinstance(value, Path) else value
 
 
 def _number_kinds(annotation: Any) -> set[type]:
@@ -198,10 +205,18 @@ class DataConfig(_Section):
     @classmethod
     def _known_placeholders(cls, value: str) -> str:
         allowed = {"character", "bundle"}
-        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-        unknown = fields - allowed
+        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(value)
+                  if name is not None]
+        unknown = {name for name, _, _ in parsed} - allowed
         if unknown:
             raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        # A format spec or conversion ({character:d}, {bundle!z}, {character:>99999999999}) would fail, or fill
+        # memory, at the first caption, minutes into a run: the names are plain text, so none is needed.
+        formatted = [f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+                     for name, spec, conversion in parsed if spec or conversion]
+        if formatted:
+            raise ValueError(f"placeholder(s) {', '.join(formatted)} carry a format spec or conversion; write "
+                             "{character} or {bundle} as they are")
         return value
 
     @field_validator("val_characters")
@@ -563,6 +578,17 @@ class Config(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
+    def _run_outside_data(self) -> "Config":
+        # The run's curves and samples are PNGs: inside data_dir they would be scanned as a character of their own.
+        # realpath, not resolve(): a looping data_dir is reported by the scan, not by a RuntimeError here
+        data, out = (Path(os.path.realpath(p)) for p in (self.data.data_dir, self.output.output_dir))
+        if out.is_relative_to(data):
+            raise ValueError(f"output.output_dir={self.output.output_dir} is inside data.data_dir="
+                             f"{self.data.data_dir}: the run's own images would be read as a character; put the run "
+                             "outside the dataset")
+        return self
+
+    @model_validator(mode="after")
     def _compile_with_int8(self) -> "Config":
         # torch 2.13 with torchao 0.18: AOT autograd refuses a graph with aliased outputs (FLUX's norms chunk one
         # projection into views) once torchao's int8 weights are among its inputs, so the first step would stop
@@ -777,6 +803,9 @@ def _format_errors(err: ValidationError, raw: dict[str, Any], source: str, sourc
         loc = [str(part) for part in item["loc"]]
         key = ".".join(loc) if loc else "(top level)"
         origin = _origin(key, source, sources)
+        if not loc:  # a rule across sections: name the overrides its message mentions
+            origin = ", ".join([source, *(where for overridden, where in sources.items()
+                                          if overridden.split(".")[-1] in item["msg"])])
         if item["type"] == "extra_forbidden":
             lines.append(f"{origin}: {key}: unknown key{_suggestion(loc)}")
             continue

@@ -47,15 +47,14 @@ def assign_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -
 
 
 def resize_to_bucket(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize to cover ``size`` = (width, height) keeping the aspect ratio, then centre-crop."""
+    """Resize to cover ``size`` = (width, height) keeping the aspect ratio, then centre-crop. The crop is taken in
+    the source's coordinates (PIL's ``box``), so a 1,000,000 x 1 px strip never becomes a 96,000,000 px wide
+    intermediate: memory stays that of the bucket whatever the shape."""
+    scale, left, top = bucket_transform(image.width, image.height, size)
+    scale_y = _covering_size(image.width, image.height, size)[1] / image.height
     width, height = size
-    scale = max(width / image.width, height / image.height)
-    new_w = max(width, round(image.width * scale))
-    new_h = max(height, round(image.height * scale))
-    resized = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    left = (new_w - width) // 2
-    top = (new_h - height) // 2
-    return resized.crop((left, top, left + width, top + height))
+    box = (left / scale, top / scale_y, (left + width) / scale, (top + height) / scale_y)
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
 
 
 def letterbox(image: Image.Image, side: int, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
@@ -123,9 +122,13 @@ class BucketBatchSampler(Sampler[list[int]]):
 def bucket_transform(width: int, height: int, size: tuple[int, int]) -> tuple[float, float, float]:
     """``(scale, left, top)`` of :func:`resize_to_bucket`: a point (x, y) of the original image lands at
     ``(x * scale - left, y * scale - top)`` in the bucket image."""
+    new_w, new_h = _covering_size(width, height, size)
+    # the covering size is rounded to whole pixels; use the per-axis scale that rounding gives.
+    return new_w / width, (new_w - size[0]) // 2, (new_h - size[1]) // 2
+
+
+def _covering_size(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The whole-pixel size that covers the bucket ``size`` at the image's aspect ratio."""
     bucket_w, bucket_h = size
     scale = max(bucket_w / width, bucket_h / height)
-    new_w = max(bucket_w, round(width * scale))
-    new_h = max(bucket_h, round(height * scale))
-    # resize_to_bucket rounds the resized size; use the per-axis scale it really applied.
-    return new_w / width, (new_w - bucket_w) // 2, (new_h - bucket_h) // 2
+    return max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))

@@ -34,6 +34,7 @@ class SkipReason(str, Enum):
     SYMLINK_LOOP = "symlink_loop"
     NOT_A_REGULAR_FILE = "not_a_regular_file"
     NAME_NOT_UTF8 = "name_not_utf8"
+    DUPLICATE_FOLDER = "duplicate_folder"
 
 
 class ImageSkip(Exception):
@@ -47,7 +48,9 @@ class ImageSkip(Exception):
 
 
 # Decoders raise a zoo of exception types on malformed input; each is reported as a counted skip, never swallowed.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
+# RuntimeError covers Pillow's AVIF plugin ("Failed to decode image") and NotImplementedError, its subclass, the DDS
+# plugin's unknown pixel formats.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError, RuntimeError)
 
 
 _SPECIAL_KINDS = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
@@ -134,7 +137,7 @@ def decode(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
         raise ImageSkip(path, SkipReason.TOO_MANY_PIXELS, str(err)) from None
     except PermissionError as err:
         raise ImageSkip(path, SkipReason.UNREADABLE, str(err)) from None
-    except _DECODE_ERRORS as err:
+    except DECODE_ERRORS as err:
         message = str(err) or type(err).__name__
         truncated = "truncated" in message.lower() or _riff_shorter_than_declared(path, size)
         reason = SkipReason.TRUNCATED if truncated else SkipReason.CORRUPT

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from dtback.config import DataConfig
-from dtback.data.images import ImageSkip, SkipReason, entry_problem, probe_image, shown
+from dtback.data.images import DECODE_ERRORS, ImageSkip, SkipReason, entry_problem, probe_image, shown
 from dtback.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -204,18 +204,38 @@ class _Walker:
     def walk(self, root: Path) -> list[tuple[str, str, Path]]:
         self.root = root
         candidates: list[tuple[str, str, Path]] = []
+        folders = []
         for bundle_dir in self._entries(root, "bundle"):
             self.bundles.append(bundle_dir.name)
-            for char_dir in self._entries(bundle_dir, "character"):
-                self.characters.append((bundle_dir.name, char_dir.name))
-                for path in self._list(char_dir):
-                    if self._rejected(path):
-                        continue
-                    if path.is_dir():
-                        self._skip(path, SkipReason.MISPLACED, "nested folder inside a character folder is not read")
-                    elif path.suffix.lower() not in SIDECAR_SUFFIXES and path.name != CONTACT_SHEET:
-                        candidates.append((bundle_dir.name, char_dir.name, path))
+            folders += [(bundle_dir, char_dir) for char_dir in self._entries(bundle_dir, "character")]
+        for bundle_dir, char_dir in self._unique(folders):
+            self.characters.append((bundle_dir.name, char_dir.name))
+            for path in self._list(char_dir):
+                if self._rejected(path):
+                    continue
+                if path.is_dir():
+                    self._skip(path, SkipReason.MISPLACED, "nested folder inside a character folder is not read")
+                elif path.suffix.lower() not in SIDECAR_SUFFIXES and path.name != CONTACT_SHEET:
+                    candidates.append((bundle_dir.name, char_dir.name, path))
         return candidates
+
+    def _unique(self, folders: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+        """Character folders that are one folder on disk (a symlinked character or bundle) are one identity: keep
+        the folder reached without a symlink (else the first) and count the others, which could otherwise put the
+        same person in training and validation at once."""
+        by_target: dict[Path, list[tuple[Path, Path]]] = {}
+        for pair in folders:
+            by_target.setdefault(pair[1].resolve(), []).append(pair)
+        kept = []
+        for pair in folders:
+            group = by_target[pair[1].resolve()]
+            first = min(group, key=lambda p: (p[0].is_symlink() or p[1].is_symlink(), group.index(p)))
+            if pair is first:
+                kept.append(pair)
+            else:
+                self._skip(pair[1], SkipReason.DUPLICATE_FOLDER, f"the same folder as {first[0].name}/{first[1].name} "
+                           "(a symlink): one identity is one character")
+        return kept
 
     def _entries(self, folder: Path, level: str) -> list[Path]:
         """Sub-folders of ``folder`` at the given level; files found there are counted as misplaced."""
@@ -268,11 +288,13 @@ class _Walker:
 
 
 def _is_image(path: Path) -> bool:
-    """Whether PIL recognises the content as an image (header only)."""
+    """Whether PIL recognises the content as an image (header only; a header too large to open is one too)."""
     try:
         with Image.open(path):
             return True
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except Image.DecompressionBombError:
+        return True
+    except (UnidentifiedImageError, *DECODE_ERRORS):
         return False
 
 
@@ -299,6 +321,8 @@ def _read_caption(image_path: Path, root: Path) -> tuple[str | None, Skip | None
     sidecar = image_path.with_suffix(".txt")
     if not sidecar.is_file():
         return None, None
+    if sidecar.is_symlink() and not sidecar.resolve().is_relative_to(root.resolve()):
+        return None, None  # text from outside data_dir is never read: the walker counts it as symlink_outside_root
     try:
         text = sidecar.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:

@@ -148,10 +148,15 @@ def ensure_world(data: DataConfig, progress: bool = True) -> Path:
         )
     world = data.world
     verb = "completing the unfinished" if manifest is not None else "generating the"
-    log.info(
-        "data_dir %s %s: %s identity world (%d characters x %d images, %d px, seed %d) ...",
+    # A data_dir of the user's own that is missing is more likely a typo than a wish for the world: say it loudly.
+    level = logging.INFO if manifest is not None or root == DataConfig.model_fields["data_dir"].default else \
+        logging.WARNING
+    log.log(
+        level, "data_dir %s %s: %s identity world (%d characters x %d images, %d px, seed %d)%s ...",
         root, "is unfinished" if manifest is not None else "is missing", verb, world.characters,
         world.images_per_character, world.size, world.seed,
+        "" if level == logging.INFO else "; if you meant photos, check the path (data.world.generate_if_missing="
+        "false makes a missing data_dir an error)",
     )
     summary = write_world(root, world, progress=progress)
     log.info("identity world ready in %s: %d images written in %.1f s", root, summary.written, summary.seconds)

@@ -408,3 +408,42 @@ def test_symlinked_captions_from_outside_and_symlinked_characters_are_not_used(t
     assert skips["b/Gerhard/000.txt"][0] == "symlink_outside_root"
     assert skips["b/alias"] == ("duplicate_folder", "the same folder as b/Gerhard (a symlink): one identity is one "
                                                      "character")
+
+
+def test_generate_reads_a_prompts_or_settings_fifo_nobody_writes_to_without_waiting(tmp_path, capsys):
+    reference = write_image(tmp_path / "ref.png")
+    (tmp_path / "best_model.pt").write_bytes(b"")  # settings are checked before the model is read
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    common = ["generate", "--model", str(tmp_path / "best_model.pt"), "--reference", str(reference),
+              "--output", str(tmp_path / "out")]
+    assert finishes(lambda: main([*common, "--prompts-file", str(fifo)])) == EXIT_BAD_INPUT
+    assert "no prompt: give --prompt TEXT (repeatable) or a non-empty --prompts-file" in capsys.readouterr().err
+    assert finishes(lambda: main([*common, "--prompt", "a person", "--settings", str(fifo)])) == EXIT_BAD_INPUT
+    assert f"--settings {fifo}: unreadable" in capsys.readouterr().err
+
+
+def test_a_caption_file_far_beyond_a_prompt_is_a_counted_skip(tmp_path):
+    from dtback.data.layout import MAX_CAPTION_BYTES, scan_dataset  # noqa: PLC0415
+
+    root = make_dataset(tmp_path / "ds", {"b": {"a": 3, "c": 3}}, size=(16, 16))
+    (root / "b" / "a" / "000.txt").write_text("word " * (MAX_CAPTION_BYTES // 5 + 1))
+    (root / "b" / "a" / "001.txt").write_text("a person by the sea")
+    index = scan_dataset(DataConfig(data_dir=root), 0, progress=False)
+    captions = {image.path.name: image.caption for image in index.characters[0].images}
+    assert captions == {"000.png": None, "001.png": "a person by the sea", "002.png": None}
+    skip = {s.path: s for s in index.skips}["b/a/000.txt"]
+    assert skip.reason == "bad_caption" and f"over {MAX_CAPTION_BYTES} bytes" in skip.detail
+
+
+def test_a_yaml_alias_bomb_is_refused_in_a_short_message(tmp_path):
+    rows = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for level, name in enumerate("bcde"):
+        previous = "abcd"[level]
+        rows.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 10)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(rows) + "\ntraining: {batch_size: *e}\n")  # 100,000 strings where an int belongs
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"{path}: training.batch_size: Input should be a valid integer" in message and len(message) < 2000

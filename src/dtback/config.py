@@ -15,6 +15,7 @@ import difflib
 import types
 import warnings
 import re
+import reprlib
 import os
 import string
 from pathlib import Path
@@ -810,9 +811,17 @@ def _format_errors(err: ValidationError, raw: dict[str, Any], source: str, sourc
             lines.append(f"{origin}: {key}: unknown key{_suggestion(loc)}")
             continue
         message = item["msg"].removeprefix("Value error, ")
-        got = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
+        got = f" (got {_short_repr(item['input'])})" if "input" in item and not isinstance(item["input"], dict) else ""
         lines.append(f"{origin}: {key}: {message}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut at ``limit`` characters: a YAML alias bomb expands to millions of elements."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 8, 8, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _origin(key: str, source: str, sources: dict[str, str]) -> str:

@@ -8,6 +8,8 @@ at worst a temporary file, which :func:`remove_stale_temporaries` cleans.
 - :func:`write_bytes`, :func:`write_text`, :func:`write_json`: whole files from memory;
 - :func:`atomic_path`: a temporary path for writers that take a file name (``PIL.Image.save``, ``save_file``);
 - :func:`replace_folder`: a temporary folder for writers of folders (``save_pretrained``), swapped in whole.
+
+And one reader, :func:`read_text_now`, for small text files a user names (prompts, settings) that never blocks.
 """
 
 from __future__ import annotations
@@ -51,6 +53,19 @@ def fsync_dir(folder: Path) -> None:
         pass  # some filesystems refuse fsync on a folder; the rename itself already happened
     finally:
         os.close(fd)
+
+
+def read_text_now(path: Path, encoding: str = "utf-8") -> str:
+    """``Path.read_text`` that never waits for a writer: a named pipe nobody writes to reads as empty (a plain
+    ``open`` would block until someone opens it for writing), while a pipe that has a writer, such as the shell's
+    ``<(command)``, is read to its end as usual. OSError (missing file, a folder) and UnicodeDecodeError pass up."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    if not nonblocking:
+        return Path(path).read_text(encoding=encoding)
+    fd = os.open(path, os.O_RDONLY | nonblocking)  # returns at once, writer or not
+    with os.fdopen(fd, "rb") as handle:
+        os.set_blocking(fd, True)  # then read as usual: with no writer left, a read is end-of-file, not a wait
+        return handle.read().decode(encoding)
 
 
 @contextlib.contextmanager

@@ -191,6 +191,11 @@ def scan_dataset(cfg: DataConfig, seed: int, progress: bool = True) -> DatasetIn
     return index
 
 
+# A caption file beyond this is not a caption (a log, a pasted document): the text encoders would truncate it anyway,
+# after the tokenizer had printed it whole into the log.
+MAX_CAPTION_BYTES = 16_384
+
+
 class _Walker:
     """Walks the three-level layout; records skips for hidden, misplaced and escaping entries."""
 
@@ -323,10 +328,14 @@ def _read_caption(image_path: Path, root: Path) -> tuple[str | None, Skip | None
         return None, None
     if sidecar.is_symlink() and not sidecar.resolve().is_relative_to(root.resolve()):
         return None, None  # text from outside data_dir is never read: the walker counts it as symlink_outside_root
+    rel = sidecar.relative_to(root).as_posix()
     try:
+        if sidecar.stat().st_size > MAX_CAPTION_BYTES:
+            return None, Skip(path=rel, reason=SkipReason.BAD_CAPTION.value,
+                              detail=f"over {MAX_CAPTION_BYTES} bytes, far beyond what a text encoder reads (T5: 512 "
+                              "tokens); the caption template is used")
         text = sidecar.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
-        rel = sidecar.relative_to(root).as_posix()
         return None, Skip(path=rel, reason=SkipReason.BAD_CAPTION.value, detail=f"{err}; the caption template is used")
     return (text or None), None
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dtback.config import FLUX_PIXEL_MULTIPLE, MAX_SEED, DataConfig
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.errors import ConfigError, DtbackError
-from dtback.io import atomic_path, output_problem, write_json
+from dtback.io import atomic_path, output_problem, read_text_now, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def validate_settings(data: dict[str, Any], origins: dict[str, str] | None = Non
 def read_settings_file(path: Path) -> dict[str, Any]:
     """The JSON object of a ``settings.json`` (unvalidated: see :func:`validate_settings`)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(read_text_now(Path(path)))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"--settings {path}: unreadable ({err})") from err
     if not isinstance(data, dict):
@@ -244,7 +244,7 @@ def resolve_settings(args: argparse.Namespace) -> GenerateSettings:
         origins.pop("prompt", None)
     if args.prompts_file is not None:
         try:
-            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+            lines = read_text_now(args.prompts_file).splitlines()
         except (OSError, UnicodeDecodeError) as err:
             raise DtbackError(f"--prompts-file {args.prompts_file}: unreadable ({err})") from err
         prompts = data.get("prompt") or []

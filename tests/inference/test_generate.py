@@ -40,11 +40,12 @@ def test_several_references_and_one_without_a_face(pipe, run_dir):
     assert not np.array_equal(sample(pipe, refs), sample(pipe, one))
 
 
-def test_generate_cli_writes_images_and_settings_that_reproduce_them(run_dir, tmp_path):
+def test_generate_cli_writes_images_and_settings_that_reproduce_them(run_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["generate", "--model", str(run_dir / "best_model.pt"), "--reference", str(run_dir / "face.png"),
                  "--prompt", "a person in a city", "--prompt", "a person on a beach", "--steps", "2",
                  "--seed", "5", "--output", str(out), "--no-progress"]) == 0
+    assert "2/2 [" not in capsys.readouterr().err  # --no-progress silences diffusers' sampling bar too
     settings = json.loads((out / "settings.json").read_text())
     assert settings["images"] == ["000_00.png", "001_00.png"] and settings["reference_faces"][0] >= 1
     assert (settings["height"], settings["seed"], settings["steps"]) == (64, 5, 2)

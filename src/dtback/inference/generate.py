@@ -286,6 +286,8 @@ def generate(settings: GenerateSettings, output: Path, progress: bool = True) ->
     reference_images = None if settings.no_identity else load_references(settings.reference)
     pipe = IdentityFluxPipeline.from_pretrained(settings.model, base=settings.base, device=device,
                                                 offload=settings.offload)
+    if not progress:
+        pipe.pipeline.set_progress_bar_config(disable=True)  # diffusers' per-image sampling bar too
     for path, scale in zip(settings.lora, settings.lora_scale):
         pipe.load_lora_weights(path, scale=scale)
     extra = pipe.model.spec.extra

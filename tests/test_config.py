@@ -160,6 +160,7 @@ def test_override_errors_name_the_argument():
 
 def test_file_problems(tmp_path):
     assert f"{tmp_path / 'missing.yaml'}: config file not found" in error_of(tmp_path / "missing.yaml")
+    assert f"{tmp_path}: a folder, not a config file" in error_of(tmp_path)
     assert "not valid YAML" in error_of(write(tmp_path, "training: [unclosed\n"))
     assert "top level must be a mapping" in error_of(write(tmp_path, "- a\n- b\n"))
     assert load_config(write(tmp_path, "")) == Config()

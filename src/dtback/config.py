@@ -670,7 +670,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        problem = "a folder, not a config file" if path.is_dir() else \
+            "not a regular file (a pipe or a device): give a YAML file" if path.exists() else "config file not found"
+        raise ConfigError(f"{path}: {problem}")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except DuplicateKeyError as err:

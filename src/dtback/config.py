@@ -12,12 +12,12 @@ where the source is the YAML file or the ``--set`` argument that supplied the va
 from __future__ import annotations
 
 import difflib
-import types
-import warnings
+import os
 import re
 import reprlib
-import os
 import string
+import types
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence, Union, get_args, get_origin
 

@@ -110,7 +110,23 @@ def _parse(path: Path) -> Character:
         images = [PlacedImage(**entry) for entry in data["images"]]
     except (KeyError, TypeError) as err:
         raise DatasetError(f"{path}: malformed image list ({err})") from None
+    for number, image in enumerate(images):
+        if not _is_own_file(image.file):
+            raise DatasetError(
+                f"{path}: images[{number}].file: {image.file!r} is not the name of an image in this folder (no "
+                "'/', '\\', '..' or absolute path); fix the entry or remove it"
+            )
     return Character(bundle=expected[0], name=expected[1], encoder=dict(data.get("encoder", {})), images=images)
+
+
+def _is_own_file(name: Any) -> bool:
+    """Whether ``name`` is a plain file name of an image in the character's folder: corrections delete and move
+    these files, so a name reaching elsewhere (``../``, an absolute path) or the folder's own files is refused."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..", CHARACTER_FILE, CONTACT_SHEET)
+        and not any(mark in name for mark in ("/", "\\", "\0"))
+    )
 
 
 def write_character(root: Path, character: Character) -> Path:

@@ -18,7 +18,8 @@ named by their source path): the next build puts them into the character without
 whole file before grouping (so excluded photos stay out and moved ones stay where they were put) and again after
 writing (so characters formed by the run are corrected too). A placed image deleted by hand, or a whole character
 folder, is recorded here as an exclusion (``note: deleted by hand ...``; the build state remembers what was placed);
-delete the entry to let the builder place the photo again.
+delete the entry to let the builder place the photo again. New entries are appended below the text already there,
+which is kept byte for byte (comments, layout); a ``dtback dataset fix`` that is refused records nothing.
 
 Character names in ``merge``/``rename``/``into`` are the names at the time of the correction; after
 ``dtback dataset build --rebuild`` the builder numbers characters afresh, so check those entries.
@@ -36,7 +37,7 @@ import yaml
 
 from dtback.curate.characters import CHARACTER_FILE, Character, read_characters, write_character, write_contact_sheet
 from dtback.errors import DatasetError
-from dtback.io import write_text
+from dtback.io import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +74,32 @@ def read_corrections(root: Path) -> list[dict[str, Any]]:
     path = root / CORRECTIONS_FILE
     if not path.is_file():
         return []
+    return _parse(path, _read_text(path))[1]
+
+
+def _read_text(path: Path) -> str:
+    """The file's text exactly as written (line endings untranslated, so that appending keeps every byte)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        return path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not readable YAML ({err})") from None
+
+
+def _parse(path: Path, text: str) -> tuple[Any, list[dict[str, Any]]]:
+    """The YAML document of ``text`` and its checked ``corrections:`` list."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
         raise DatasetError(f"{path}: not readable YAML ({err})") from None
     if data is None:
-        return []
-    if not isinstance(data, dict) or not isinstance(data.get("corrections", []), list):
+        return None, []
+    # `corrections:` with nothing under it is what deleting the last entry by hand leaves: an empty list.
+    if not isinstance(data, dict) or not isinstance(data.get("corrections") or [], list):
         raise DatasetError(f"{path}: expected a mapping with a list 'corrections:'")
     entries = data.get("corrections") or []
     for number, entry in enumerate(entries, 1):
         _check(path, number, entry)
-    return entries
+    return data, entries
 
 
 def _check(path: Path, number: int, entry: Any) -> None:
@@ -110,11 +125,48 @@ def _check(path: Path, number: int, entry: Any) -> None:
 
 
 def append_correction(root: Path, entry: dict[str, Any]) -> Path:
-    """Add ``entry`` at the end of ``root/corrections.yaml`` (created with a header when missing)."""
-    entries = [*read_corrections(root), entry]
-    _check(root / CORRECTIONS_FILE, len(entries), entry)
-    text = HEADER + yaml.safe_dump({"corrections": entries}, sort_keys=False, allow_unicode=True, width=120)
-    return write_text(root / CORRECTIONS_FILE, text)
+    """Add ``entry`` at the end of ``root/corrections.yaml`` (created with a header when missing), atomically; every
+    byte already there is kept (comments, layout)."""
+    path = root / CORRECTIONS_FILE
+    return write_bytes(path, appended(root, [entry]))
+
+
+def appended(root: Path, new: list[dict[str, Any]]) -> bytes:
+    """The bytes of ``root/corrections.yaml`` with ``new`` checked and added at the end of its list, the text a
+    person wrote kept byte for byte: the entries' YAML follows it as more ``- ...`` items. Nothing is written.
+
+    Raises :class:`DatasetError` naming the file when it is malformed, when an entry is, or when the list cannot
+    grow by appending (another key after it, flow style ``[...]``): a person's text is never rewritten."""
+    path = root / CORRECTIONS_FILE
+    text = _read_text(path) if path.exists() else ""
+    data, entries = _parse(path, text)
+    for number, entry in enumerate(new, len(entries) + 1):
+        _check(path, number, entry)
+    newline = "\r\n" if "\r\n" in text else "\n"
+    if not text:
+        text = HEADER.replace("\n", newline)
+    elif not text.endswith(("\n", "\r")):
+        text += newline  # a last line without its line break: the next item must start a line of its own
+    items = yaml.safe_dump(new, sort_keys=False, allow_unicode=True, width=120).splitlines()
+    expected = {**(data or {}), "corrections": [*entries, *new]}
+    # The items go at the indentation of the existing ones; the one that reads back as the old document plus the
+    # new entries is right (a wrong one fails to parse or reads as something else).
+    heads = [] if isinstance(data, dict) and "corrections" in data else [f"corrections:{newline}"]
+    for indent in ("", "  ", "    "):
+        candidate = text + "".join(heads) + "".join(f"{indent}{line}{newline}" for line in items)
+        try:
+            if yaml.safe_load(candidate) == expected:
+                return candidate.encode("utf-8")
+        except yaml.YAMLError:
+            continue
+    flow = "; ".join(
+        "- " + yaml.safe_dump(entry, sort_keys=False, allow_unicode=True, default_flow_style=True, width=1 << 20)
+        .strip() for entry in new
+    )
+    raise DatasetError(
+        f"{path}: cannot add a correction without rewriting your text: make 'corrections:' the last key, a block "
+        f"list of '- ...' items, or add it at the end of that list yourself: {flow}"
+    )
 
 
 def photo_entry(root: Path, characters: list[Character], ref: str) -> dict[str, str]:
@@ -285,8 +337,12 @@ def _rename(root: Path, character: Character, name: str) -> None:
 
 
 def fix(root: Path, operation: str, args: list[str], into: str | None, contact_tiles: int) -> str:
-    """``dtback dataset fix``: record one correction in ``root/corrections.yaml`` and apply it now; returns what
-    was done, for people. ``args``: photos (exclude, split), FROM INTO (merge), CHARACTER NEW_NAME (rename)."""
+    """``dtback dataset fix``: apply one correction now and record it in ``root/corrections.yaml``; returns what
+    was done, for people. ``args``: photos (exclude, split), FROM INTO (merge), CHARACTER NEW_NAME (rename).
+
+    The entry is recorded only once it applied: a refused one (:class:`DatasetError`) leaves the file byte for byte
+    as it was, so that later builds do not meet it again. The new file's bytes are made (and the file checked)
+    before anything changes, and written atomically after."""
     from dtback.curate.characters import new_slots
 
     if not root.is_dir():
@@ -310,6 +366,10 @@ def fix(root: Path, operation: str, args: list[str], into: str | None, contact_t
             reserved = corrected_names(read_corrections(root))
             slot = new_slots(root, characters, 1, bundle, "person", None, reserved)[0]
             into = f"{bundle}/{slot[1]}" if slot[0] == bundle else "/".join(slot)
+        parts = into.strip("/").split("/")
+        if len(parts) != 2 or not all(_NAME.fullmatch(part) for part in parts):
+            raise DatasetError(f"dataset fix split --into {into!r}: not bundle/character (letters, digits, '_' or '-', "
+                               f"e.g. {characters[0].bundle}/bob)")
         entries = [{"split": photos, "into": into}]
     elif operation == "merge":
         if args[1].strip("/") not in keys:
@@ -317,11 +377,15 @@ def fix(root: Path, operation: str, args: list[str], into: str | None, contact_t
         entries = [{"merge": args[0].strip("/"), "into": args[1].strip("/")}]
     elif operation == "rename":
         entries = [{"rename": args[0].strip("/"), "to": args[1]}]
+        target = root / args[0].strip("/").split("/")[0] / args[1].split("/")[-1]
+        if _NAME.fullmatch(target.name) and target.exists():
+            raise DatasetError(f"dataset fix rename {args[0]} {args[1]}: {target} already exists; pick another name "
+                               "(or merge into that character)")
     else:
         raise DatasetError(f"dataset fix: unknown operation {operation!r} (exclude, split, merge, rename)")
-    for entry in entries:
-        append_correction(root, entry)
+    recorded = appended(root, entries)
     applied = apply_corrections(root, entries, set(), contact_tiles)
+    write_bytes(root / CORRECTIONS_FILE, recorded)
     later = ""
     if operation == "split" and applied.moved < len(entries[0]["split"]):
         later = (f"; {len(entries[0]['split']) - applied.moved} photo(s) not in the dataset yet go to {into} "

@@ -46,6 +46,8 @@ def test_a_refused_fix_leaves_corrections_yaml_byte_for_byte(built, photos, tmp_
     assert every_byte(built) == before and not (tmp_path / "x").exists()
     err = capsys.readouterr().err
     assert "'../../x/evil'" in err and "not bundle/character" in err
+    assert fix(built, "merge", first.key, first.key) == EXIT_BAD_INPUT
+    assert every_byte(built) == before and "cannot be merged into itself" in capsys.readouterr().err
 
     # A file that cannot grow without being rewritten (flow style) is refused before the photo is touched.
     flow = b"corrections: []  # mine\n"

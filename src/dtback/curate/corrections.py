@@ -374,6 +374,8 @@ def fix(root: Path, operation: str, args: list[str], into: str | None, contact_t
     elif operation == "merge":
         if args[1].strip("/") not in keys:
             raise DatasetError(f"{root}: no character {args[1]} to merge into")
+        if args[0].strip("/") == args[1].strip("/"):
+            raise DatasetError(f"dataset fix merge {args[0]} {args[1]}: a character cannot be merged into itself")
         entries = [{"merge": args[0].strip("/"), "into": args[1].strip("/")}]
     elif operation == "rename":
         entries = [{"rename": args[0].strip("/"), "to": args[1]}]

@@ -447,3 +447,45 @@ def test_a_yaml_alias_bomb_is_refused_in_a_short_message(tmp_path):
         load_config(path)
     message = str(info.value)
     assert f"{path}: training.batch_size: Input should be a valid integer" in message and len(message) < 2000
+
+
+# ------------------------------------------------------------------------------------ the world and the cache
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--bundle", ".."], "--bundle: '..' is not a plain folder name"),
+    (["--bundle", "/tmp/elsewhere"], "--bundle: '/tmp/elsewhere' is not a plain folder name"),
+    (["--characters", "8401"], "--characters: Input should be less than or equal to 8400"),
+    (["--images-per-character", "100000000"], "--images-per-character: Input should be less than or equal to 1000"),
+    (["--size", "100000"], "--size: Input should be less than or equal to 2048"),
+])
+def test_world_settings_that_would_write_elsewhere_or_never_end_are_refused(tmp_path, capsys, flags, message):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    out = victim / "w"
+    assert main(["world", "--out", str(out), "--characters", "2", "--images-per-character", "2", *flags]) == \
+        EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+    assert list(victim.iterdir()) == []
+
+
+def test_the_world_face_count_is_the_product_of_its_face_attributes():
+    import math  # noqa: PLC0415
+
+    from dtback.config import WORLD_FACES  # noqa: PLC0415
+    from dtback.world.people import FACE_ATTRIBUTES  # noqa: PLC0415
+
+    assert WORLD_FACES == math.prod(len(choices) for choices in FACE_ATTRIBUTES.values())
+
+
+def test_world_out_and_cache_dir_inside_a_file_are_refused(tmp_path, capsys):
+    from dtback.identity.cache import EmbeddingCache  # noqa: PLC0415
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert main(["world", "--out", str(a_file / "sub"), "--characters", "2", "--images-per-character", "2"]) == \
+        EXIT_BAD_INPUT
+    assert f"--out {a_file / 'sub'} is inside {a_file}, which is a file" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=f"identity.cache_dir: {a_file}/.* is inside {a_file}, which is a file"):
+        EmbeddingCache(a_file, "face:test", {})
+    assert a_file.read_text() == "mine"

@@ -329,14 +329,20 @@ def cmd_world(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from dtback.config import WorldConfig
+    from dtback.io import output_problem
     from dtback.world.files import write_world
 
     try:
         cfg = WorldConfig(characters=args.characters, images_per_character=args.images_per_character, size=args.size,
                           seed=args.seed, bundle=args.bundle)
     except ValidationError as err:
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: "
+                             f"{e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors())
         raise DatasetError(f"dtback world: {problems}") from None
+    problem = output_problem(args.out, "folder")
+    if problem:
+        raise DatasetError(f"dtback world --out {problem}")
     summary = write_world(args.out, cfg, progress=not args.no_progress)
     _say(
         f"identity world in {args.out}: {cfg.characters} characters x {cfg.images_per_character} images at {cfg.size} px "

@@ -84,21 +84,39 @@ def _number_problem(annotation: Any, value: Any) -> str | None:
     return None
 
 
+# Distinct faces the identity world can draw (the product of its face attributes' choices; a test keeps the two in
+# step): a world of more characters would have two with one face.
+WORLD_FACES = 8400
+
+
 class WorldConfig(_Section):
     """The generated identity world (:mod:`dtback.world`): the images written into ``data_dir`` when that folder is
     missing, and the folder of its trained components."""
 
     generate_if_missing: bool = Field(True, description="Generate the identity world into data_dir when it is missing.")
-    characters: int = Field(256, ge=2, description="Characters (identities) in the generated world.")
-    images_per_character: int = Field(12, ge=2, description="Images drawn of each character.")
-    size: int = Field(128, ge=FLUX_PIXEL_MULTIPLE, description="Side of the square world images in pixels.")
+    characters: int = Field(256, ge=2, le=WORLD_FACES, description="Characters (identities) in the generated world "
+                            f"(at most {WORLD_FACES}: each has a face of its own).")
+    images_per_character: int = Field(12, ge=2, le=1000, description="Images drawn of each character.")
+    size: int = Field(128, ge=FLUX_PIXEL_MULTIPLE, le=2048, description="Side of the square world images in pixels.")
     seed: int = Field(0, ge=0, le=MAX_SEED,
                       description="World seed: the same seed always gives the same images, byte for byte.")
-    bundle: str = Field("world", min_length=1, description="Bundle folder the characters are written into.")
+    bundle: str = Field("world", description="Bundle folder the characters are written into: a plain folder name (letters, "
+                        "digits, '_', '-'), never a path.")
     components: Path | None = Field(
         None, description="Folder of the world's trained components (VAE, face/body encoders, reader, base; built by "
         "`dtback world-components --out DIR`); null: the folder shipped in the package."
     )
+
+
+
+    @field_validator("bundle")
+    @classmethod
+    def _bundle_is_a_name(cls, value: str) -> str:
+        # The world is written into <out>/<bundle>: a path here ('..', '/tmp/x') would write outside the folder.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", value):
+            raise ValueError(f"{value!r} is not a plain folder name (letters, digits, '_' or '-', starting with a "
+                             "letter or digit)")
+        return value
 
 
 class BuildConfig(_Section):

@@ -91,3 +91,42 @@ def test_out_that_is_a_file_and_an_absent_device_are_refused(world_run, tmp_path
     assert main(evaluate_args(world_run, tmp_path / "o", "--device", "cuda:7")) == EXIT_BAD_INPUT
     assert "--device cuda:7: this machine has" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_character_named_twice_is_refused(world_run):
+    cfg = run_config(world_run, None)
+    key = split_of(world_run)["val"][0]
+    with pytest.raises(DtbackError, match=f"--characters names {key} more than once"):
+        load_held_out(world_run, cfg, None, [key, key], None)
+
+
+@pytest.mark.parametrize("bundle", ["world", "people"])
+def test_a_world_of_the_runs_seed_holds_the_runs_characters(world_run, tmp_path, bundle):
+    """Other pictures (more per character, another bundle name) of the same seed are the same people: the ones the
+    run trained on are refused or labelled, and the held-out ones are its split's."""
+    from dtback.config import WorldConfig  # noqa: PLC0415
+    from dtback.world.files import write_world  # noqa: PLC0415
+
+    cfg, split = run_config(world_run, None), split_of(world_run)
+    same_seed = tmp_path / "same_seed"
+    write_world(same_seed, WorldConfig(characters=8, images_per_character=4, size=64, seed=0, bundle=bundle),
+                progress=False)
+    theirs = [f"{bundle}/{key.split('/')[1]}" for key in split["train"]]
+    with pytest.raises(DtbackError, match="the run trained on"):
+        load_held_out(world_run, cfg, same_seed, theirs[:2], None)
+    held = load_held_out(world_run, cfg, same_seed, [], None)
+    assert [c.key for c in held.characters] == [f"{bundle}/{key.split('/')[1]}" for key in split["val"]]
+    other_seed = tmp_path / "other_seed"
+    write_world(other_seed, WorldConfig(characters=4, images_per_character=3, size=64, seed=5), progress=False)
+    held = load_held_out(world_run, cfg, other_seed, [], None)  # another seed: other people, all of them held out
+    assert len(held.characters) == 4 and "another dataset" in held.source
+
+
+def test_out_inside_the_dataset_is_refused_before_anything_is_written(world_run, tmp_path, capsys):
+    cfg = run_config(world_run, None)
+    key = split_of(world_run)["val"][0]
+    out = cfg.data.data_dir / key / "evaluation"
+    assert main(evaluate_args(world_run, out)) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"--out {out} is inside the dataset" in err and "Traceback" not in err
+    assert not out.exists()

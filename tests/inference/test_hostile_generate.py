@@ -153,3 +153,21 @@ def test_the_recorded_base_is_accepted_from_any_folder(run_dir, tmp_path, monkey
     args[args.index("--model") + 1] = str(adapter.relative_to(tmp_path))
     assert main(args) == 0
     assert (tmp_path / "out" / "000_00.png").is_file()
+
+
+def test_a_base_that_is_a_file_or_missing_and_a_lora_of_other_weights_exit_2(run_dir, tmp_path, capsys):
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    file_base = tmp_path / "weights.bin"
+    file_base.write_bytes(b"not a folder")
+    for base, message in ((file_base, "is a file: pass a FLUX folder"),
+                          (tmp_path / "no" / "such", "no such folder")):
+        assert main([*generate_args(run_dir, tmp_path), "--base", str(base)]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert f"--base {base}" in err and message in err and "Traceback" not in err
+    trainable = tmp_path / "trainable.safetensors"  # a training checkpoint's tensors, not a LoRA
+    save_file({"adapters.double_0.to_q.weight": torch.ones(4, 4), "resampler.face.proj.bias": torch.ones(4)}, trainable)
+    assert main([*generate_args(run_dir, tmp_path), "--lora", str(trainable)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"LoRA {trainable}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

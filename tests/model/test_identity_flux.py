@@ -168,6 +168,15 @@ def test_foreign_or_broken_checkpoints_get_clear_errors(tmp_path, load_base):
     (folder / "adapter_config.json").write_text('{"format": "something-else"}')
     with pytest.raises(AdapterMismatchError, match="not a dtback identity adapter"):
         IdentityPreservingFlux.from_pretrained(folder)
+    reshaped = make_model(load_base()).save_pretrained(tmp_path / "reshaped")
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    tensors = load_file(reshaped / "adapter.safetensors")
+    name = next(key for key in sorted(tensors) if key.endswith(".bias"))
+    tensors[name] = torch.zeros(7)
+    save_file(tensors, reshaped / "adapter.safetensors")
+    with pytest.raises(AdapterMismatchError, match=f"weights of another shape than the adapter config: {name} \\(7,\\)"):
+        IdentityPreservingFlux.from_pretrained(reshaped)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(load_base):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,9 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     cfg = run_config(run_dir, settings.config)
     held = load_held_out(run_dir, cfg, settings.data_dir, settings.characters, settings.num_characters,
                          settings.references, settings.allow_trained)
+    if Path(os.path.realpath(settings.out)).is_relative_to(os.path.realpath(held.data_dir)):
+        raise DtbackError(f"--out {settings.out} is inside the dataset {held.data_dir}: its grid and images would be "
+                          "read as pictures of a character; write the evaluation elsewhere")
     prompts = read_prompts(settings.prompts_file, held.is_world)
     from_run = settings.true_cfg is None
     if from_run:

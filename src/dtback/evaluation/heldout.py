@@ -129,7 +129,7 @@ def trained_keys(run_dir: Path, cfg: Config | None, data_dir: Path) -> tuple[set
     if cfg is not None and another_dataset(cfg, data_dir, list(split.val) if split is not None else []):
         return set(), f"{data_dir} is another dataset than the run's"
     if split is not None:
-        return set(split.train), str(split_path)
+        return set(_in_their_bundle(list(split.train), cfg, data_dir)), str(split_path)
     if cfg is None:
         return set(), "no split.json or config.yaml in the run folder"
     data_cfg = cfg.data.model_copy(update={"data_dir": data_dir})
@@ -165,7 +165,7 @@ def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: l
         keys = [c.key for c in scan_dataset(data_cfg, cfg.seed, progress=False).characters]
         return keys, f"every character of {data_dir} (another dataset than the run's {cfg.data.data_dir})"
     if split_val is not None:
-        return split_val, str(split_path)
+        return _in_their_bundle(split_val, cfg, data_dir), str(split_path)
     if cfg is None:
         raise DtbackError(
             f"no held-out characters: {run_dir} has neither {SPLIT_FILE} nor config.yaml; pass --characters "
@@ -188,10 +188,29 @@ def another_dataset(cfg: Config, data_dir: Path, split_val: list[str]) -> bool:
         return False
     theirs = read_manifest(data_dir)
     if theirs is not None:
-        mine = read_manifest(run_data) if run_data.is_dir() else None
-        reference = mine if mine is not None else world_settings(cfg.data.world)
-        return any(theirs.get(key) != reference.get(key) for key in world_settings(cfg.data.world))
+        # A world's seed (and version) draws its identities, in the same order whatever the counts and the size: a
+        # world of the run's seed holds the run's characters (other pictures of them), so it is not another dataset.
+        return any(theirs.get(key) != _run_world(cfg).get(key) for key in IDENTITY_KEYS)
     return bool(split_val) and not all((Path(data_dir) / key).is_dir() for key in split_val)
+
+
+# The world settings that decide who its characters are (the others decide only their pictures).
+IDENTITY_KEYS = ("world_version", "seed")
+
+
+def _run_world(cfg: Config) -> dict[str, Any]:
+    """The settings of the run's world: its ``world.json``, else the run's ``data.world``."""
+    run_data = Path(cfg.data.data_dir)
+    mine = read_manifest(run_data) if run_data.is_dir() else None
+    return mine if mine is not None else world_settings(cfg.data.world)
+
+
+def _in_their_bundle(keys: list[str], cfg: Config | None, data_dir: Path) -> list[str]:
+    """``keys`` of the run's world as they are named in the world at ``data_dir`` (its bundle folder may differ)."""
+    theirs = read_manifest(data_dir) if cfg is not None else None
+    if theirs is None or theirs.get("bundle") == _run_world(cfg).get("bundle"):
+        return keys
+    return [f"{theirs.get('bundle')}/{key.split('/', 1)[1]}" for key in keys]
 
 
 def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, explicit: list[str],
@@ -206,6 +225,9 @@ def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, expl
     if not data_dir.is_dir():
         raise DatasetError(f"dataset folder {data_dir} does not exist (pass --data-dir)")
     keys, source = held_out_keys(run_dir, cfg, data_dir, explicit)
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:  # the shuffled baseline would hand a character its own references and read as "with identity"
+        raise DtbackError(f"{source} names {', '.join(twice)} more than once: each held-out character once")
     for key in keys:  # split.json and folder names are files a user may have edited, too
         problem = key_problem(key)
         if problem:

@@ -34,7 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dtback.io import atomic_path, is_temporary, write_json
+from dtback.errors import ConfigError
+from dtback.io import atomic_path, is_temporary, output_problem, write_json
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,9 @@ class EmbeddingCache:
         self._shard_names: dict[Path, dict[str, list[str]]] = {}
         self._buffer: dict[str, dict[str, torch.Tensor]] = {}
         self._buffer_meta: dict[str, str] = {}
+        problem = output_problem(self.folder, "folder")
+        if problem is not None:
+            raise ConfigError(f"identity.cache_dir: {problem}")
         self.folder.mkdir(parents=True, exist_ok=True)
         self._write_encoder_file()
         remove_stale_tmp(self.folder, stale_tmp_s)

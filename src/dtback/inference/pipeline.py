@@ -62,6 +62,11 @@ def resolve_base(adapter: Path, recorded: str | None, override: str | None) -> s
     (never in the current folder, where another run's ``base/`` may be), an absolute one as it is, a hub id from the
     local Hugging Face cache. Raises :class:`MissingModelError` naming what was looked for, without a hub lookup."""
     if override:
+        given = Path(override).expanduser()
+        if given.exists() and not given.is_dir():
+            raise MissingModelError(f"--base {override} is a file: pass a FLUX folder (diffusers layout) or a hub id")
+        if not given.exists() and (given.is_absolute() or not HUB_ID.fullmatch(override)):
+            raise MissingModelError(f"--base {override}: no such folder (and not an organisation/name hub id)")
         return override
     if not recorded:
         raise MissingModelError(f"{adapter} does not record its base model: pass --base (a FLUX folder or hub id)")
@@ -179,8 +184,9 @@ class IdentityFluxPipeline:
         loader = FluxPipeline if spec.base["family"] == "flux1" else DiffusionPipeline
         try:
             pipeline = loader.from_pretrained(source, **{DTYPE_KWARG: dtype}, local_files_only=local_files_only)
-        except OSError as err:
-            raise MissingModelError(f"FLUX base {source!r} (for {adapter}) could not be loaded: {err}") from err
+        except (OSError, ValueError) as err:  # ValueError: a folder of another pipeline (a FLUX.2 base for FLUX.1)
+            raise MissingModelError(f"FLUX base {source!r} (for {adapter}) could not be loaded as a "
+                                    f"{loader.__name__}: {err}") from err
         model = IdentityPreservingFlux.from_pretrained(adapter, transformer=pipeline.transformer)
         identity, world = backends.identity_from_adapter(spec.extra, device)
         face = backends.face_encoder(identity, world) if spec.resampler.face_dim else None
@@ -235,7 +241,7 @@ class IdentityFluxPipeline:
         try:
             try:
                 self.pipeline.load_lora_weights(str(path), adapter_name=name)
-            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
                 raise DtbackError(f"LoRA {path}: not a FLUX LoRA that diffusers can load "
                                   f"({err.__class__.__name__}: {err})") from err
             if not any(name in names for names in self.pipeline.get_list_adapters().values()):

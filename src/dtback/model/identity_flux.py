@@ -402,6 +402,12 @@ class IdentityPreservingFlux(nn.Module):
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         own = {k: v for k, v in state.items() if not k.startswith(LORA_PREFIX)}
         lora = {k[len(LORA_PREFIX):]: v for k, v in state.items() if k.startswith(LORA_PREFIX)}
+        expected = self.state_dict()
+        shapes = [f"{k} {tuple(v.shape)} (the config makes {tuple(expected[k].shape)})" for k, v in own.items()
+                  if k in expected and v.shape != expected[k].shape]
+        if shapes:  # load_state_dict would raise its own multi-line RuntimeError
+            raise AdapterMismatchError(f"{source}: weights of another shape than the adapter config: "
+                                       f"{'; '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}")
         result = self.load_state_dict(own, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise AdapterMismatchError(

@@ -421,6 +421,8 @@ def test_generate_reads_a_prompts_or_settings_fifo_nobody_writes_to_without_wait
     assert "no prompt: give --prompt TEXT (repeatable) or a non-empty --prompts-file" in capsys.readouterr().err
     assert finishes(lambda: main([*common, "--prompt", "a person", "--settings", str(fifo)])) == EXIT_BAD_INPUT
     assert f"--settings {fifo}: unreadable" in capsys.readouterr().err
+    assert finishes(lambda: main([*common, "--prompts-file", "/dev/zero"])) == EXIT_BAD_INPUT
+    assert "--prompts-file /dev/zero: unreadable" in capsys.readouterr().err
 
 
 def test_a_caption_file_far_beyond_a_prompt_is_a_counted_skip(tmp_path):

@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,8 +302,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"hub repo of the body backbone (default: {DEFAULT_BODY_REPO})")
     parser.add_argument("--check", action="store_true", help="only report what is present or missing; no network")
     parser.add_argument("--sha256", action="store_true", help="also hash the large files against the hub's sha256")
-    parser.add_argument("--timeout", type=float, default=10.0,
+    parser.add_argument("--timeout", type=_seconds, default=10.0,
                         help="seconds to wait for the hub before giving up (default: 10)")
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds above 0 (argparse type)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: a number of seconds above 0")
+    return value
 
 
 def check_models_dir(models_dir: Path) -> None:

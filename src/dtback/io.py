@@ -15,6 +15,7 @@ And one reader, :func:`read_text_now`, for small text files a user names (prompt
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -55,17 +56,20 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def read_text_now(path: Path, encoding: str = "utf-8") -> str:
+def read_text_now(path: Path, encoding: str = "utf-8", max_bytes: int = 16 * 2**20) -> str:
     """``Path.read_text`` that never waits for a writer: a named pipe nobody writes to reads as empty (a plain
     ``open`` would block until someone opens it for writing), while a pipe that has a writer, such as the shell's
-    ``<(command)``, is read to its end as usual. OSError (missing file, a folder) and UnicodeDecodeError pass up."""
+    ``<(command)``, is read to its end as usual; more than ``max_bytes`` (``/dev/zero``) is an OSError (EFBIG).
+    OSError (missing file, a folder) and UnicodeDecodeError pass up."""
     nonblocking = getattr(os, "O_NONBLOCK", 0)
-    if not nonblocking:
-        return Path(path).read_text(encoding=encoding)
     fd = os.open(path, os.O_RDONLY | nonblocking)  # returns at once, writer or not
     with os.fdopen(fd, "rb") as handle:
-        os.set_blocking(fd, True)  # then read as usual: with no writer left, a read is end-of-file, not a wait
-        return handle.read().decode(encoding)
+        if nonblocking:
+            os.set_blocking(fd, True)  # then read as usual: with no writer left, a read is end-of-file, not a wait
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"more than {max_bytes} bytes: not a text file of settings or prompts", str(path))
+    return data.decode(encoding)
 
 
 @contextlib.contextmanager

@@ -145,7 +145,7 @@ def check_settings(settings: EvaluateSettings) -> None:
         raise DtbackError(f"--model {settings.model} does not exist (train first, or point at a run's best_model.pt)")
     if settings.clip_model is not None and not (settings.clip_model / "config.json").is_file():
         raise DtbackError(f"--clip-model {settings.clip_model}: not a transformers CLIP folder (no config.json)")
-    if settings.prompts_file is not None and not settings.prompts_file.is_file():
+    if settings.prompts_file is not None and not settings.prompts_file.exists():
         raise DtbackError(f"--prompts-file {settings.prompts_file} does not exist")
     problem = output_problem(settings.out, "folder")
     if problem:

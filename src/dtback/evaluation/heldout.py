@@ -30,6 +30,7 @@ from dtback.data.split import SPLIT_FILE, read_split, split_characters
 from dtback.world.files import read_manifest, world_settings
 from dtback.world.people import caption_for
 from dtback.errors import DatasetError, DtbackError
+from dtback.io import read_text_now
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ def read_prompts(prompts_file: Path | None, is_world: bool) -> list[str]:
     if prompts_file is None:
         return list(WORLD_PROMPTS if is_world else PHOTO_PROMPTS)
     try:
-        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        lines = read_text_now(prompts_file).splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise DtbackError(f"--prompts-file {prompts_file}: unreadable ({err})") from None
     prompts = [line.strip() for line in lines if line.strip()]

@@ -264,8 +264,9 @@ def folder_vae(source: str | None, base: str = "flux1") -> AutoencoderKL | None:
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, base: str = "flux1") -> FluxPipeline:
     path = Path(source).expanduser()
-    hint = (f"Download it first: dtback download --model {source} (FLUX.1-dev is gated: accept its licence on "
-            "huggingface.co and log in with `hf auth login`).")
+    hint = ("Download it first: `dtback download --only flux` (FLUX.1-dev; `--flux schnell` or a FLUX.2 name for "
+            "another; FLUX.1-dev is gated: accept its licence on huggingface.co and log in with `hf auth login`), "
+            "then point model.pretrained_model at the folder it prints.")
     if path.is_dir() and not (path / MODEL_INDEX).is_file():
         raise MissingModelError(f"FLUX folder {path} has no {MODEL_INDEX}: it is not a diffusers pipeline folder")
     if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):

@@ -491,3 +491,15 @@ def test_world_out_and_cache_dir_inside_a_file_are_refused(tmp_path, capsys):
     with pytest.raises(ConfigError, match=f"identity.cache_dir: {a_file}/.* is inside {a_file}, which is a file"):
         EmbeddingCache(a_file, "face:test", {})
     assert a_file.read_text() == "mine"
+
+
+def test_ctrl_c_outside_training_ends_in_one_line_not_a_traceback(monkeypatch, capsys):
+    import dtback.cli as cli  # noqa: PLC0415
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_precompute", interrupted)
+    assert main(["precompute"]) == cli.EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert "interrupted: finished files are kept" in err and "Traceback" not in err

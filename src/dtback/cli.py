@@ -488,6 +488,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DtbackError as err:
         _say(f"error: {err}", "red")
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        # Ctrl-C outside training's own handling (which checkpoints first): every writer is atomic, so what was
+        # finished stays and a rerun goes on from it; no traceback for a stop the user asked for.
+        _say("interrupted: finished files are kept; run the command again to go on", "yellow")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -130,3 +130,14 @@ def test_out_inside_the_dataset_is_refused_before_anything_is_written(world_run,
     err = capsys.readouterr().err
     assert f"--out {out} is inside the dataset" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_world_adapter_is_not_scored_on_photos(world_run, tmp_path, capsys):
+    from helpers import make_dataset  # noqa: PLC0415
+
+    photos = make_dataset(tmp_path / "photos", {"b": {"x": 3, "y": 3}}, size=(32, 32))
+    out = tmp_path / "o"
+    assert main(evaluate_args(world_run, out, "--data-dir", str(photos))) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"{photos} holds photos, not an identity world" in err and "identity.face_backend" in err
+    assert not out.exists()

@@ -165,6 +165,13 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     if Path(os.path.realpath(settings.out)).is_relative_to(os.path.realpath(held.data_dir)):
         raise DtbackError(f"--out {settings.out} is inside the dataset {held.data_dir}: its grid and images would be "
                           "read as pictures of a character; write the evaluation elsewhere")
+    world_encoders = [key for key, value in (("identity.face_backend", cfg.identity.face_backend if cfg else None),
+                                             ("identity.body_model", cfg.identity.body_model if cfg else None))
+                      if value == backends.WORLD]
+    if world_encoders and not held.is_world:
+        raise DtbackError(f"{held.data_dir} holds photos, not an identity world, but this adapter reads identity with "
+                          f"the world's encoders ({', '.join(world_encoders)}: world), which know only drawn "
+                          "characters: evaluate it on a world (dtback world --out DIR --seed 5)")
     prompts = read_prompts(settings.prompts_file, held.is_world)
     from_run = settings.true_cfg is None
     if from_run:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,8 @@ class RunParts:
             transformer.train(was_training)
         metrics["step"] = progress.step
         metric = selection_metric(metrics)
-        best = progress.best_metric is None or metric > progress.best_metric
+        # a non-finite score (selection_metric gives -inf for NaN) never names a best model, not even the first
+        best = math.isfinite(metric) and (progress.best_metric is None or metric > progress.best_metric)
         if self.sharded_module is not None:  # the main process decides; every rank gathers
             best = broadcast_object_list([best])[0]
             self.save_best(accelerator, gather_only=not best)

@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 
 from dtback import backends, devices
 from dtback.config import Config
-from dtback.errors import ConfigError, DtbackError, TrainingDiverged
+from dtback.errors import CheckpointError, ConfigError, DtbackError, TrainingDiverged
 from dtback.model.memory import apply_checkpointing, make_adamw
 from dtback.training.batches import draw_pair_references, epoch_batches, make_batch
 from dtback.training import distributed
 from dtback.training.checkpoint import (
-    Progress, checkpoint_problem, checkpoint_record, latest_checkpoint, load_checkpoint, resumable_checkpoint,
-    save_checkpoint, take_snapshot,
+    CHECKPOINTS, Progress, checkpoint_problem, checkpoint_record, first_non_finite, latest_checkpoint,
+    list_checkpoints, load_checkpoint, resumable_checkpoint, save_checkpoint, take_snapshot,
 )
 from dtback.training.resume import check_data, check_resume, prepare_run_folder, run_folder_lock
 from dtback.training.setup import RunParts, setup
@@ -214,12 +214,17 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
                              it_per_s=t.log_every / elapsed if elapsed > 0 else 0.0)
                 parts.log(terms)
                 bar.set_postfix(loss=f"{terms['loss']:.4f}")
-            if progress.step % t.validate_every == 0 or progress.step == steps:
+            validating = progress.step % t.validate_every == 0 or progress.step == steps
+            saving = progress.step % t.checkpoint_every == 0 or progress.step == steps
+            if validating or saving:
+                _check_finite_weights(accelerator, trainable, ema, progress, run_dir)
+            if validating:
                 parts.validate(progress, ema, accelerator, list(trainable.values()))
-            if progress.step % t.checkpoint_every == 0 or progress.step == steps:
+            if saving:
                 last_checkpoint = _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, scheduler,
                                               ema, t.keep_checkpoints) or last_checkpoint
         if stop.requested:
+            _check_finite_weights(accelerator, trainable, ema, progress, run_dir)
             last_checkpoint = _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, scheduler, ema,
                                           t.keep_checkpoints) or last_checkpoint
             logger.warning("interrupted: saved %s; continue with --resume", last_checkpoint)
@@ -343,6 +348,24 @@ def weights_digest(trainable: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _check_finite_weights(accelerator, trainable, ema, progress, run_dir) -> None:
+    """Before validation or a checkpoint: the weights they would use (the EMA's when there is one) are finite on
+    every rank, else :class:`TrainingDiverged` (all ranks stop together): ``best_model.pt`` and the checkpoints
+    are never written from NaN or infinite weights (validation would score such a model's black images as a face
+    not found, which can beat the old best)."""
+    weights = dict(zip(trainable, ema.shadow_params)) if ema is not None else trainable
+    bad = first_non_finite({name: tensor.detach() for name, tensor in weights.items()})
+    flag = torch.tensor([0.0 if bad is None else 1.0], device=accelerator.device)
+    if accelerator.reduce(flag, "sum").item() > 0:
+        which, first = "EMA" if ema is not None else "trainable", bad or "on another rank"
+        raise TrainingDiverged(
+            f"the {which} weights hold NaN or infinite values at step {progress.step} (first: {first}); "
+            f"stopped without validating or saving, best_model.pt kept (step {progress.best_step}). The last good "
+            f"checkpoint is {latest_checkpoint(run_dir) or 'none'}: lower training.learning_rate or raise "
+            "training.warmup_steps, then resume from it."
+        )
+
+
 def _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, scheduler, ema, keep):
     path = None
     sharded = parts.sharded_module is not None
@@ -358,11 +381,21 @@ def _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, sch
 
 def _resume_point(run_dir: Path, resume) -> Path | None:
     """The checkpoint to resume from: ``auto`` the newest usable one of ``run_dir`` (a damaged newest one is
-    skipped with a warning), a path that checkpoint (refused, naming the problem, when it cannot be read)."""
+    skipped with a warning; checkpoints none of which is usable are refused, before any work), a path that
+    checkpoint (refused, naming the problem, when it cannot be read)."""
     if resume is None:
         return None
     if resume == "auto":
-        return resumable_checkpoint(run_dir)
+        found = resumable_checkpoint(run_dir)
+        damaged = list_checkpoints(run_dir)
+        if found is None and damaged:  # starting at step 0 would overwrite them and best_model.pt
+            raise CheckpointError(
+                f"none of the checkpoints in {Path(run_dir) / CHECKPOINTS} can be resumed from "
+                f"({', '.join(p.name for p in damaged)}: each damaged, see the warnings above); nothing was changed. "
+                "To start over at step 0 in this folder, overwriting them, best_model.pt and the run's logs, rerun "
+                "with --no-resume (resume=None from Python); to keep them, train into another output_dir."
+            )
+        return found
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise DtbackError(f"--resume {path}: not a checkpoint folder (no state.json)")

@@ -134,6 +134,9 @@ def run_validation(
 
 
 def selection_metric(metrics: dict[str, float]) -> float:
-    """What ``best_model`` maximises: mean of the with-identity face and body similarities that exist."""
+    """What ``best_model`` maximises: mean of the with-identity face and body similarities that exist; ``-inf``
+    (never an improvement on a scored model) when there are none or one is NaN or infinite."""
     values = [metrics[k] for k in ("val/face_sim", "val/body_sim") if k in metrics]
-    return float(np.mean(values)) if values else float("-inf")
+    if not values or not all(np.isfinite(values)):
+        return float("-inf")
+    return float(np.mean(values))

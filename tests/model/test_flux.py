@@ -78,7 +78,7 @@ def test_simple_tokenizers_cover_any_caption():
 
 def test_real_flux_missing_gives_download_hint(tmp_path):
     cfg = ModelConfig(use_simple_model=False, pretrained_model=str(tmp_path / "FLUX.1-dev"))
-    with pytest.raises(MissingModelError, match="does not exist. Download it first: dtback download"):
+    with pytest.raises(MissingModelError, match="does not exist. Download it first: `dtback download --only flux`"):
         load_base(cfg, output_dir=tmp_path)
     not_cached = ModelConfig(use_simple_model=False, pretrained_model="nobody-dtback-test/no-such-flux")
     with pytest.raises(MissingModelError, match="nor in the local Hugging Face cache"):

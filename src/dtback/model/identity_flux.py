@@ -478,7 +478,11 @@ def read_adapter(path: Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for foreign or torn files
-        raise AdapterMismatchError(f"{path}: not a tensors-only dtback checkpoint ({err.__class__.__name__}: {err})") from err
+        # torch's weights_only refusal runs to a page and suggests weights_only=False, which dtback never does
+        why = "damaged, or it holds Python objects beyond tensors, which dtback never unpickles" \
+            if "Weights only load failed" in str(err) else \
+            f"{err.__class__.__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        raise AdapterMismatchError(f"{path}: not a tensors-only dtback checkpoint ({why})") from err
     if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
         raise AdapterMismatchError(f"{path}: expected keys 'config' and 'state_dict' in the checkpoint")
     if not isinstance(payload["config"], str) or not isinstance(payload["state_dict"], dict):

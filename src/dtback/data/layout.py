@@ -231,10 +231,13 @@ class _Walker:
         by_target: dict[Path, list[tuple[Path, Path]]] = {}
         for pair in folders:
             by_target.setdefault(pair[1].resolve(), []).append(pair)
+        # min keeps the first of equals: the first folder reached without a symlink, else the first of the group
+        firsts = {target: min(group, key=lambda p: p[0].is_symlink() or p[1].is_symlink())
+                  for target, group in by_target.items()}
+        keeper = {id(pair): firsts[target] for target, group in by_target.items() for pair in group}
         kept = []
         for pair in folders:
-            group = by_target[pair[1].resolve()]
-            first = min(group, key=lambda p: (p[0].is_symlink() or p[1].is_symlink(), group.index(p)))
+            first = keeper[id(pair)]
             if pair is first:
                 kept.append(pair)
             else:

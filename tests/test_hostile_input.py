@@ -503,3 +503,17 @@ def test_ctrl_c_outside_training_ends_in_one_line_not_a_traceback(monkeypatch, c
     assert main(["precompute"]) == cli.EXIT_INTERRUPTED == 130
     err = capsys.readouterr().err
     assert "interrupted: finished files are kept" in err and "Traceback" not in err
+
+
+def test_cached_identity_entries_of_another_shape_are_named_before_training(tmp_path):
+    import torch  # noqa: PLC0415
+
+    from dtback.training.features import check_entry_shapes  # noqa: PLC0415
+
+    rows = [{"key": f"k{i}", "face": torch.zeros(128), "body_pooled": torch.zeros(32)} for i in range(4)]
+    check_entry_shapes(rows, {"face": None, "body_pooled": None})  # one shape each: nothing to say
+    rows[2]["face"] = torch.zeros(64)
+    rows[3]["face"] = None  # no face found: not an entry of another shape
+    with pytest.raises(DatasetError, match=r"face entries of another shape than \(128,\): k2 \(64,\); the cache is "
+                                           r"damaged or was edited: delete that folder"):
+        check_entry_shapes(rows, {"face": None, "body_pooled": None})

@@ -28,6 +28,7 @@ from dtback.data.buckets import assign_bucket, bucket_transform, make_buckets, r
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.data.layout import CharacterEntry
 from dtback.data.pairs import caption_for, to_tensor
+from dtback.errors import DatasetError
 from dtback.identity.crops import BodyCropRule, person_box
 from dtback.identity.cache import EmbeddingCache, content_hash
 from dtback.model.flux2 import decode_flux2_latents, encode_flux2_captions, encode_flux2_latents
@@ -196,6 +197,7 @@ def build_feature_store(
         encoder.flush()
     if not rows:
         raise ValueError("no usable training images: every image was skipped (see the log)")
+    check_entry_shapes(rows, {"face": face_cache, "body_pooled": body_cache, "body_tokens": body_cache})
     captions = [""] + sorted({row["caption"] for row in rows})
     prompt_embeds, pooled = _cached_text(pipeline, captions, cache_dir, max_sequence_length, progress)
     caption_index = {text: i for i, text in enumerate(captions)}
@@ -225,6 +227,23 @@ def build_feature_store(
         contents=[row["content"] for row in rows],
         family=base_family(pipeline.transformer.config),
     )
+
+
+def check_entry_shapes(rows: list[dict], caches: dict[str, EmbeddingCache | None]) -> None:
+    """Every row's ``field`` tensor has the shape most rows have; an entry of another shape (a cache edited by hand,
+    or damaged with a valid header) would otherwise stop training at its first batch with a shape error."""
+    for name, cache in caches.items():
+        shapes: dict[tuple[int, ...], list[str]] = {}
+        for row in rows:
+            if row.get(name) is not None:
+                shapes.setdefault(tuple(row[name].shape), []).append(row["key"])
+        if len(shapes) > 1:
+            common = max(shapes, key=lambda shape: len(shapes[shape]))
+            odd = [f"{key} {shape}" for shape, keys in shapes.items() if shape != common for key in keys]
+            where = cache.folder if cache is not None else "the identity cache"
+            raise DatasetError(f"{where}: {name} entries of another shape than {common}: {', '.join(odd[:3])}"
+                               f"{' ...' if len(odd) > 3 else ''}; the cache is damaged or was edited: delete "
+                               "that folder (it is rebuilt from the images)")
 
 
 class _LatentBatcher:

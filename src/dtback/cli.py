@@ -346,7 +346,8 @@ def cmd_world(args: argparse.Namespace) -> int:
     summary = write_world(args.out, cfg, progress=not args.no_progress)
     _say(
         f"identity world in {args.out}: {cfg.characters} characters x {cfg.images_per_character} images at {cfg.size} px "
-        f"(seed {cfg.seed}); {summary.written} written ({summary.images_per_second:.0f} img/s), "
+        f"(seed {cfg.seed}); {summary.written} written ({summary.images_per_second:.0f} img/s"
+        f"{f'; {summary.redrawn} of them redrawn over a damaged file' if summary.redrawn else ''}), "
         f"{summary.existing} already there"
     )
     return 0

@@ -148,5 +148,25 @@ def test_world_command(tmp_path, capsys):
     assert main(args) == 0
     assert len(list(out.rglob("*.png"))) == 6
     assert main(args) == 0  # a finished world: nothing left to write
-    assert "0 written" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "0 written" in err and "redrawn" not in err
     assert main(["world", "--out", str(tmp_path / "bad"), "--characters", "1", "--no-progress"]) == 2
+
+
+def test_a_damaged_image_in_an_existing_world_is_redrawn(small_world, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    write_world(damaged, SMALL, progress=False)
+    half = damaged / "world/c0001/002.png"
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
+    (damaged / "world/c0002/000.png").write_bytes(b"")
+    (damaged / "world/c0003/001.txt").unlink()  # a lost caption: the triple is redrawn
+    summary = write_world(damaged, SMALL, progress=False)
+    assert (summary.written, summary.redrawn, summary.existing) == (3, 3, 21)
+    assert files_of(damaged) == files_of(small_world)
+    half.write_bytes(half.read_bytes()[:-20])
+    args = ["world", "--out", str(damaged), "--characters", "6", "--images-per-character", "4", "--size", "64",
+            "--seed", "3", "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "1 written (" in err and "1 of them redrawn over a damaged file), 23 already there" in err
+    assert files_of(damaged) == files_of(small_world)

@@ -3,7 +3,8 @@
 Layout: ``<out>/<bundle>/<character>/<NNN>.png`` with ``<NNN>.txt`` (caption) and ``<NNN>.json`` (metadata: face
 box, body box, attributes, pose, scene, lighting) beside each image, plus ``<out>/world.json`` (the settings and
 every character's attributes). Each PNG is written last, through a temporary name, so an interrupted run leaves no
-half image: running the same command again skips finished images and completes the world.
+half image: running the same command again skips finished images and completes the world. An image already there is
+checked first (its PNG chunks, its size, its two sidecars): a damaged one (cut short by a copy, emptied) is redrawn.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from dtback.config import DataConfig, WorldConfig
+from dtback.data.images import DECODE_ERRORS
 from dtback.world.people import WORLD_VERSION, render_image, sample_characters
 from dtback.errors import DatasetError, MissingModelError
 from dtback.io import atomic_path, write_json, write_text
@@ -32,12 +35,14 @@ PACKAGED_WORLD_MODELS = Path(__file__).resolve().parents[1] / "assets" / "world"
 
 @dataclass(frozen=True)
 class WorldSummary:
-    """What :func:`write_world` did: images written now, images already there, seconds spent."""
+    """What :func:`write_world` did: images written now (``redrawn`` of them replaced a damaged file), images
+    already there, seconds spent."""
 
     root: Path
     written: int
     existing: int
     seconds: float
+    redrawn: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -65,7 +70,7 @@ def write_world(out: Path, cfg: WorldConfig, progress: bool = True) -> WorldSumm
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MANIFEST, {**settings, "complete": False, "roster": {}})
 
-    written = existing = 0
+    written = existing = redrawn = 0
     start = time.perf_counter()
     total = cfg.characters * cfg.images_per_character
     with tqdm(total=total, desc=f"identity world -> {out}", unit="img", disable=not progress) as bar:
@@ -74,16 +79,35 @@ def write_world(out: Path, cfg: WorldConfig, progress: bool = True) -> WorldSumm
             folder.mkdir(parents=True, exist_ok=True)
             for j in range(cfg.images_per_character):
                 image_path = folder / f"{j:03d}.png"
-                if image_path.is_file():
+                if image_path.is_file() and _is_whole(image_path, cfg.size):
                     existing += 1
-                else:
-                    _write_image(render_image(character, j, cfg.size, cfg.seed), image_path)
-                    written += 1
+                    bar.update()
+                    continue
+                if image_path.exists():
+                    redrawn += 1
+                    log.info("%s is damaged (cut short, empty or without its sidecars): redrawing it", image_path)
+                _write_image(render_image(character, j, cfg.size, cfg.seed), image_path)
+                written += 1
                 bar.update()
     seconds = time.perf_counter() - start
     roster = {c.name: {"face": c.face, "body": c.body} for c in characters}
     write_json(out / MANIFEST, {**settings, "complete": True, "roster": roster})
-    return WorldSummary(root=out, written=written, existing=existing, seconds=seconds)
+    return WorldSummary(root=out, written=written, existing=existing, seconds=seconds, redrawn=redrawn)
+
+
+def _is_whole(image_path: Path, size: int) -> bool:
+    """Whether a world image already on disk is finished: both sidecars there and a PNG of ``size`` px whose chunks
+    all pass their checksums (``verify`` reads every chunk without decoding pixels: a file cut short fails it)."""
+    if not (image_path.with_suffix(".txt").is_file() and image_path.with_suffix(".json").is_file()):
+        return False
+    try:
+        with Image.open(image_path) as image:
+            if image.format != "PNG" or image.size != (size, size):
+                return False
+            image.verify()
+    except DECODE_ERRORS:  # each one means the file is to be redrawn, which the caller counts and logs
+        return False
+    return True
 
 
 def _write_image(rendered, image_path: Path) -> None:

@@ -426,7 +426,8 @@ def test_generate_reads_a_prompts_or_settings_fifo_nobody_writes_to_without_wait
 
 
 def test_a_caption_file_far_beyond_a_prompt_is_a_counted_skip(tmp_path):
-    from dtback.data.layout import MAX_CAPTION_BYTES, scan_dataset  # noqa: PLC0415
+    from dtback.data.captions import MAX_CAPTION_BYTES  # noqa: PLC0415
+    from dtback.data.layout import scan_dataset  # noqa: PLC0415
 
     root = make_dataset(tmp_path / "ds", {"b": {"a": 3, "c": 3}}, size=(16, 16))
     (root / "b" / "a" / "000.txt").write_text("word " * (MAX_CAPTION_BYTES // 5 + 1))

@@ -164,3 +164,23 @@ def test_real_photos(people_dir, tmp_path):
     assert totals["characters_kept"] == 19 and totals["images_kept"] == 144
     formats = {e.format for c in index.characters for e in c.images}
     assert formats == {"JPEG", "PNG"}
+
+
+def test_captions_are_read_from_stem_txt_or_full_name_txt(tmp_path, caplog):
+    root = make_dataset(tmp_path / "d", {"film": {"alice": 4}})
+    alice = root / "film" / "alice"
+    (alice / "000.png.txt").write_text("full-name caption\n")  # the kohya-style <name>.txt
+    (alice / "001.txt").write_text("stem caption")
+    (alice / "002.txt").write_text("stem wins")
+    (alice / "002.png.txt").write_text("full name loses")
+    (alice / "003.txt").write_text("the same words")
+    (alice / "003.png.txt").write_text("the same words\n")
+    with caplog.at_level("WARNING", logger="dtback.data"):
+        index = scan_dataset(cfg(root), seed=0, progress=False)
+    captions = {e.path.name: e.caption for e in index.character("film/alice").images}
+    assert captions == {"000.png": "full-name caption", "001.png": "stem caption", "002.png": "stem wins",
+                        "003.png": "the same words"}
+    assert index.skips == [] and index.ignored == []
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "1 image has both <stem>.txt and <name>.txt" in warnings[0]
+    assert "film/alice/002.txt" in warnings[0]

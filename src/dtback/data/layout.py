@@ -19,12 +19,14 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from dtback.config import DataConfig
+from dtback.data.captions import read_caption
 from dtback.data.images import DECODE_ERRORS, ImageSkip, SkipReason, entry_problem, probe_image, shown
 from dtback.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-# Files next to an image that describe it rather than being images: <stem>.txt caption, <stem>.json metadata.
+# Files next to an image that describe it rather than being images: <stem>.txt or <name>.txt caption, <stem>.json
+# metadata.
 SIDECAR_SUFFIXES = (".txt", ".json")
 # Written by the dataset builder (dtback.curate.build): its state folder at the root and a picture of each character's
 # images for people to check; neither is a training image.
@@ -148,17 +150,25 @@ def scan_dataset(cfg: DataConfig, seed: int, progress: bool = True) -> DatasetIn
     decoded = _decode_all(candidates, cfg, progress)
 
     skips = list(walker.skips)
+    shadowed: list[str] = []
     by_character: dict[tuple[str, str], list[ImageEntry]] = {key: [] for key in walker.characters}
     for (bundle, name, path), result in zip(candidates, decoded):
         if isinstance(result, Skip):
             skips.append(result)
             continue
-        caption, caption_skip = _read_caption(path, root)
-        if caption_skip is not None:
-            skips.append(caption_skip)
+        caption = read_caption(path, root)
+        if caption.problem is not None:
+            skips.append(Skip(path=shown(caption.file.relative_to(root).as_posix()),
+                              reason=SkipReason.BAD_CAPTION.value, detail=caption.problem))
+        if caption.shadowed is not None:
+            shadowed.append(shown(caption.file.relative_to(root).as_posix()))
         by_character[(bundle, name)].append(
-            ImageEntry(path=path, width=result[0], height=result[1], format=result[2], caption=caption)
+            ImageEntry(path=path, width=result[0], height=result[1], format=result[2], caption=caption.text)
         )
+    if shadowed:
+        log.warning("data_dir %s: %d image%s both <stem>.txt and <name>.txt with different text; <stem>.txt is "
+                    "used (e.g. %s)", root, len(shadowed), " has" if len(shadowed) == 1 else "s have",
+                    ", ".join(shadowed[:3]))
 
     found: dict[str, dict[str, int]] = {bundle: {} for bundle in walker.bundles}
     for (bundle, name), images in by_character.items():
@@ -189,11 +199,6 @@ def scan_dataset(cfg: DataConfig, seed: int, progress: bool = True) -> DatasetIn
             "images per character"
         )
     return index
-
-
-# A caption file beyond this is not a caption (a log, a pasted document): the text encoders would truncate it anyway,
-# after the tokenizer had printed it whole into the log.
-MAX_CAPTION_BYTES = 16_384
 
 
 class _Walker:
@@ -323,24 +328,6 @@ def _decode_all(
         return list(
             tqdm(results, total=len(candidates), desc=f"scanning {root}", unit="img", disable=not progress, leave=False)
         )
-
-
-def _read_caption(image_path: Path, root: Path) -> tuple[str | None, Skip | None]:
-    sidecar = image_path.with_suffix(".txt")
-    if not sidecar.is_file():
-        return None, None
-    if sidecar.is_symlink() and not sidecar.resolve().is_relative_to(root.resolve()):
-        return None, None  # text from outside data_dir is never read: the walker counts it as symlink_outside_root
-    rel = sidecar.relative_to(root).as_posix()
-    try:
-        if sidecar.stat().st_size > MAX_CAPTION_BYTES:
-            return None, Skip(path=rel, reason=SkipReason.BAD_CAPTION.value,
-                              detail=f"over {MAX_CAPTION_BYTES} bytes, far beyond what a text encoder reads (T5: 512 "
-                              "tokens); the caption template is used")
-        text = sidecar.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as err:
-        return None, Skip(path=rel, reason=SkipReason.BAD_CAPTION.value, detail=f"{err}; the caption template is used")
-    return (text or None), None
 
 
 def _select_characters(

@@ -1,0 +1,60 @@
+"""Caption sidecars: the text file beside an image that describes it.
+
+Two names are read, because both conventions are common: ``<stem>.txt`` (``0001.txt`` for ``0001.jpg``: dtback's
+world and builder, kohya) and ``<name>.txt`` (``0001.jpg.txt``: several taggers). ``<stem>.txt`` wins when both exist:
+it is the documented layout, so a dataset that has both reads as it did before; when their texts differ the scan
+says so once, naming the files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# A caption file beyond this is not a caption (a log, a pasted document): the text encoders would truncate it anyway,
+# after the tokenizer had printed it whole into the log.
+MAX_CAPTION_BYTES = 16_384
+
+
+@dataclass(frozen=True)
+class Caption:
+    """The caption of one image: its text (None: no usable sidecar), the file it came from, why that file was not
+    usable (``problem``, counted as ``bad_caption``), and a ``<name>.txt`` of other text left unread (``shadowed``)."""
+
+    text: str | None = None
+    file: Path | None = None
+    problem: str | None = None
+    shadowed: Path | None = None
+
+
+def caption_files(image_path: Path) -> list[Path]:
+    """The sidecars that exist for ``image_path``, in order of precedence: ``<stem>.txt``, then ``<name>.txt``."""
+    names = (image_path.with_suffix(".txt"), image_path.with_name(image_path.name + ".txt"))
+    return [path for path in names if path.is_file()]
+
+
+def read_caption(image_path: Path, root: Path) -> Caption:
+    """The caption of ``image_path`` from its sidecar (see the module docstring for which one), never reading text
+    that a symlink brings from outside ``root`` (the scan counts such a link as ``symlink_outside_root``)."""
+    files = [path for path in caption_files(image_path)
+             if not (path.is_symlink() and not path.resolve().is_relative_to(Path(root).resolve()))]
+    if not files:
+        return Caption()
+    chosen = files[0]
+    text, problem = _read(chosen)
+    shadowed = None
+    if len(files) > 1 and problem is None and _read(files[1]) != (text, None):
+        shadowed = files[1]
+    return Caption(text=text, file=chosen, problem=problem, shadowed=shadowed)
+
+
+def _read(path: Path) -> tuple[str | None, str | None]:
+    """(stripped text or None when blank, None) or (None, why the file cannot be a caption)."""
+    try:
+        if path.stat().st_size > MAX_CAPTION_BYTES:
+            return None, (f"over {MAX_CAPTION_BYTES} bytes, far beyond what a text encoder reads (T5: 512 tokens); "
+                          "the caption template is used")
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"{err}; the caption template is used"
+    return (text or None), None

@@ -231,3 +231,17 @@ def test_the_licence_clean_recipe_names_only_permissive_models():
     assert Path(cfg.model.pretrained_model).name == FLUX_REPOS["flux2-klein-base-4b"].split("/")[1]
     assert FLUX_LICENCES["flux2-klein-base-4b"] == "Apache-2.0"
     assert cfg.identity.face_backend == "dlib" and Path(cfg.identity.body_model).name == DEFAULT_BODY_REPO.split("/")[1]
+
+
+def test_a_leading_zero_number_is_decimal_on_the_command_line_and_in_files(tmp_path):
+    # YAML 1.1 reads 010 as octal 8 (and 09 as the string "09"): a person typing a seed means ten.
+    cfg = load_config(None, ["seed=010", "training.batch_size=09", "data.world.seed=0_12"])
+    assert (cfg.seed, cfg.training.batch_size, cfg.data.world.seed) == (10, 9, 12)
+    assert "data.max_chars_per_bundle: Input should be greater than or equal to 1 (got -7)" in \
+        error_of(None, ["data.max_chars_per_bundle=-007"])
+    assert load_config(None, ["seed=0x10"]).seed == 16  # a prefix says the base: hex stays hex
+    assert load_config(None, ["data.val_characters=[film/007]"]).data.val_characters == ["film/007"]
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 0012\ntraining:\n  batch_size: 08\n")
+    cfg = load_config(path)
+    assert (cfg.seed, cfg.training.batch_size) == (12, 8)

@@ -730,6 +730,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 reads a leading zero as octal (010 -> 8) and 09 as a string; people writing a seed or a size mean decimal,
+# as YAML 1.2 does. Only the leading-zero form changes: 0x10, 0b10 and plain numbers keep their meaning.
+_LEADING_ZERO_INT = re.compile(r"^[-+]?0[0-9_]+$")
+
+
+def _construct_leading_zero_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    text = loader.construct_scalar(node)
+    if _LEADING_ZERO_INT.match(text):
+        return int(text.replace("_", ""), 10)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", _LEADING_ZERO_INT, list("-+0"))
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_leading_zero_int)
+
+
 def _lift_seed_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """Move the seed's flat top-level keys into their sections (``learning_rate`` -> ``training.learning_rate``)."""
     raw = dict(raw)
@@ -798,7 +814,7 @@ def _parse_override(override: str) -> tuple[str | None, Any]:
                       stacklevel=3)
         return None, None
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {override}: value is not valid YAML: {err}") from None
     return key, value

@@ -518,3 +518,15 @@ def test_cached_identity_entries_of_another_shape_are_named_before_training(tmp_
     with pytest.raises(DatasetError, match=r"face entries of another shape than \(128,\): k2 \(64,\); the cache is "
                                            r"damaged or was edited: delete that folder"):
         check_entry_shapes(rows, {"face": None, "body_pooled": None})
+
+
+def test_names_with_a_newline_or_control_characters_are_printed_escaped_on_one_line(tmp_path, capsys):
+    root = make_dataset(tmp_path / "ds", {"film\x1b[2J": {"bob": 3, "al\nice": 1}}, size=(16, 16))
+    (root / "film\x1b[2J" / "bob" / "z\rq.png").write_bytes(b"")
+    (root / "notes\n.md").write_text("about")
+    assert main(["dataset", "inspect", str(root), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "dropped film\\x1b[2J/al\\nice: too_few_images" in err
+    assert "skipped film\\x1b[2J/bob/z\\rq.png: zero_byte" in err
+    assert "ignored (not images, outside character folders): notes\\n.md" in err
+    assert not any(c in err for c in "\r\x1b") and "film\\x1b[2J" in err

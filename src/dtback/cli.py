@@ -442,9 +442,11 @@ def _say(text: str, style: str | None = None) -> None:
 
 
 def _print_report(report: dict) -> None:
-    table = Table(title=escape(f"dataset {report['data_dir']}"))
+    from dtback.data.images import shown
+
+    table = Table(title=escape(f"dataset {shown(report['data_dir'])}"))
     rows = list(report["bundles"].items()) + [("TOTAL", report["totals"])]
-    widest = max(len(name) for name, _ in rows)
+    widest = max(len(shown(name)) for name, _ in rows)
     table.add_column("bundle", justify="left", no_wrap=True, min_width=widest)  # a bundle name is never cut
     for column in ("chars", "kept", "dropped", "images", "kept", "skipped"):
         table.add_column(column, justify="right", no_wrap=True)
@@ -452,7 +454,7 @@ def _print_report(report: dict) -> None:
     for name, row in rows:
         reasons = ", ".join(f"{k}: {v}" for k, v in row["skipped_by_reason"].items()) or "-"
         table.add_row(
-            escape(name),
+            escape(shown(name)),
             str(row["characters_found"]),
             str(row["characters_kept"]),
             str(row["characters_dropped"]),
@@ -464,12 +466,12 @@ def _print_report(report: dict) -> None:
         )
     console.print(table)
     for drop in report["dropped_characters"]:
-        _say(f"dropped {drop['character']}: {drop['reason']} ({drop['detail']})")
+        _say(f"dropped {shown(drop['character'])}: {drop['reason']} ({shown(drop['detail'])})")
     if report["ignored_files"]:
-        _say(f"ignored (not images, outside character folders): {', '.join(report['ignored_files'])}")
+        _say(f"ignored (not images, outside character folders): {', '.join(map(shown, report['ignored_files']))}")
     skipped = report["skipped_files"]
     for skip in skipped[:20]:
-        _say(f"skipped {skip['path']}: {skip['reason']} ({skip['detail']})")
+        _say(f"skipped {shown(skip['path'])}: {skip['reason']} ({shown(skip['detail'])})")
     if len(skipped) > 20:
         _say(f"... and {len(skipped) - 20} more skipped files (all listed in the JSON report)")
 

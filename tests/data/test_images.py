@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dtback.data.images import ImageSkip, SkipReason, decode, load_rgb, probe_image
+from dtback.data.images import ImageSkip, SkipReason, decode, load_rgb, probe_image, shown
 from helpers import write_image, write_noise
 
 BIG = 10**8
@@ -174,3 +174,10 @@ def test_permission_error_is_unreadable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image, "open", refuse)
     assert reason_of(path) is SkipReason.UNREADABLE
+
+
+def test_shown_names_fit_on_one_line():
+    assert shown("al\nice\r\t\x1b[31m\x7f\x85\u2028.png") == "al\\nice\\r\\t\\x1b[31m\\x7f\\x85\\u2028.png"
+    assert shown(os.fsdecode(b"caf\xe9/x\n")) == "caf\\xe9/x\\n"
+    assert shown("Zoë 名前 a b.png") == "Zoë 名前 a b.png"  # printable names are left as they are
+    assert shown(shown("a\nb")) == "a\\nb"

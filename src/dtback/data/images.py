@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import stat
 import struct
+import unicodedata
 from enum import Enum
 from pathlib import Path
 
@@ -90,8 +91,17 @@ def is_utf8(name: str) -> bool:
 
 
 def shown(name: str | Path) -> str:
-    """A file name or path as text that can be printed and written to JSON: undecodable bytes become ``\\xNN``."""
-    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file name or path as text that can be printed on one line and written to JSON: undecodable bytes become
+    ``\\xNN``, and control characters (a newline, a carriage return, a terminal escape) are written as Python
+    writes them in a string (``\\n``, ``\\r``, ``\\x1b``), so a name cannot break a message or repaint a terminal."""
+    text = str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _UNPRINTED else c for c in text)
+
+
+# Control characters, line and paragraph separators: each would end or rewrite the line a name is printed on.
+_UNPRINTED = frozenset({"Cc", "Zl", "Zp"})
 
 
 def load_rgb(path: Path, max_pixels: int) -> Image.Image:

@@ -321,7 +321,7 @@ def _decode_all(
         try:
             return probe_image(path, cfg.max_image_pixels)
         except ImageSkip as skip:
-            return Skip(path=path.relative_to(root).as_posix(), reason=skip.reason.value, detail=skip.detail)
+            return Skip(path=shown(path.relative_to(root).as_posix()), reason=skip.reason.value, detail=skip.detail)
 
     with ThreadPoolExecutor(max_workers=cfg.scan_threads) as pool:
         results = pool.map(probe, candidates)

@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image
 
 from dtback.config import Config, load_config
-from dtback.data.images import ImageSkip, is_utf8, load_rgb
+from dtback.data.images import ImageSkip, is_utf8, load_rgb, shown
 from dtback.data.layout import CONTACT_SHEET, SIDECAR_SUFFIXES, scan_dataset
 from dtback.data.split import SPLIT_FILE, read_split, split_characters
 from dtback.world.files import read_manifest, world_settings
@@ -228,7 +228,7 @@ def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, expl
     keys, source = held_out_keys(run_dir, cfg, data_dir, explicit)
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:  # the shuffled baseline would hand a character its own references and read as "with identity"
-        raise DtbackError(f"{source} names {', '.join(twice)} more than once: each held-out character once")
+        raise DtbackError(f"{source} names {', '.join(map(shown, twice))} more than once: each held-out character once")
     for key in keys:  # split.json and folder names are files a user may have edited, too
         problem = key_problem(key)
         if problem:
@@ -263,7 +263,8 @@ def read_character(data_dir: Path, key: str, skipped: list[dict[str, str]],
     recorded in ``skipped`` and left out."""
     folder = data_dir / key
     if not folder.is_dir():
-        raise DatasetError(f"held-out character {key}: no folder {folder} (does --data-dir match the run?)")
+        raise DatasetError(f"held-out character {shown(key)}: no folder {shown(folder)} (does --data-dir match the "
+                           "run?)")
     images: list[tuple[Path, Image.Image]] = []
     for path in sorted(folder.iterdir()):
         if (not path.is_file() or path.name.startswith(".") or path.suffix.lower() in SIDECAR_SUFFIXES
@@ -272,9 +273,9 @@ def read_character(data_dir: Path, key: str, skipped: list[dict[str, str]],
         try:
             images.append((path, load_rgb(path, MAX_PIXELS)))
         except ImageSkip as skip:
-            skipped.append({"path": str(path), "reason": skip.reason.value, "detail": skip.detail})
+            skipped.append({"path": shown(path), "reason": skip.reason.value, "detail": skip.detail})
     if len(images) < references + 1:
-        skipped.append({"path": str(folder), "reason": "too_few_images",
+        skipped.append({"path": shown(folder), "reason": "too_few_images",
                         "detail": f"{len(images)} readable image(s); {references} reference(s) and a gallery image "
                                   "are needed"})
         return None

@@ -14,6 +14,7 @@ from diffusers.training_utils import EMAModel
 
 from dtback.config import TrainingConfig
 from dtback.training import checkpoint as ckpt
+from dtback.training import checkpoint_load as vet
 from dtback.training.batches import draw_pair_references, epoch_batches
 from dtback.identity.crops import ARCFACE_TEMPLATE, similarity_transform, warp_to_template
 from dtback.training.losses import flow_matching_loss, noisy_latents, person_weights, predict_x0, sample_sigmas
@@ -170,7 +171,7 @@ def test_checkpoint_round_trip_resumes_identically(tmp_path):
     _train(layer, optimizer, scheduler, ema, 2)
 
     other, optimizer2, scheduler2, ema2 = _training_objects(seed=5)  # different initial weights
-    assert ckpt.load_checkpoint(folder, dict(other.named_parameters()), optimizer2, scheduler2, ema2) == progress
+    assert vet.load_checkpoint(folder, dict(other.named_parameters()), optimizer2, scheduler2, ema2) == progress
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == drawn_after_save
     torch.manual_seed(7)
     _train(other, optimizer2, scheduler2, ema2, 2)

@@ -1,4 +1,4 @@
-"""Damaged checkpoints (src/dtback/training/checkpoint.py, trainer.py): NaN or infinite tensors, a state.json of
+"""Damaged checkpoints (src/dtback/training/checkpoint_load.py, trainer.py): NaN or infinite tensors, a state.json of
 another form, tensors of another shape and a missing EMA are refused naming the file and key (auto-resume skips
 them like a truncated file); a run folder whose checkpoints are all damaged is refused before any work, rewriting
 nothing; best_model.pt and checkpoints are never written from non-finite weights, and a NaN validation metric is
@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from dtback.config import load_config
 from dtback.errors import CheckpointError, TrainingDiverged
 from dtback.training import checkpoint as ckpt
+from dtback.training import checkpoint_load as vet
 from dtback.training.trainer import _check_finite_weights, train
 from dtback.training.validation import selection_metric
 from helpers import REPO
@@ -72,11 +73,11 @@ def every_byte(folder: Path) -> dict[str, bytes]:
 def test_a_non_finite_tensor_is_refused_naming_file_and_key_before_anything_changes(tmp_path, name, key):
     folder = save(tmp_path, 2)
     poison(folder / name, key, math.nan if name != "optimizer.safetensors" else math.inf)
-    assert ckpt.checkpoint_problem(folder) == f"{name}: tensor {key!r} holds NaN or infinite values"
+    assert vet.checkpoint_problem(folder) == f"{name}: tensor {key!r} holds NaN or infinite values"
     trainable, optimizer, scheduler, ema = live(seed=1)
     before = {k: v.detach().clone() for k, v in trainable.items()}
     with pytest.raises(CheckpointError, match=rf"checkpoint-000002 cannot be resumed from: {name}: tensor '{key}'"):
-        ckpt.load_checkpoint(folder, trainable, optimizer, scheduler, ema)
+        vet.load_checkpoint(folder, trainable, optimizer, scheduler, ema)
     assert all(torch.equal(before[k], trainable[k]) for k in trainable)  # nothing loaded
     assert all(torch.isfinite(t).all() for t in ema.shadow_params)
 
@@ -86,15 +87,29 @@ def test_auto_resume_skips_a_checkpoint_with_a_nan_ema_for_the_one_before(tmp_pa
     newest = save(tmp_path, 4)
     poison(newest / "ema.safetensors", "0")
     with caplog.at_level(logging.WARNING):
-        assert ckpt.resumable_checkpoint(tmp_path) == ckpt.checkpoint_dir(tmp_path, 2)
+        assert vet.resumable_checkpoint(tmp_path).folder == ckpt.checkpoint_dir(tmp_path, 2)
     assert "checkpoint-000004 cannot be resumed from: ema.safetensors: tensor '0' holds NaN" in caplog.text
+
+
+def test_resuming_reads_each_tensor_file_once_and_loads_what_it_vetted(tmp_path, monkeypatch):
+    save(tmp_path, 2, seed=0)
+    reads = []
+    real = vet.load_file
+    monkeypatch.setattr(vet, "load_file", lambda path: reads.append(Path(path).name) or real(path))
+    checkpoint = vet.resume_point(tmp_path, "auto")
+    poison(checkpoint.folder / "trainable.safetensors", "weight")  # changed after vetting: not read again
+    trainable, optimizer, scheduler, ema = live(seed=1)
+    assert vet.load_checkpoint(checkpoint, trainable, optimizer, scheduler, ema).step == 2
+    assert sorted(reads) == ["ema.safetensors", "optimizer.safetensors", "trainable.safetensors"]
+    expected, _, _, _ = live(seed=0)
+    assert all(torch.equal(expected[k], trainable[k]) for k in trainable)  # the vetted, finite weights
 
 
 def test_a_good_checkpoint_still_restores_every_state(tmp_path):
     folder = save(tmp_path, 2, seed=0)
     expected, _, _, expected_ema = live(seed=0)
     trainable, optimizer, scheduler, ema = live(seed=1)
-    progress = ckpt.load_checkpoint(folder, trainable, optimizer, scheduler, ema)
+    progress = vet.load_checkpoint(folder, trainable, optimizer, scheduler, ema)
     assert (progress.step, progress.best_metric) == (2, 0.5)
     assert all(torch.equal(expected[k], trainable[k]) for k in trainable)
     assert all(torch.equal(a, b) for a, b in zip(expected_ema.shadow_params, ema.shadow_params))
@@ -110,22 +125,22 @@ def test_a_state_json_of_another_form_is_named_not_a_traceback(tmp_path, text, p
     save(tmp_path, 2)
     folder = save(tmp_path, 4)
     (folder / "state.json").write_text(text, encoding="utf-8")
-    assert ckpt.checkpoint_problem(folder).startswith(problem)
-    assert ckpt.resumable_checkpoint(tmp_path) == ckpt.checkpoint_dir(tmp_path, 2)
+    assert vet.checkpoint_problem(folder).startswith(problem)
+    assert vet.resumable_checkpoint(tmp_path).folder == ckpt.checkpoint_dir(tmp_path, 2)
     with pytest.raises(CheckpointError, match="state.json"):
-        ckpt.checkpoint_record(folder)  # was AttributeError on a list
+        vet.checkpoint_record(folder)  # was AttributeError on a list
     with pytest.raises(CheckpointError, match=f"cannot be resumed from: {problem[:30]}"):
-        ckpt.load_checkpoint(folder, *live(seed=1))  # was KeyError 'optimizer'
+        vet.load_checkpoint(folder, *live(seed=1))  # was KeyError 'optimizer'
 
 
 def test_a_missing_ema_file_is_damage_when_state_json_records_an_ema(tmp_path):
     save(tmp_path, 2)
     folder = save(tmp_path, 4)
     (folder / "ema.safetensors").unlink()
-    assert ckpt.checkpoint_problem(folder) == "ema.safetensors is missing (state.json records an EMA)"
-    assert ckpt.resumable_checkpoint(tmp_path) == ckpt.checkpoint_dir(tmp_path, 2)
+    assert vet.checkpoint_problem(folder) == "ema.safetensors is missing (state.json records an EMA)"
+    assert vet.resumable_checkpoint(tmp_path).folder == ckpt.checkpoint_dir(tmp_path, 2)
     with pytest.raises(CheckpointError, match="ema.safetensors is missing"):  # was FileNotFoundError
-        ckpt.load_checkpoint(folder, *live(seed=1))
+        vet.load_checkpoint(folder, *live(seed=1))
 
 
 def test_a_tensor_of_another_shape_is_named(tmp_path):
@@ -134,18 +149,18 @@ def test_a_tensor_of_another_shape_is_named(tmp_path):
     weights["weight"] = torch.zeros(5, 7)
     save_file(weights, folder / "trainable.safetensors")
     # Against its own EMA: found by the check that runs before any work.
-    assert ckpt.checkpoint_problem(folder) == ("trainable.safetensors and ema.safetensors disagree on tensor shapes "
+    assert vet.checkpoint_problem(folder) == ("trainable.safetensors and ema.safetensors disagree on tensor shapes "
                                                "(e.g. ['weight'])")
     # EMA changed alike: only the live model knows, and load_checkpoint names it (was RuntimeError in copy_).
     shadow = load_file(folder / "ema.safetensors")
     shadow["0"] = torch.zeros(5, 7)  # the EMA keeps trainable's order: weight, bias
     save_file(shadow, folder / "ema.safetensors")
-    assert ckpt.checkpoint_problem(folder) is None
+    assert vet.checkpoint_problem(folder) is None
     trainable, optimizer, scheduler, ema = live(seed=1)
     before = {k: v.detach().clone() for k, v in trainable.items()}
     with pytest.raises(CheckpointError, match=r"trainable.safetensors: tensor 'weight' has shape \(5, 7\), the "
                                               r"model's is \(2, 3\)"):
-        ckpt.load_checkpoint(folder, trainable, optimizer, scheduler, ema)
+        vet.load_checkpoint(folder, trainable, optimizer, scheduler, ema)
     assert all(torch.equal(before[k], trainable[k]) for k in trainable)
 
 

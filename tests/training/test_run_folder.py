@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from dtback.config import load_config
 from dtback.errors import CheckpointError, ConfigError, DtbackError
 from dtback.training import checkpoint as ckpt
+from dtback.training import checkpoint_load as vet
 from dtback.training.resume import LOCK_FILE, compare, run_folder_lock
 from dtback.training.trainer import train
 from helpers import REPO, make_dataset, save_tiny_dinov2
@@ -108,8 +110,8 @@ def test_harmless_changes_are_applied_and_logged(tiny, trained, tmp_path, caplog
         train(config(tiny, run_dir, data_dir=moved, **{"training.log_every": 2}), resume="auto", progress_bar=False)
     assert "resume applies a changed setting: training.log_every: 1 -> 2" in caplog.text
     assert load_config(run_dir / "config.yaml").training.log_every == 2
-    a, b = ckpt.load_file(ckpt.latest_checkpoint(trained) / "trainable.safetensors"), \
-        ckpt.load_file(ckpt.latest_checkpoint(run_dir) / "trainable.safetensors")
+    a, b = load_file(ckpt.latest_checkpoint(trained) / "trainable.safetensors"), \
+        load_file(ckpt.latest_checkpoint(run_dir) / "trainable.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the resumed run is the uninterrupted one
 
 
@@ -119,15 +121,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny, trained,
     newest = run_dir / "checkpoints" / "checkpoint-000004"
     weights = newest / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
-    assert "trainable.safetensors" in ckpt.checkpoint_problem(newest)
-    assert ckpt.resumable_checkpoint(run_dir) == run_dir / "checkpoints" / "checkpoint-000002"
+    assert "trainable.safetensors" in vet.checkpoint_problem(newest)
+    assert vet.resumable_checkpoint(run_dir).folder == run_dir / "checkpoints" / "checkpoint-000002"
     with pytest.raises(DtbackError, match="trainable.safetensors"):
         train(config(tiny, run_dir), resume=newest, progress_bar=False)  # named by hand: refused, not replaced
     with caplog.at_level(logging.WARNING):
         result = train(config(tiny, run_dir), resume="auto", progress_bar=False)
     assert "checkpoint-000004 cannot be resumed from" in caplog.text and result.steps == 4
-    a = ckpt.load_file(trained / "checkpoints" / "checkpoint-000004" / "trainable.safetensors")
-    b = ckpt.load_file(newest / "trainable.safetensors")  # rewritten from step 2 on
+    a = load_file(trained / "checkpoints" / "checkpoint-000004" / "trainable.safetensors")
+    b = load_file(newest / "trainable.safetensors")  # rewritten from step 2 on
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -9,28 +9,24 @@ A checkpoint is a folder ``checkpoints/checkpoint-<step>`` holding
   metric so far.
 
 It is written into a hidden temporary folder and renamed into place, so a kill (even SIGKILL) or a full disk never
-leaves a torn checkpoint: a folder named ``checkpoint-*`` is complete. Nothing is unpickled when reading, and a
-checkpoint damaged afterwards (a truncated file, a ``state.json`` of another form, NaN or infinite tensors, a
-tensor of another shape, a missing EMA) is refused naming the file and key before any live object changes
-(:func:`checkpoint_problem`, :func:`load_checkpoint`).
+leaves a torn checkpoint: a folder named ``checkpoint-*`` is complete. Reading one back, vetted, and restoring it
+into the live objects is :mod:`dtback.training.checkpoint_load`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from dtback.errors import CheckpointError
 from dtback.io import remove_stale_temporaries, replace_folder, write_json
@@ -71,139 +67,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-CHECKPOINT_FILES = ("state.json", "trainable.safetensors", "optimizer.safetensors")
-# state.json's keys that load_checkpoint reads, and the JSON type each must have.
-STATE_KEYS = {"progress": dict, "optimizer": dict, "scheduler": dict, "rng": dict}
-
-
-@dataclass
-class _Contents:
-    """A checkpoint's files as read and vetted by :func:`_read_checkpoint` (``shadow`` None: no EMA)."""
-
-    state: dict[str, Any]
-    weights: dict[str, torch.Tensor]
-    opt_tensors: dict[str, torch.Tensor]
-    shadow: list[torch.Tensor] | None
-
-
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     """The name of the first floating tensor of ``tensors`` holding NaN or an infinity (None: all finite)."""
     for name, tensor in tensors.items():
         if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
             return name
     return None
-
-
-def _read_state(folder: Path) -> dict[str, Any]:
-    """``state.json`` as the JSON object :func:`load_checkpoint` needs; :class:`CheckpointError` naming the key
-    (relative to ``folder``) else."""
-    try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError("state.json is missing") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"state.json is unreadable ({err})") from err
-    if not isinstance(state, dict):
-        raise CheckpointError(f"state.json is not a JSON object (got {type(state).__name__})")
-    for key, kind in STATE_KEYS.items():
-        if not isinstance(state.get(key), kind):
-            got = "missing" if key not in state else type(state[key]).__name__
-            raise CheckpointError(f"state.json: key {key!r} must be an object (got {got})")
-    if "ema" not in state or not isinstance(state["ema"], (dict, type(None))):
-        raise CheckpointError("state.json: key 'ema' must be an object or null")
-    if not isinstance(state.get("record", {}), dict):
-        raise CheckpointError("state.json: key 'record' must be an object")
-    fields = set(Progress.__dataclass_fields__)
-    unknown = sorted(set(state["progress"]) - fields)
-    if unknown or not isinstance(state["progress"].get("step"), int):
-        raise CheckpointError(f"state.json: key 'progress' must hold an integer 'step' and only {sorted(fields)} "
-                              f"(got {sorted(state['progress'])})")
-    opt = state["optimizer"]
-    if not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("scalars"), dict):
-        raise CheckpointError("state.json: key 'optimizer' must hold 'param_groups' (a list) and 'scalars' "
-                              "(an object)")
-    for key in ("python", "numpy", "torch"):
-        if not isinstance(state["rng"].get(key), list):
-            raise CheckpointError(f"state.json: key 'rng.{key}' must be a list")
-    return state
-
-
-def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of ``folder/name``, every floating one finite; :class:`CheckpointError` naming the file and the
-    first bad key else."""
-    path = folder / name
-    if not path.is_file():
-        raise CheckpointError(f"{name} is missing")
-    try:
-        tensors = load_file(path)
-    except (OSError, ValueError, SafetensorError) as err:
-        raise CheckpointError(f"{name} is unreadable ({err})") from err
-    bad = first_non_finite(tensors)
-    if bad is not None:
-        raise CheckpointError(f"{name}: tensor {bad!r} holds NaN or infinite values")
-    return tensors
-
-
-def _read_checkpoint(folder: Path) -> _Contents:
-    """Read and vet everything of a checkpoint that does not need the live model: ``state.json``'s structure,
-    every tensor file readable and finite, the EMA file present when ``state.json`` says there is an EMA and
-    matching the trainable tensors in count and shapes, optimiser keys in their ``<index>.<name>`` form.
-    :class:`CheckpointError` (the message names the file and key, relative to ``folder``) for the first problem."""
-    state = _read_state(folder)
-    weights = _read_tensors(folder, "trainable.safetensors")
-    opt_tensors = _read_tensors(folder, "optimizer.safetensors")
-    for key in [*opt_tensors, *state["optimizer"]["scalars"]]:
-        index, dot, _ = key.partition(".")
-        if not (dot and index.isdigit()):
-            raise CheckpointError(f"optimizer.safetensors: key {key!r} is not '<parameter index>.<name>'")
-    shadow = None
-    if state["ema"] is not None:
-        if not (folder / "ema.safetensors").is_file():
-            raise CheckpointError("ema.safetensors is missing (state.json records an EMA)")
-        tensors = _read_tensors(folder, "ema.safetensors")
-        if sorted(tensors) != sorted(str(i) for i in range(len(weights))):
-            raise CheckpointError(f"ema.safetensors: keys must be 0..{len(weights) - 1}, one per trainable tensor "
-                                  f"(got {len(tensors)} keys)")
-        shadow = [tensors[str(i)] for i in range(len(tensors))]
-        ema_shapes = sorted(tuple(t.shape) for t in shadow)
-        if ema_shapes != sorted(tuple(t.shape) for t in weights.values()):
-            odd = sorted(k for k, t in weights.items() if tuple(t.shape) not in ema_shapes)
-            raise CheckpointError(f"trainable.safetensors and ema.safetensors disagree on tensor shapes "
-                                  f"(e.g. {odd[:3] or 'counts'})")
-    return _Contents(state, weights, opt_tensors, shadow)
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why ``folder`` cannot be resumed from (None: it can), naming the file and key: a file missing (the EMA's
-    when ``state.json`` records one), ``state.json`` not the JSON object training wrote, a safetensors file that
-    does not read (truncated by a full disk or a damaged copy), a tensor holding NaN or infinite values, EMA and
-    trainable tensors that disagree. Reads the tensors once (what only the live model knows, the names and shapes
-    it expects, :func:`load_checkpoint` checks)."""
-    try:
-        _read_checkpoint(Path(folder))
-    except CheckpointError as err:
-        return str(err)
-    return None
-
-
-def resumable_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint of ``run_dir`` that :func:`checkpoint_problem` accepts; a damaged newer one is
-    skipped with a warning naming it and why (the previous good one is used)."""
-    for folder in reversed(list_checkpoints(run_dir)):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder
-        logger.warning("checkpoint %s cannot be resumed from: %s; falling back to the one before it", folder, problem)
-    return None
-
-
-def checkpoint_record(folder: Path) -> dict[str, Any]:
-    """The config and training-data fingerprint a checkpoint was written with (empty for older checkpoints)."""
-    try:
-        record = _read_state(Path(folder)).get("record")
-    except CheckpointError as err:
-        raise CheckpointError(f"checkpoint {folder} cannot be resumed from: {err}") from err
-    return record or {}
 
 
 def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -356,77 +225,3 @@ def save_checkpoint(run_dir: Path, progress: Progress, model, snapshot: Snapshot
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-def _fit_problem(contents: _Contents, trainable: dict[str, torch.nn.Parameter], ema) -> str | None:
-    """Why the vetted ``contents`` do not fit the live trainable parameters (names, shapes) or EMA; None: they do."""
-    missing = sorted(set(trainable) - set(contents.weights))
-    if missing:
-        return f"trainable.safetensors lacks trainable tensors {missing[:5]} (another model config?)"
-    for name, param in trainable.items():
-        if tuple(contents.weights[name].shape) != tuple(param.shape):
-            return (f"trainable.safetensors: tensor {name!r} has shape {tuple(contents.weights[name].shape)}, the "
-                    f"model's is {tuple(param.shape)}")
-    if ema is None:
-        return None
-    if contents.shadow is None:
-        return "state.json records no EMA but training.ema_decay is set"
-    if len(contents.shadow) != len(trainable):
-        return f"ema.safetensors holds {len(contents.shadow)} tensors, the model has {len(trainable)} trainable ones"
-    for index, (name, param) in enumerate(trainable.items()):
-        if tuple(contents.shadow[index].shape) != tuple(param.shape):
-            return (f"ema.safetensors: tensor '{index}' ({name}) has shape {tuple(contents.shadow[index].shape)}, "
-                    f"the model's is {tuple(param.shape)}")
-    return None
-
-
-@contextlib.contextmanager
-def _not_fitting(folder: Path, key: str) -> Iterator[None]:
-    """State of ``state.json``'s ``key`` that torch or diffusers refuse (other optimiser groups, EMA settings or RNG
-    states of another form) becomes a :class:`CheckpointError` naming the file and key."""
-    try:
-        yield
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {folder} cannot be resumed from: state.json: key {key!r} does not fit "
-                              f"this run ({type(err).__name__}: {err})") from err
-
-
-def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer, scheduler, ema,
-                    module=None) -> Progress:
-    """Restore everything :func:`save_checkpoint` wrote into live objects; returns the progress. ``module``: the
-    FSDP-sharded training module (every rank then reads the full tensors and keeps its slices), None otherwise.
-    Everything is read and checked (:func:`checkpoint_problem`, then names and shapes against ``trainable``)
-    before any live object changes: a damaged checkpoint is a :class:`CheckpointError` naming the file and key."""
-    folder = Path(folder)
-    try:
-        contents = _read_checkpoint(folder)
-    except CheckpointError as err:
-        raise CheckpointError(f"checkpoint {folder} cannot be resumed from: {err}") from err
-    problem = _fit_problem(contents, trainable, ema)
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {folder} cannot be resumed from: {problem}")
-    state, weights = contents.state, contents.weights
-    optimizer_state = _optimizer_state(contents.opt_tensors, state["optimizer"])
-    if module is None:
-        with _not_fitting(folder, "optimizer"):  # checks its groups against the live ones: before the weights
-            optimizer.load_state_dict(optimizer_state)
-        with torch.no_grad():
-            for name, param in trainable.items():
-                param.copy_(weights[name])
-    else:
-        from dtback.training import distributed  # noqa: PLC0415
-
-        distributed.scatter_state(module, {name: weights[name] for name in trainable})
-        distributed.scatter_optimizer(module, optimizer, optimizer_state, optimizer_order(module, optimizer))
-    scheduler.load_state_dict(state["scheduler"])
-    if ema is not None:
-        shadows = contents.shadow
-        if module is not None:
-            from dtback.training import distributed  # noqa: PLC0415
-
-            shadows = distributed.ema_shards(ema, list(trainable.values()), module, dict(zip(trainable, shadows)))
-        with _not_fitting(folder, "ema"):
-            ema.load_state_dict({**state["ema"], "shadow_params": shadows})
-    with _not_fitting(folder, "rng"):
-        set_rng_state(state["rng"])
-    return Progress(**state["progress"])

@@ -28,14 +28,12 @@ from tqdm.auto import tqdm
 
 from dtback import backends, devices
 from dtback.config import Config
-from dtback.errors import CheckpointError, ConfigError, DtbackError, TrainingDiverged
+from dtback.errors import ConfigError, TrainingDiverged
 from dtback.model.memory import apply_checkpointing, make_adamw
 from dtback.training.batches import draw_pair_references, epoch_batches, make_batch
 from dtback.training import distributed
-from dtback.training.checkpoint import (
-    CHECKPOINTS, Progress, checkpoint_problem, checkpoint_record, first_non_finite, latest_checkpoint,
-    list_checkpoints, load_checkpoint, resumable_checkpoint, save_checkpoint, take_snapshot,
-)
+from dtback.training.checkpoint import Progress, first_non_finite, latest_checkpoint, save_checkpoint, take_snapshot
+from dtback.training.checkpoint_load import load_checkpoint, resume_point
 from dtback.training.resume import check_data, check_resume, prepare_run_folder, run_folder_lock
 from dtback.training.setup import RunParts, setup
 from dtback.training.step import TrainModule, compute_loss, step_generator
@@ -146,8 +144,10 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     output_dir = Path(cfg.output.output_dir)
     # The resume point and the config it was trained with are checked before any work; the data once it is read.
     # config.yaml is written only after both checks: a refused resume leaves the run folder as it was.
-    start = _resume_point(output_dir, resume)
-    record = checkpoint_record(start) if start is not None else {}
+    # The checkpoint is read and vetted once, here: the tensors vetted are the ones loaded below.
+    checkpoint = resume_point(output_dir, resume)
+    start = checkpoint.folder if checkpoint is not None else None
+    record = checkpoint.record if checkpoint is not None else {}
     harmless = check_resume(start, record.get("config"), cfg.model_dump(mode="json")) if start is not None else []
     set_seed(cfg.seed)
     parts = setup(cfg, accelerator, progress_bar)
@@ -176,8 +176,9 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
     ema = EMAModel(list(trainable.values()), decay=t.ema_decay) if t.ema_decay is not None else None
     progress = Progress()
-    if start is not None:
-        progress = load_checkpoint(start, trainable, optimizer, scheduler, ema, module if sharded else None)
+    if checkpoint is not None:
+        progress = load_checkpoint(checkpoint, trainable, optimizer, scheduler, ema, module if sharded else None)
+        checkpoint = None  # its tensors are in the live objects now: not held for the whole run
         accelerator.print(f"resuming from {start} (step {progress.step})")
     if sharded:
         optimizer = accelerator.prepare(optimizer)
@@ -376,32 +377,6 @@ def _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, sch
         path = save_checkpoint(run_dir, progress, parts.model, snapshot, scheduler, keep, parts.record)
         logger.info("checkpoint %s", path)
     accelerator.wait_for_everyone()
-    return path
-
-
-def _resume_point(run_dir: Path, resume) -> Path | None:
-    """The checkpoint to resume from: ``auto`` the newest usable one of ``run_dir`` (a damaged newest one is
-    skipped with a warning; checkpoints none of which is usable are refused, before any work), a path that
-    checkpoint (refused, naming the problem, when it cannot be read)."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = resumable_checkpoint(run_dir)
-        damaged = list_checkpoints(run_dir)
-        if found is None and damaged:  # starting at step 0 would overwrite them and best_model.pt
-            raise CheckpointError(
-                f"none of the checkpoints in {Path(run_dir) / CHECKPOINTS} can be resumed from "
-                f"({', '.join(p.name for p in damaged)}: each damaged, see the warnings above); nothing was changed. "
-                "To start over at step 0 in this folder, overwriting them, best_model.pt and the run's logs, rerun "
-                "with --no-resume (resume=None from Python); to keep them, train into another output_dir."
-            )
-        return found
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise DtbackError(f"--resume {path}: not a checkpoint folder (no state.json)")
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise DtbackError(f"--resume {path}: {problem}; choose another checkpoint of {path.parent}")
     return path
 
 

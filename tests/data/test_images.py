@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from dtback.data.images import ImageSkip, SkipReason, decode, load_rgb, probe_image, shown
 from helpers import write_image, write_noise
@@ -121,11 +121,26 @@ def test_decompression_bomb_is_skipped(tmp_path):
     assert reason_of(path, max_pixels=50_000_000) is SkipReason.TOO_MANY_PIXELS
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
-def test_truncated_files_are_skipped(tmp_path, fmt):
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "AVIF"])
+@pytest.mark.parametrize("kept", [0.5, 0.05])
+def test_truncated_files_are_skipped(tmp_path, fmt, kept):
+    if fmt == "AVIF" and not features.check("avif"):
+        pytest.skip("Pillow was built without AVIF")
     path = write_noise(tmp_path / f"half.{fmt.lower()}", fmt=fmt)
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    assert reason_of(path) is SkipReason.TRUNCATED
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * kept)])
+    assert reason_of(path) is (SkipReason.CORRUPT if (fmt, kept) == ("GIF", 0.05) else SkipReason.TRUNCATED)
+
+
+def test_a_file_that_starts_as_an_image_but_does_not_open_is_corrupt_not_a_non_image(tmp_path):
+    # A GIF cut inside its colour table, an ICO cut inside its directory: Pillow reports both as "cannot identify";
+    # their first bytes say what they are, so they are damaged images, not stray documents.
+    for fmt, keep in (("GIF", 600), ("ICO", 30)):
+        path = write_noise(tmp_path / f"cut.{fmt.lower()}", fmt=fmt)
+        path.write_bytes(path.read_bytes()[:keep])
+        with pytest.raises(ImageSkip) as caught:
+            decode(path, 10**8)
+        assert caught.value.reason is SkipReason.CORRUPT
+        assert caught.value.detail == f"starts as a {fmt} file but does not open: damaged"
 
 
 def test_zero_byte_file(tmp_path):
@@ -134,7 +149,8 @@ def test_zero_byte_file(tmp_path):
     assert reason_of(path) is SkipReason.ZERO_BYTE
 
 
-@pytest.mark.parametrize(("name", "content"), [("notes.jpg", b"hello, not a picture\n"), ("data.bin", os.urandom(300))])
+@pytest.mark.parametrize(("name", "content"), [("notes.jpg", b"hello, not a picture\n"),
+                                               ("data.bin", np.random.default_rng(1).bytes(300))])
 def test_non_image_files(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from PIL import features
 
 from dtback.config import DataConfig
 from dtback.data.layout import scan_dataset
@@ -184,3 +185,15 @@ def test_captions_are_read_from_stem_txt_or_full_name_txt(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "1 image has both <stem>.txt and <name>.txt" in warnings[0]
     assert "film/alice/002.txt" in warnings[0]
+
+
+def test_a_truncated_avif_is_counted_as_truncated_in_a_character_and_misplaced_beside_one(tmp_path):
+    if not features.check("avif"):
+        pytest.skip("Pillow was built without AVIF")
+    root = make_dataset(tmp_path / "d", {"film": {"alice": 3}})
+    for folder in (root / "film" / "alice", root / "film"):
+        cut = write_noise(folder / "cut.avif", fmt="AVIF")
+        cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    index = scan_dataset(cfg(root), seed=0, progress=False)
+    assert reasons(index) == {"film/alice/cut.avif": "truncated", "film/cut.avif": "misplaced"}
+    assert index.ignored == []

@@ -142,7 +142,15 @@ def decode(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
             upright = ImageOps.exif_transpose(image)
             return to_rgb(upright), fmt
     except UnidentifiedImageError:
-        raise ImageSkip(path, SkipReason.NOT_AN_IMAGE, "content is not a recognised image format") from None
+        # Pillow says "cannot identify" both for a text file and for an image cut short before its header ends (an
+        # AVIF, a GIF inside its colour table): the first bytes tell the two apart.
+        claimed = claimed_format(path)
+        if claimed is None:
+            raise ImageSkip(path, SkipReason.NOT_AN_IMAGE, "content is not a recognised image format") from None
+        if _bmff_shorter_than_declared(path, size):
+            raise ImageSkip(path, SkipReason.TRUNCATED, f"a {claimed} file that ends inside one of its boxes (cut "
+                                                        "short)") from None
+        raise ImageSkip(path, SkipReason.CORRUPT, f"starts as a {claimed} file but does not open: damaged") from None
     except Image.DecompressionBombError as err:
         raise ImageSkip(path, SkipReason.TOO_MANY_PIXELS, str(err)) from None
     except PermissionError as err:
@@ -152,6 +160,57 @@ def decode(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
         truncated = "truncated" in message.lower() or _riff_shorter_than_declared(path, size)
         reason = SkipReason.TRUNCATED if truncated else SkipReason.CORRUPT
         raise ImageSkip(path, reason, message) from None
+
+
+def claimed_format(path: Path) -> str | None:
+    """The image format whose signature the first bytes of ``path`` carry (Pillow's own check, ``PNG``, ``AVIF``...),
+    or None when none does; says nothing about the rest of the file. Unreadable files claim nothing."""
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(16)  # what Image.open hands each plugin's check
+    except OSError:
+        return None
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if accept is None:
+            continue  # formats without a signature (TGA...) claim nothing from their first bytes
+        try:
+            verdict = accept(prefix)
+        except DECODE_ERRORS:  # a check that reads past a short prefix: no signature there
+            continue
+        if verdict and not isinstance(verdict, str):  # a string: "this format, but support is not installed"
+            return name
+    return None
+
+
+def _bmff_shorter_than_declared(path: Path, size: int) -> bool:
+    """AVIF and HEIF decoders report a cut-off file only as 'BMFF parsing failed': walk the top-level boxes (each a
+    4-byte big-endian length, a 4-byte type) and see whether one runs past the end of the file."""
+    with open(path, "rb") as handle:
+        offset = 0
+        for _ in range(10_000):  # real files hold a handful of top-level boxes; a loop of tiny ones is no AVIF
+            if offset >= size:
+                return False  # every box ends inside the file: damaged, not cut short
+            handle.seek(offset)
+            header = handle.read(16)
+            if offset == 0 and header[4:8] != b"ftyp":
+                return False
+            if len(header) < 8:
+                return True  # a box header cut off
+            length = struct.unpack(">I", header[:4])[0]
+            if length == 1:  # a 64-bit length follows the type
+                if len(header) < 16:
+                    return True
+                length = struct.unpack(">Q", header[8:16])[0]
+            if length == 0:
+                return False  # "runs to the end of the file"
+            if length < 8:
+                return False  # not a box: damaged, not cut short
+            if offset + length > size:
+                return True
+            offset += length
+    return False
 
 
 def _riff_shorter_than_declared(path: Path, size: int) -> bool:

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 
 from dtback.config import DataConfig
 from dtback.data.captions import read_caption
-from dtback.data.images import DECODE_ERRORS, ImageSkip, SkipReason, entry_problem, probe_image, shown
+from dtback.data.images import (
+    DECODE_ERRORS, ImageSkip, SkipReason, claimed_format, entry_problem, probe_image, shown,
+)
 from dtback.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -301,14 +303,15 @@ class _Walker:
 
 
 def _is_image(path: Path) -> bool:
-    """Whether PIL recognises the content as an image (header only; a header too large to open is one too)."""
+    """Whether PIL recognises the content as an image (header only; a header too large to open is one too, and so
+    is a file that starts with an image format's signature but is cut short before its header ends)."""
     try:
         with Image.open(path):
             return True
     except Image.DecompressionBombError:
         return True
     except (UnidentifiedImageError, *DECODE_ERRORS):
-        return False
+        return claimed_format(path) is not None
 
 
 def _decode_all(

@@ -45,6 +45,12 @@ def pipe(run_dir):
     return IdentityFluxPipeline.from_pretrained(run_dir / "best_model.pt")
 
 
+@pytest.fixture
+def fresh(run_dir):
+    """A pipeline of its own, for tests that load LoRAs or offload."""
+    return IdentityFluxPipeline.from_pretrained(run_dir / "best_model.pt")
+
+
 @pytest.fixture(scope="session")
 def lora_file(run_dir):
     """A diffusers FLUX LoRA for the run's base: rank 4 on the attention projections, random non-zero ``lora_B``."""

@@ -26,12 +26,6 @@ def plain(pipeline, seed=0):
     return np.asarray(image, dtype=np.int16)
 
 
-@pytest.fixture
-def fresh(run_dir):
-    """A pipeline of its own, for tests that load LoRAs or offload."""
-    return IdentityFluxPipeline.from_pretrained(run_dir / "best_model.pt")
-
-
 @pytest.fixture(scope="module")
 def refs(pipe, run_dir):
     return pipe.encode_references([Image.open(run_dir / "face.png")])[0]

@@ -118,6 +118,11 @@ class GenerateSettings(BaseModel):
         for path in self.lora:
             if not Path(path).exists():
                 raise DtbackError(f"--lora {path} does not exist")
+        if self.lora:  # before the base is loaded (minutes for FLUX); the pipeline checks them again when loading
+            from dtback.inference.loras import check_lora_weights  # noqa: PLC0415  (torch only when generating)
+
+            for path in self.lora:
+                check_lora_weights(path)
 
     def to_json(self) -> dict[str, Any]:
         """The ``settings.json`` payload (``reference_faces`` only when references were encoded)."""

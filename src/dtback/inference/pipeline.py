@@ -37,6 +37,7 @@ from PIL import Image
 from dtback import backends, devices
 from dtback.errors import AdapterMismatchError, DtbackError, MissingModelError, NoFaceError
 from dtback.identity.resampler import IdentityInputs
+from dtback.inference.loras import check_lora_weights
 from dtback.model.flux import DTYPE_KWARG, base_content_id, local_base_folder
 from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, RunRecord, read_adapter
 
@@ -226,13 +227,15 @@ class IdentityFluxPipeline:
     def load_lora_weights(self, path: str | Path, adapter_name: str | None = None, scale: float = 1.0) -> str:
         """Load a diffusers/kohya FLUX LoRA file or folder through ``FluxPipeline.load_lora_weights``; returns its
         adapter name (default: from the file name). All loaded LoRAs stay active, each with its scale; a LoRA the
-        dtback adapter was trained with stays at 1."""
+        dtback adapter was trained with stays at 1. A LoRA with NaN/inf weights or A/B halves of different ranks is
+        refused before diffusers sees it (:func:`~dtback.inference.loras.check_lora_weights`)."""
         path = Path(path)
         if not path.exists():
             raise DtbackError(f"LoRA {path} does not exist")
         name = adapter_name or _adapter_name(path, set(self.loras))
         if name in self.loras or name == LORA_NAME:
             raise DtbackError(f"LoRA {path}: adapter name {name!r} is already in use; pass another adapter_name")
+        file = check_lora_weights(path)  # the file diffusers is given: what was checked is what is loaded
         # diffusers would take the offload hooks off and put them back onto its default device; doing it here keeps
         # the device this pipeline was offloaded to.
         offloaded = self.offload
@@ -240,7 +243,7 @@ class IdentityFluxPipeline:
             self.pipeline.remove_all_hooks()  # accelerate puts sequentially offloaded weights back in place
         try:
             try:
-                self.pipeline.load_lora_weights(str(path), adapter_name=name)
+                self.pipeline.load_lora_weights(str(file or path), adapter_name=name)
             except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
                 raise DtbackError(f"LoRA {path}: not a FLUX LoRA that diffusers can load "
                                   f"({err.__class__.__name__}: {err})") from err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,13 @@ def test_a_leading_zero_number_is_decimal_on_the_command_line_and_in_files(tmp_p
     path.write_text("seed: 0012\ntraining:\n  batch_size: 08\n")
     cfg = load_config(path)
     assert (cfg.seed, cfg.training.batch_size) == (12, 8)
+
+
+def test_a_run_inside_its_data_is_found_through_symlinks_and_dots_not_by_name_prefix(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    os.symlink(photos, tmp_path / "link")
+    for out in (photos, tmp_path / "link" / "run", tmp_path / "x" / ".." / "photos" / "run"):
+        assert "is inside data.data_dir" in error_of(None, [f"data_dir={photos}", f"output_dir={out}"])
+    cfg = load_config(None, [f"data_dir={photos}", f"output_dir={tmp_path / 'photos2' / 'run'}"])
+    assert cfg.output.output_dir == tmp_path / "photos2" / "run"

@@ -183,3 +183,23 @@ def test_fsync_helpers_accept_files_and_folders(root: Path) -> None:
     io.fsync_file(path)
     io.fsync_dir(root)
     io.fsync_dir(root / "absent")  # a folder that cannot be opened is a no-op
+
+
+def test_is_inside_follows_symlinks_and_dots_and_compares_whole_names(root: Path, monkeypatch) -> None:
+    data = root / "a" / "b"
+    (data / "alice").mkdir(parents=True)
+    (root / "a" / "bc").mkdir()
+    os.symlink(data / "alice", root / "into_data")
+    os.symlink(root / "a" / "bc", data / "out_link")
+    assert io.is_inside(data / "alice" / "run", data) and io.is_inside(data, data)  # below it, and the same path
+    assert io.is_inside(root / "a" / "x" / ".." / "b" / "new", data)  # `..` walked before comparing
+    assert not io.is_inside(data / ".." / "bc", data)
+    assert not io.is_inside(root / "a" / "bc", data)  # a sibling whose name starts alike is not inside
+    assert not io.is_inside(root / "a" / "b2" / "run", root / "a" / "b")
+    assert io.is_inside(root / "into_data" / "run", data)  # a symlink leading in
+    assert not io.is_inside(data / "out_link" / "run", data)  # and one leading out
+    assert not io.is_inside(data, data / "alice")  # a parent is not inside its child
+    monkeypatch.chdir(root / "a")
+    assert io.is_inside("b/alice", data) and io.is_inside(data / "alice", "b")  # relative to the working folder
+    os.symlink("loop", root / "loop")  # a symlink loop answers, it does not raise
+    assert not io.is_inside(root / "loop" / "x", data) and io.is_inside(root / "loop" / "x", root)

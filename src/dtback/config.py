@@ -12,7 +12,6 @@ where the source is the YAML file or the ``--set`` argument that supplied the va
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import reprlib
 import string
@@ -25,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dtback.errors import ConfigError
-from dtback.io import write_text
+from dtback.io import is_inside, write_text
 
 # Pixels per latent patch of FLUX: VAE downsamples by 8, the transformer packs 2x2 latents.
 FLUX_PIXEL_MULTIPLE = 16
@@ -599,9 +598,8 @@ class Config(_Section):
     @model_validator(mode="after")
     def _run_outside_data(self) -> "Config":
         # The run's curves and samples are PNGs: inside data_dir they would be scanned as a character of their own.
-        # realpath, not resolve(): a looping data_dir is reported by the scan, not by a RuntimeError here
-        data, out = (Path(os.path.realpath(p)) for p in (self.data.data_dir, self.output.output_dir))
-        if out.is_relative_to(data):
+        # is_inside answers for a looping data_dir too: the scan reports the loop, not a RuntimeError here
+        if is_inside(self.output.output_dir, self.data.data_dir):
             raise ValueError(f"output.output_dir={self.output.output_dir} is inside data.data_dir="
                              f"{self.data.data_dir}: the run's own images would be read as a character; put the run "
                              "outside the dataset")

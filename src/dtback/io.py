@@ -10,6 +10,8 @@ at worst a temporary file, which :func:`remove_stale_temporaries` cleans.
 - :func:`replace_folder`: a temporary folder for writers of folders (``save_pretrained``), swapped in whole.
 
 And one reader, :func:`read_text_now`, for small text files a user names (prompts, settings) that never blocks.
+And one answer to "is this path inside that folder", :func:`is_inside`, for every check that keeps one tree out of
+another (a run out of its dataset, a write inside its output folder).
 """
 
 from __future__ import annotations
@@ -151,6 +153,13 @@ def output_problem(path: Path, kind: str) -> str | None:
         if parent.exists():
             return None if parent.is_dir() else f"{path} is inside {parent}, which is a file, not a folder"
     return None
+
+
+def is_inside(child: Path | str, parent: Path | str) -> bool:
+    """Whether ``child`` is ``parent`` or lies below it, on disk: both are made absolute and their ``..`` and
+    symlinks followed first (``os.path.realpath``, so a part that does not exist yet is taken as written, and a
+    symlink loop answers instead of raising), then compared by whole names (``/a/bc`` is not inside ``/a/b``)."""
+    return Path(os.path.realpath(child)).is_relative_to(os.path.realpath(parent))
 
 
 def remove_stale_temporaries(folder: Path, older_than: float = 3600.0) -> int:

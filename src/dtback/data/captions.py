@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dtback.io import is_inside
+
 # A caption file beyond this is not a caption (a log, a pasted document): the text encoders would truncate it anyway,
 # after the tokenizer had printed it whole into the log.
 MAX_CAPTION_BYTES = 16_384
@@ -37,7 +39,7 @@ def read_caption(image_path: Path, root: Path) -> Caption:
     """The caption of ``image_path`` from its sidecar (see the module docstring for which one), never reading text
     that a symlink brings from outside ``root`` (the scan counts such a link as ``symlink_outside_root``)."""
     files = [path for path in caption_files(image_path)
-             if not (path.is_symlink() and not path.resolve().is_relative_to(Path(root).resolve()))]
+             if not (path.is_symlink() and not is_inside(path, root))]
     if not files:
         return Caption()
     chosen = files[0]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 from dtback import backends, devices
 from dtback.config import MAX_SEED, IdentityConfig
 from dtback.errors import ConfigError, DtbackError
-from dtback.io import atomic_path, output_problem, write_json, write_text
+from dtback.io import atomic_path, is_inside, output_problem, write_json, write_text
 from dtback.world.people import BODY_ATTRIBUTES, FACE_ATTRIBUTES
 from dtback.world.reader import attribute_accuracy, attribute_hits
 from dtback.evaluation.heldout import HeldOut, inside, key_problem, load_held_out, read_prompts, run_config
@@ -162,7 +161,7 @@ def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     cfg = run_config(run_dir, settings.config)
     held = load_held_out(run_dir, cfg, settings.data_dir, settings.characters, settings.num_characters,
                          settings.references, settings.allow_trained)
-    if Path(os.path.realpath(settings.out)).is_relative_to(os.path.realpath(held.data_dir)):
+    if is_inside(settings.out, held.data_dir):
         raise DtbackError(f"--out {settings.out} is inside the dataset {held.data_dir}: its grid and images would be "
                           "read as pictures of a character; write the evaluation elsewhere")
     world_encoders = [key for key, value in (("identity.face_backend", cfg.identity.face_backend if cfg else None),

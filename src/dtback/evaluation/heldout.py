@@ -30,7 +30,7 @@ from dtback.data.split import SPLIT_FILE, read_split, split_characters
 from dtback.world.files import read_manifest, world_settings
 from dtback.world.people import caption_for
 from dtback.errors import DatasetError, DtbackError
-from dtback.io import read_text_now
+from dtback.io import is_inside, read_text_now
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def inside(folder: Path, relative: Path, what: str) -> Path:
     """``folder / relative``, refused with :class:`DtbackError` when it would land outside ``folder`` (a '..' or an
     absolute part, a symlink leading out)."""
     path = Path(folder) / relative
-    if not path.resolve().is_relative_to(Path(folder).resolve()):
+    if not is_inside(path, folder):
         raise DtbackError(f"{what} {path} would be outside {folder}; refusing to write there")
     return path
 

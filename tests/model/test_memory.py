@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,6 +164,18 @@ def test_adamw_uses_torchs_fused_kernel_on_the_cpu_and_steps_as_the_loop_does():
     for a, b, start in zip(fused, loop, starts):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
         assert not torch.equal(a.detach(), start)
+
+
+def test_torchao_and_bitsandbytes_are_imported_only_by_the_memory_modes_that_use_them():
+    """Their imports print kernel warnings and take seconds; the modes that are off must not pay for them."""
+    code = ("import sys, torch\n"
+            "from dtback.config import TrainingConfig\n"
+            "from dtback.model.memory import make_adamw, quantize_base\n"
+            "assert quantize_base(torch.nn.Linear(2, 2), None) == 0\n"
+            "make_adamw([{'params': [torch.nn.Parameter(torch.ones(2))], 'lr': 0.1}], TrainingConfig())\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] in ('torchao', 'bitsandbytes')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------------- 8-bit AdamW

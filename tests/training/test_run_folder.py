@@ -230,3 +230,16 @@ def test_adapter_blocks_the_base_does_not_have_are_refused_before_feature_cachin
         train(config(tiny, tmp_path / "run", **{"identity.cache_dir": cache, "model.adapter_double_blocks": "[0, 40]"}),
               resume=None, progress_bar=False)
     assert not (cache / "latents").exists() and not (cache / "text").exists()
+
+
+def test_resuming_with_the_runs_own_config_keeps_the_users_file_byte_for_byte(tiny, trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path / "run")
+    path = run_dir / "config.yaml"
+    config(tiny, run_dir).save(path)  # the run's config, as it wrote it, for this folder
+    text = f"# the first run: 4 steps on the tiny set\n{path.read_text()}# seed 42 as always\n"
+    path.write_text(text)
+    assert train(load_config(path), resume="auto", progress_bar=False).steps == 4
+    assert path.read_text() == text  # was rewritten, the comments dropped
+    # A setting that differs (a harmless change, applied on resume) is written, as before.
+    train(load_config(path, ["training.log_every=2"]), resume="auto", progress_bar=False)
+    assert load_config(path).training.log_every == 2 and "# the first run" not in path.read_text()

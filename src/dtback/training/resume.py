@@ -10,7 +10,8 @@ resume the new config is compared with it, key by key:
   dataset under the same character names): the run is refused before any work, naming every such key with both
   values, and told how to start a new run instead.
 
-The run's ``config.yaml`` is written only after these checks pass, so a refused resume leaves the folder as it was.
+The run's ``config.yaml`` is written only after these checks pass, so a refused resume leaves the folder as it was,
+and only when it does not already hold the config (a resume with the run's own file keeps it byte for byte).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator
 
+from dtback.config import Config, load_config
 from dtback.errors import ConfigError
 from dtback.io import output_problem, remove_stale_temporaries
 from dtback.training.checkpoint import CHECKPOINTS
@@ -89,6 +91,19 @@ def check_data(checkpoint: Path | str, before: str | None, now: str) -> None:
     if before is not None and before != now:
         raise ConfigError(f"cannot resume {checkpoint}: its training data had fingerprint {before}, this data_dir "
                           f"gives {now} (other images, or other pictures under the same names). {NEW_RUN}")
+
+
+def write_run_config(cfg: Config, path: Path) -> None:
+    """Write ``cfg`` to the run's ``config.yaml`` unless the file there already holds it (the same values once
+    loaded): resuming with the run's own ``config.yaml`` keeps the user's comments and layout. A file that differs
+    (a harmless change applied on resume) or does not load is rewritten whole."""
+    if path.is_file():
+        try:
+            if load_config(path).model_dump(mode="json") == cfg.model_dump(mode="json"):
+                return
+        except ConfigError as err:
+            logger.info("%s is rewritten: it does not load as a config (%s)", path, err)
+    cfg.save(path)
 
 
 LOCK_FILE = ".dtback.lock"

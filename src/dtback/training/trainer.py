@@ -34,7 +34,7 @@ from dtback.training.batches import draw_pair_references, epoch_batches, make_ba
 from dtback.training import distributed
 from dtback.training.checkpoint import Progress, first_non_finite, latest_checkpoint, save_checkpoint, take_snapshot
 from dtback.training.checkpoint_load import load_checkpoint, resume_point
-from dtback.training.resume import check_data, check_resume, prepare_run_folder, run_folder_lock
+from dtback.training.resume import check_data, check_resume, prepare_run_folder, run_folder_lock, write_run_config
 from dtback.training.setup import RunParts, setup
 from dtback.training.step import TrainModule, compute_loss, step_generator
 
@@ -155,7 +155,7 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     if start is not None:
         check_data(start, record.get("data"), data_fingerprint)
     if accelerator.is_main_process:
-        cfg.save(parts.run_dir / "config.yaml")
+        write_run_config(cfg, parts.run_dir / "config.yaml")
         for change in harmless:
             logger.info("resume applies a changed setting: %s", change)
     parts.record = {"config": cfg.model_dump(mode="json"), "data": data_fingerprint}

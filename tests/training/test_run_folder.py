@@ -4,6 +4,7 @@ cleaned, a damaged newest checkpoint skipped, a full disk reported, bad output f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,8 +17,10 @@ from safetensors.torch import load_file
 
 from dtback.config import load_config
 from dtback.errors import CheckpointError, ConfigError, DtbackError
+from dtback.model.identity_flux import read_adapter
 from dtback.training import checkpoint as ckpt
 from dtback.training import checkpoint_load as vet
+from dtback.training import setup as run_setup
 from dtback.training.resume import LOCK_FILE, compare, run_folder_lock
 from dtback.training.trainer import train
 from helpers import REPO, make_dataset, save_tiny_dinov2
@@ -47,6 +50,25 @@ def trained(tiny):
     """A finished 4-step run (checkpoints 2 and 4) to copy and resume."""
     run_dir = tiny["root"] / "run"
     train(config(tiny, run_dir), resume=None, progress_bar=False)
+    return run_dir
+
+
+# Validated at steps 2 and 4, the simple base co-trained (the default), without EMA: base/ is the live base.
+VALIDATED = {"training.validate_every": 2, "training.val_sampling_steps": 1, "training.ema_decay": "null"}
+
+
+def worse_later(metrics: dict) -> float:
+    """A selection metric by which every validation scores below the one before: the first stays the best."""
+    return -float(metrics["step"])
+
+
+@pytest.fixture(scope="module")
+def validated(tiny):
+    """A finished 4-step run validated at steps 2 and 4 whose best model is step 2's (checkpoints 2 and 4)."""
+    run_dir = tiny["root"] / "validated"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_setup, "selection_metric", worse_later)
+        train(config(tiny, run_dir, **VALIDATED), resume=None, progress_bar=False)
     return run_dir
 
 
@@ -243,3 +265,27 @@ def test_resuming_with_the_runs_own_config_keeps_the_users_file_byte_for_byte(ti
     # A setting that differs (a harmless change, applied on resume) is written, as before.
     train(load_config(path, ["training.log_every=2"]), resume="auto", progress_bar=False)
     assert load_config(path).training.log_every == 2 and "# the first run" not in path.read_text()
+
+
+def last_validation(run_dir: Path) -> dict:
+    return json.loads((run_dir / "validation.jsonl").read_text().splitlines()[-1])
+
+
+def test_a_damaged_best_model_is_named_on_resume_and_replaced_at_the_next_validation(tiny, validated, tmp_path,
+                                                                                     monkeypatch, caplog):
+    run_dir = copy_run(validated, tmp_path / "run", keep_step=2)  # its best, step 2's, is not beaten at step 4
+    assert last_validation(validated)["best_step"] == 2
+    best = run_dir / "best_model.pt"
+    best.write_bytes(b"not a model: a torn copy")
+    monkeypatch.setattr(run_setup, "selection_metric", worse_later)
+    with caplog.at_level(logging.WARNING):
+        result = train(config(tiny, run_dir, **VALIDATED), resume="auto", progress_bar=False)
+    (line,) = [line for line in caplog.text.splitlines() if "best_model.pt" in line]
+    assert f"{best} is damaged" in line and "renamed to best_model.pt.damaged" in line
+    assert (run_dir / "best_model.pt.damaged").read_bytes() == b"not a model: a torn copy"  # kept aside
+    assert result.best_model == best and last_validation(run_dir)["best_step"] == 4
+    # Was the torn copy, kept: step 4 did not beat the best of step 2. Now step 4's adapter (no EMA: the live one,
+    # as the uninterrupted run's checkpoint 4 holds it).
+    _, state = read_adapter(best)
+    _, expected = read_adapter(validated / "checkpoints" / "checkpoint-000004" / "adapter")
+    assert sorted(state) == sorted(expected) and all(torch.equal(state[k], expected[k]) for k in expected)

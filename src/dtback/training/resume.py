@@ -11,7 +11,9 @@ resume the new config is compared with it, key by key:
   values, and told how to start a new run instead.
 
 The run's ``config.yaml`` is written only after these checks pass, so a refused resume leaves the folder as it was,
-and only when it does not already hold the config (a resume with the run's own file keeps it byte for byte).
+and only when it does not already hold the config (a resume with the run's own file keeps it byte for byte). A
+resumed run's ``best_model.pt`` that no longer reads is named, renamed aside and written anew at the next
+validation (:func:`set_aside_damaged_best`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dtback.config import Config, load_config
-from dtback.errors import ConfigError
+from dtback.errors import ConfigError, DtbackError
 from dtback.io import output_problem, remove_stale_temporaries
-from dtback.training.checkpoint import CHECKPOINTS
+from dtback.model.identity_flux import read_adapter
+from dtback.training.checkpoint import CHECKPOINTS, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,42 @@ def write_run_config(cfg: Config, path: Path) -> None:
         except ConfigError as err:
             logger.info("%s is rewritten: it does not load as a config (%s)", path, err)
     cfg.save(path)
+
+
+DAMAGED = ".damaged"  # the suffix a damaged best model is renamed aside with
+
+
+def _best_model_problem(best: Path) -> str | None:
+    if not best.exists():
+        return None
+    try:
+        read_adapter(best)
+    except (DtbackError, OSError, ValueError) as err:
+        return str(err).removeprefix(f"{best}: ")
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.damaged`` (``.damaged-2``... when taken): kept for the user, out of the way."""
+    aside, number = path.with_name(path.name + DAMAGED), 1
+    while aside.exists():
+        number += 1
+        aside = path.with_name(f"{path.name}{DAMAGED}-{number}")
+    os.replace(path, aside)
+    return aside
+
+
+def set_aside_damaged_best(best: Path, progress: Progress) -> None:
+    """On resume, before training: a ``best`` model file that does not read is named in one warning and renamed
+    aside (:func:`_move_aside`), and ``progress`` forgets its best score, so the next validation writes a new best
+    model instead of the damaged one being kept; nothing is deleted."""
+    problem = _best_model_problem(best)
+    if problem is None:
+        return
+    aside = _move_aside(best)
+    logger.warning("%s is damaged (%s): renamed to %s, the next validation writes a new best model", best, problem,
+                   aside.name)
+    progress.best_metric = progress.best_step = None
 
 
 LOCK_FILE = ".dtback.lock"

@@ -34,8 +34,10 @@ from dtback.training.batches import draw_pair_references, epoch_batches, make_ba
 from dtback.training import distributed
 from dtback.training.checkpoint import Progress, first_non_finite, latest_checkpoint, save_checkpoint, take_snapshot
 from dtback.training.checkpoint_load import load_checkpoint, resume_point
-from dtback.training.resume import check_data, check_resume, prepare_run_folder, run_folder_lock, write_run_config
-from dtback.training.setup import RunParts, setup
+from dtback.training.resume import (
+    check_data, check_resume, prepare_run_folder, run_folder_lock, set_aside_damaged_best, write_run_config,
+)
+from dtback.training.setup import BEST_MODEL, RunParts, setup
 from dtback.training.step import TrainModule, compute_loss, step_generator
 
 logger = logging.getLogger(__name__)
@@ -179,6 +181,8 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     if checkpoint is not None:
         progress = load_checkpoint(checkpoint, trainable, optimizer, scheduler, ema, module if sharded else None)
         checkpoint = None  # its tensors are in the live objects now: not held for the whole run
+        if accelerator.is_main_process:  # a best model that no longer reads is replaced, not kept
+            set_aside_damaged_best(run_dir / BEST_MODEL, progress)
         accelerator.print(f"resuming from {start} (step {progress.step})")
     if sharded:
         optimizer = accelerator.prepare(optimizer)
@@ -244,7 +248,7 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     if accelerator.is_main_process:
         parts.finish(progress)
     accelerator.end_training()  # the trackers were finished by parts.close(); this ends the process group
-    best = run_dir / "best_model.pt"
+    best = run_dir / BEST_MODEL
     return TrainResult(run_dir, progress.step, best if best.exists() else None, last_checkpoint, stop.requested,
                        accelerator.is_main_process)
 

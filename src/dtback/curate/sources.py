@@ -31,7 +31,7 @@ from dtback.curate.video import VideoError, is_video, sample_frames
 from dtback.errors import DatasetError
 from dtback.identity.cache import EmbeddingCache, content_hash
 from dtback.identity.face import FaceEncoder
-from dtback.io import write_bytes
+from dtback.io import is_inside, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def check_sources(paths: list[Path], out: Path) -> list[Path]:
         path = _resolved(Path(given), "--from")
         if not path.exists():
             raise DatasetError(f"--from {shown(given)}: no such file or folder")
-        if path == out or out in path.parents:
+        if is_inside(path, out):
             raise DatasetError(f"--from {shown(given)} is the output folder --out {shown(out)} or inside it: the "
                                "builder would read the dataset it writes; give a folder of new photos and videos")
         problem = entry_problem(path)

@@ -289,3 +289,42 @@ def test_a_damaged_best_model_is_named_on_resume_and_replaced_at_the_next_valida
     _, state = read_adapter(best)
     _, expected = read_adapter(validated / "checkpoints" / "checkpoint-000004" / "adapter")
     assert sorted(state) == sorted(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_a_truncated_base_is_named_as_damaged_on_resume_and_written_anew(tiny, validated, tmp_path, monkeypatch,
+                                                                         caplog):
+    from dtback.model.flux import base_content_id
+
+    run_dir = copy_run(validated, tmp_path / "run", keep_step=2)
+    weights = run_dir / "base" / "transformer" / "diffusion_pytorch_model.safetensors"
+    whole = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: whole // 2])  # a full disk, an interrupted copy
+    monkeypatch.setattr(run_setup, "selection_metric", worse_later)  # step 4 does not beat step 2
+    with caplog.at_level(logging.WARNING):
+        train(config(tiny, run_dir, **VALIDATED), resume="auto", progress_bar=False)
+    (line,) = [line for line in caplog.text.splitlines() if "is damaged" in line]
+    assert f"{weights} is damaged (truncated: {whole // 2} of its {whole} bytes): base renamed to base.damaged" in line
+    assert (run_dir / "base.damaged" / weights.relative_to(run_dir / "base")).stat().st_size == whole // 2
+    # Was kept, truncated, under a best_model.pt bound to the whole one: generate called it "another base".
+    spec, _ = read_adapter(run_dir / "best_model.pt")
+    assert spec.extra.base_content_id == base_content_id(run_dir / "base")
+    assert last_validation(run_dir)["best_step"] == 4 and weights.stat().st_size == whole
+
+
+def test_a_safetensors_file_is_judged_whole_from_its_header_and_size(tmp_path):
+    from safetensors.torch import save_file
+
+    from dtback.training.resume import safetensors_problem
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.zeros(2, 3)}, path)  # 40 bytes of tensors after the header
+    data = path.read_bytes()
+    assert safetensors_problem(path) is None
+    path.write_bytes(data[:-7])
+    assert safetensors_problem(path) == f"truncated: {len(data) - 7} of its {len(data)} bytes"
+    path.write_bytes(data + b"\0")
+    assert safetensors_problem(path) == f"{len(data) + 1} bytes where its header says {len(data)}"
+    path.write_bytes(data[:20])
+    assert safetensors_problem(path).startswith("truncated or not a safetensors file: a header of")
+    path.write_bytes((4).to_bytes(8, "little") + b"[1] ")
+    assert safetensors_problem(path) == "not a safetensors file: its header is not the JSON table of tensors"

@@ -12,13 +12,15 @@ resume the new config is compared with it, key by key:
 
 The run's ``config.yaml`` is written only after these checks pass, so a refused resume leaves the folder as it was,
 and only when it does not already hold the config (a resume with the run's own file keeps it byte for byte). A
-resumed run's ``best_model.pt`` that no longer reads is named, renamed aside and written anew at the next
-validation (:func:`set_aside_damaged_best`).
+resumed run's best model that no longer reads (``best_model.pt``, or a weight file of the simple model's ``base/``
+beside it, e.g. cut short by a full disk) is named as damaged, renamed aside and written anew at the next validation
+(:func:`set_aside_damaged_best`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -109,7 +111,29 @@ def write_run_config(cfg: Config, path: Path) -> None:
     cfg.save(path)
 
 
-DAMAGED = ".damaged"  # the suffix a damaged best model is renamed aside with
+DAMAGED = ".damaged"  # the suffix a damaged best model (or base/) is renamed aside with
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file ``path`` cannot be read whole (None: it can), from its header and size alone: a file
+    cut short (a full disk, an interrupted copy) says how many of its bytes are there."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > size - 8:
+                return f"truncated or not a safetensors file: a header of {length} bytes in a file of {size}"
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "not a safetensors file: its header is not the JSON table of tensors"
+    expected = 8 + length + end
+    if size != expected:
+        return f"truncated: {size} of its {expected} bytes" if size < expected else \
+            f"{size} bytes where its header says {expected}"
+    return None
 
 
 def _best_model_problem(best: Path) -> str | None:
@@ -132,17 +156,33 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-def set_aside_damaged_best(best: Path, progress: Progress) -> None:
-    """On resume, before training: a ``best`` model file that does not read is named in one warning and renamed
-    aside (:func:`_move_aside`), and ``progress`` forgets its best score, so the next validation writes a new best
-    model instead of the damaged one being kept; nothing is deleted."""
+def _base_problem(base: Path | None) -> tuple[Path, str] | None:
+    """The first safetensors file of the ``base`` folder that does not read whole, and why (None: all do)."""
+    for file in sorted(base.rglob("*.safetensors")) if base is not None and base.is_dir() else []:
+        problem = safetensors_problem(file)
+        if problem is not None:
+            return file, problem
+    return None
+
+
+def set_aside_damaged_best(best: Path, base: Path | None, progress: Progress) -> None:
+    """On resume, before training: a ``best`` model file that does not read, or a ``base`` folder (the simple
+    model's base the best model goes with) with a safetensors file that does not read whole, is named as damaged in
+    one warning and renamed aside (:func:`_move_aside`), and ``progress`` forgets its best score, so the next
+    validation writes a new best model (and ``base/``) instead of a damaged one being kept; nothing is deleted."""
+    damaged = []  # (the path renamed aside, the damaged file, why)
     problem = _best_model_problem(best)
-    if problem is None:
-        return
-    aside = _move_aside(best)
-    logger.warning("%s is damaged (%s): renamed to %s, the next validation writes a new best model", best, problem,
-                   aside.name)
-    progress.best_metric = progress.best_step = None
+    if problem is not None:
+        damaged.append((best, best, problem))
+    found = _base_problem(base)
+    if found is not None:
+        damaged.append((base, *found))
+    for path, file, why in damaged:
+        aside = _move_aside(path)
+        logger.warning("%s is damaged (%s): %s renamed to %s, the next validation writes a new best model%s", file,
+                       why, path.name, aside.name, " and base/" if path == base else "")
+    if damaged:
+        progress.best_metric = progress.best_step = None
 
 
 LOCK_FILE = ".dtback.lock"

@@ -37,7 +37,7 @@ from dtback.training.checkpoint_load import load_checkpoint, resume_point
 from dtback.training.resume import (
     check_data, check_resume, prepare_run_folder, run_folder_lock, set_aside_damaged_best, write_run_config,
 )
-from dtback.training.setup import BEST_MODEL, RunParts, setup
+from dtback.training.setup import BEST_MODEL, TRAINED_BASE, RunParts, setup
 from dtback.training.step import TrainModule, compute_loss, step_generator
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,8 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
         progress = load_checkpoint(checkpoint, trainable, optimizer, scheduler, ema, module if sharded else None)
         checkpoint = None  # its tensors are in the live objects now: not held for the whole run
         if accelerator.is_main_process:  # a best model that no longer reads is replaced, not kept
-            set_aside_damaged_best(run_dir / BEST_MODEL, progress)
+            set_aside_damaged_best(run_dir / BEST_MODEL, run_dir / TRAINED_BASE if cfg.model.use_simple_model else None,
+                                   progress)
         accelerator.print(f"resuming from {start} (step {progress.step})")
     if sharded:
         optimizer = accelerator.prepare(optimizer)

@@ -328,3 +328,30 @@ def test_a_safetensors_file_is_judged_whole_from_its_header_and_size(tmp_path):
     assert safetensors_problem(path).startswith("truncated or not a safetensors file: a header of")
     path.write_bytes((4).to_bytes(8, "little") + b"[1] ")
     assert safetensors_problem(path) == "not a safetensors file: its header is not the JSON table of tensors"
+
+
+def test_each_checkpoint_adapter_records_the_base_it_was_saved_with(validated, tmp_path, caplog):
+    from diffusers import FluxTransformer2DModel
+
+    from dtback.inference.pipeline import check_base_content
+    from dtback.model.flux import base_content_id
+
+    def recorded(step: int) -> str:
+        return read_adapter(validated / "checkpoints" / f"checkpoint-{step:06d}" / "adapter")[0].extra.base_content_id
+
+    best_base = base_content_id(validated / "base")  # written with the best model, at step 2
+    assert recorded(2) == best_base  # no EMA: checkpoint 2 holds the very base base/ does
+    # The co-trained base moved on by step 4: checkpoint 4's adapter goes with its own (was base/'s fingerprint).
+    own = shutil.copytree(validated / "base", tmp_path / "base4")
+    weights = load_file(validated / "checkpoints" / "checkpoint-000004" / "trainable.safetensors")
+    transformer = FluxTransformer2DModel.from_pretrained(own / "transformer")
+    transformer.load_state_dict({k.removeprefix("transformer."): v for k, v in weights.items()
+                                 if k.startswith("transformer.")})
+    transformer.save_pretrained(own / "transformer")
+    shutil.copy(validated / "base" / "transformer" / "config.json", own / "transformer")  # the run's _name_or_path
+    assert recorded(4) == base_content_id(own) != best_base
+    # Generating from checkpoint 4's adapter on base/ (given by --base) now warns that it is another base.
+    adapter = validated / "checkpoints" / "checkpoint-000004" / "adapter"
+    with caplog.at_level(logging.WARNING):
+        check_base_content(adapter, read_adapter(adapter)[0].extra, str(validated / "base"), chosen=True)
+    assert "another base" in caplog.text

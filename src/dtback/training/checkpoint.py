@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoints/checkpoint-<step>`` holding
 
-- ``adapter/`` — the identity adapter (:meth:`IdentityPreservingFlux.save_pretrained`: safetensors + JSON);
+- ``adapter/`` — the identity adapter (:meth:`IdentityPreservingFlux.save_pretrained`: safetensors + JSON), whose
+  config records the content fingerprint of the base it goes with: a co-trained simple base as it is at this step;
 - ``trainable.safetensors`` — every trainable tensor by name (adapters, LoRA, and the simple model's transformer);
 - ``optimizer.safetensors`` + ``ema.safetensors`` — optimiser moments and EMA weights as plain tensors;
 - ``state.json`` — step, epoch, batch position, optimiser hyper-parameters, LR-scheduler state, RNG states, best
@@ -15,13 +16,14 @@ into the live objects is :mod:`dtback.training.checkpoint_load`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from safetensors.torch import save_file
 
 from dtback.errors import CheckpointError
 from dtback.io import remove_stale_temporaries, replace_folder, write_json
+from dtback.model.flux import base_content_id
 
 logger = logging.getLogger(__name__)
 
@@ -192,11 +195,39 @@ def take_snapshot(identity, trainable: dict[str, torch.nn.Parameter], optimizer,
                     ema_state)
 
 
+def _trained_base_id(base: torch.nn.Module, scratch: Path) -> str:
+    """The content fingerprint (:func:`~dtback.model.flux.base_content_id`) of a base folder holding the transformer
+    ``base`` as it is now: saved into ``scratch`` as the run's ``base/`` would hold it, fingerprinted, removed."""
+    base.save_pretrained(scratch / "transformer")
+    try:
+        return base_content_id(scratch)
+    finally:
+        shutil.rmtree(scratch)
+
+
+@contextlib.contextmanager
+def _recording_base(model, content_id: str | None) -> Iterator[None]:
+    """While the block runs, ``model``'s adapter config records ``content_id`` as its base's fingerprint (None:
+    the one it records)."""
+    if content_id is None:
+        yield
+        return
+    extra = model.spec.extra
+    kept, extra.base_content_id = extra.base_content_id, content_id
+    try:
+        yield
+    finally:
+        extra.base_content_id = kept
+
+
 def save_checkpoint(run_dir: Path, progress: Progress, model, snapshot: Snapshot, scheduler, keep: int,
-                    record: dict[str, Any] | None = None) -> Path:
+                    record: dict[str, Any] | None = None, base: torch.nn.Module | None = None) -> Path:
     """Write ``checkpoint-<step>`` from ``snapshot`` atomically and delete all but the last ``keep``; returns the
     folder. ``model`` (the identity model) gives the adapter's config; ``record`` (the run's config and training
-    data fingerprint, :mod:`dtback.training.resume`) goes into ``state.json``."""
+    data fingerprint, :mod:`dtback.training.resume`) goes into ``state.json``. ``base``: a co-trained base's
+    transformer holding the snapshot's weights, whose fingerprint the adapter records (the ``base/`` of the best
+    model is another step's, and a later checkpoint's adapter does not go with it); None: the base is frozen, and
+    the adapter records what ``model`` does."""
     target = checkpoint_dir(run_dir, progress.step)
     try:
         # Folders of runs killed mid-save (hidden io temporaries) are removed once stale; a live save's are newer.
@@ -204,7 +235,9 @@ def save_checkpoint(run_dir: Path, progress: Progress, model, snapshot: Snapshot
         # io.replace_folder: written under a hidden temporary name, files fsynced, swapped in whole (an existing
         # checkpoint of the same step is replaced only once the new one is complete); removed on any failure.
         with replace_folder(target) as tmp:
-            model.save_pretrained(tmp / "adapter", state=snapshot.adapter)
+            content_id = _trained_base_id(base, tmp / "base") if base is not None else None
+            with _recording_base(model, content_id):
+                model.save_pretrained(tmp / "adapter", state=snapshot.adapter)
             save_file(snapshot.trainable, tmp / "trainable.safetensors")
             opt_tensors, opt_meta = _optimizer_tensors(snapshot.optimizer)
             save_file(opt_tensors, tmp / "optimizer.safetensors")

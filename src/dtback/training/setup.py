@@ -199,6 +199,18 @@ class RunParts:
                                                                           for k, v in lora.items()})
         self.model.save_pretrained(self.run_dir / BEST_MODEL, state=state)
 
+    def trained_base(self, trainable: dict[str, torch.Tensor]) -> torch.nn.Module | None:
+        """A co-trained simple base's transformer holding ``trainable`` (a checkpoint's snapshot: the live weights,
+        gathered whole under FSDP), for the checkpoint's adapter to record its fingerprint; None when the base is
+        frozen (the adapter then records :meth:`_bind_base`'s)."""
+        if not self.base_trainable:
+            return None
+        if self.sharded_module is None:
+            return self.pipeline.transformer
+        prefix = "transformer."
+        state = {k[len(prefix):]: v for k, v in trainable.items() if k.startswith(prefix) and ".lora_" not in k}
+        return distributed.whole_pipeline(self.pipeline, state).transformer
+
     def _bind_base(self) -> None:
         """Record the content fingerprint of the base this adapter goes with (the run's ``base/`` just written, or
         the FLUX folder / hub snapshot it loaded), so generate refuses any other base; a base that is no local folder

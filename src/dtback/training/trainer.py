@@ -379,7 +379,8 @@ def _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, sch
         snapshot = take_snapshot(parts.model, trainable, optimizer, ema, parts.sharded_module,
                                  accelerator.is_main_process)
     if accelerator.is_main_process:
-        path = save_checkpoint(run_dir, progress, parts.model, snapshot, scheduler, keep, parts.record)
+        path = save_checkpoint(run_dir, progress, parts.model, snapshot, scheduler, keep, parts.record,
+                               parts.trained_base(snapshot.trainable))
         logger.info("checkpoint %s", path)
     accelerator.wait_for_everyone()
     return path

@@ -4,6 +4,7 @@ cleaned, a damaged newest checkpoint skipped, a full disk reported, bad output f
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -355,3 +356,39 @@ def test_each_checkpoint_adapter_records_the_base_it_was_saved_with(validated, t
     with caplog.at_level(logging.WARNING):
         check_base_content(adapter, read_adapter(adapter)[0].extra, str(validated / "base"), chosen=True)
     assert "another base" in caplog.text
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_sample_grid_that_cannot_be_written_is_a_counted_skip_and_training_goes_on(tiny, tmp_path, monkeypatch,
+                                                                                    caplog):
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(run_setup, "save_sample_grid", no_space)  # a full disk, a read-only samples/
+    with caplog.at_level(logging.WARNING):
+        result = train(config(tiny, run_dir, **VALIDATED), resume=None, progress_bar=False)
+    assert result.steps == 4 and result.best_model == run_dir / "best_model.pt"  # was a traceback at step 2
+    skips = [line for line in caplog.text.splitlines() if "could not write" in line]
+    assert len(skips) == 2 and f"could not write {run_dir / 'samples' / 'step-000002.png'} (No space left on " \
+                               "device): skipped, training goes on (1 preview writes skipped)" in skips[0]
+    assert json.loads((run_dir / "summary.json").read_text())["skipped_previews"] == 2
+    assert [vet.checkpoint_problem(folder) for folder in ckpt.list_checkpoints(run_dir)] == [None, None]
+    assert (run_dir / "report.html").is_file() and not (run_dir / "samples").exists()
+
+
+def test_a_log_that_cannot_be_written_stops_in_one_line_naming_it_with_checkpoints_intact(tiny, tmp_path,
+                                                                                         monkeypatch):
+    run_dir = tmp_path / "run"
+    real = run_setup.append_jsonl
+    monkeypatch.setattr(run_setup, "append_jsonl",
+                        lambda path, record: no_space() if path.name == "validation.jsonl" else real(path, record))
+    with pytest.raises(DtbackError) as err:  # was a traceback (OSError)
+        train(config(tiny, run_dir, **VALIDATED, **{"training.checkpoint_every": 1}), resume=None,
+              progress_bar=False)
+    first = run_dir / "checkpoints" / "checkpoint-000001"
+    assert str(err.value) == (f"could not write {run_dir / 'validation.jsonl'} (No space left on device); training "
+                              f"stopped. The checkpoints are intact, the last good one is {first}: resume from it "
+                              f"once {run_dir} has room and can be written")
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["checkpoint-000001"]
+    assert vet.checkpoint_problem(first) is None

@@ -14,11 +14,12 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate.utils import broadcast_object_list
 from PIL import Image
+from safetensors import SafetensorError
 
 from dtback import backends
 from dtback.config import Config
@@ -32,13 +33,13 @@ from dtback.model.flux import base_content_id, local_base_folder, max_sequence_l
 from dtback.model.identity_flux import IdentityPreservingFlux
 from dtback.model.memory import finish_caching, place_for_caching, quantize_base
 from dtback.training import distributed
-from dtback.training.checkpoint import Progress
+from dtback.training.checkpoint import Progress, latest_checkpoint
 from dtback.training.features import FeatureStore, build_feature_store
 from dtback.training.identity_loss import IdentityLoss
 from dtback.training.validation import (
     CONDITIONS, ValidationSet, make_validation_set, run_validation, selection_metric, similarity_scorer,
 )
-from dtback.viz import make_grid, plot_curves, save_sample_grid, write_report
+from dtback.viz import make_grid, plot_curves, sample_grid_path, save_sample_grid, write_report
 from dtback.viz.runlog import append_jsonl, as_number
 from dtback.world.reader import validation_scorer
 
@@ -74,9 +75,11 @@ class RunParts:
     record: dict = field(default_factory=dict)  # the config and data fingerprint every checkpoint records
     # FLUX.2 pipelines shift their noise levels by the sampling step count too: training shifts as validation samples
     empirical_mu_steps: int | None = None
+    skipped_previews: int = 0  # sample grids, curves and report.html that could not be written (:meth:`_preview`)
 
     def log(self, terms: dict[str, float]) -> None:
-        append_jsonl(self.run_dir / METRICS_FILE, terms)
+        with _written(self.run_dir / METRICS_FILE, self.run_dir):
+            append_jsonl(self.run_dir / METRICS_FILE, terms)
         self._track(int(terms["step"]), {k: v for k, v in terms.items() if k not in ("step", "epoch")})
 
     def _track(self, step: int, values: dict[str, Any]) -> None:
@@ -147,9 +150,11 @@ class RunParts:
             if self.sharded_module is None:
                 self.save_best(accelerator)
         metrics["best_step"] = progress.best_step
-        append_jsonl(self.run_dir / VALIDATION_FILE, metrics)
+        with _written(self.run_dir / VALIDATION_FILE, self.run_dir):
+            append_jsonl(self.run_dir / VALIDATION_FILE, metrics)
         grid = self._grid(images)
-        save_sample_grid(self.run_dir, progress.step, grid)
+        self._preview(sample_grid_path(self.run_dir, progress.step),
+                      lambda: save_sample_grid(self.run_dir, progress.step, grid))
         self._track(progress.step, {k: v for k, v in metrics.items() if k.startswith("val/")})
         self._track_image("validation/grid", grid, progress.step)
         self.report()
@@ -174,10 +179,7 @@ class RunParts:
         every rank then knows without gathering) and the main process writes."""
         base = self.base_trainable or (self.cfg.model.use_simple_model and not (self.run_dir / TRAINED_BASE).is_dir())
         if self.sharded_module is None:
-            if base:
-                save_pipeline_atomic(self.pipeline, self.run_dir / TRAINED_BASE)  # a frozen simple base: saved once
-            self._bind_base()
-            self.model.save_pretrained(self.run_dir / BEST_MODEL)
+            self._write_best(self.pipeline if base else None)  # a frozen simple base: saved once
             return
         if gather_only:
             return
@@ -192,12 +194,20 @@ class RunParts:
             if base else None
         if not main:
             return
-        if transformer is not None:
-            save_pipeline_atomic(distributed.whole_pipeline(self.pipeline, transformer), self.run_dir / TRAINED_BASE)
-        self._bind_base()
         state = self.model.adapter_state_dict(own=own, transformer_state={k.removeprefix("transformer."): v
                                                                           for k, v in lora.items()})
-        self.model.save_pretrained(self.run_dir / BEST_MODEL, state=state)
+        self._write_best(distributed.whole_pipeline(self.pipeline, transformer) if transformer is not None else None,
+                         state)
+
+    def _write_best(self, base_pipeline, state: dict[str, torch.Tensor] | None = None) -> None:
+        """``base/`` from ``base_pipeline`` (None: not now), then ``best_model.pt`` bound to it (``state``: the
+        adapter state, None: the live one); records of the run (:func:`_written`)."""
+        if base_pipeline is not None:
+            with _written(self.run_dir / TRAINED_BASE, self.run_dir):
+                save_pipeline_atomic(base_pipeline, self.run_dir / TRAINED_BASE)
+        self._bind_base()
+        with _written(self.run_dir / BEST_MODEL, self.run_dir):
+            self.model.save_pretrained(self.run_dir / BEST_MODEL, state=state)
 
     def trained_base(self, trainable: dict[str, torch.Tensor]) -> torch.nn.Module | None:
         """A co-trained simple base's transformer holding ``trainable`` (a checkpoint's snapshot: the live weights,
@@ -223,17 +233,29 @@ class RunParts:
             self.model.spec.extra.base_content_id = base_content_id(folder)
 
     def report(self) -> None:
-        plot_curves(self.run_dir)
-        write_report(self.run_dir)
+        self._preview(self.run_dir / "curves", lambda: plot_curves(self.run_dir))
+        self._preview(self.run_dir / "report.html", lambda: write_report(self.run_dir, curves=False))
+
+    def _preview(self, path: Path, write: Callable[[], Any]) -> None:
+        """``write()``, which writes the preview ``path`` (a sample grid, the curves, ``report.html``). Previews can
+        be drawn again from the run's records, so one that cannot be written (a full disk, a read-only folder) is a
+        logged, counted skip (``summary.json``'s ``skipped_previews``) and training goes on."""
+        try:
+            write()
+        except OSError as err:
+            self.skipped_previews += 1
+            logger.warning("could not write %s (%s): skipped, training goes on (%d preview writes skipped)", path,
+                           err.strerror or err, self.skipped_previews)
 
     def finish(self, progress: Progress) -> None:
         summary = {"steps": progress.step, "best_step": progress.best_step, "best_metric": progress.best_metric,
                    "train_images": len(self.train_images), "val_characters": len(self.val_set.characters),
-                   "skipped_images": self.store.skipped}
+                   "skipped_images": self.store.skipped, "skipped_previews": self.skipped_previews}
         validations = _read_last_jsonl(self.run_dir / VALIDATION_FILE)
         if validations:
             summary["last_validation"] = validations
-        write_json(self.run_dir / "summary.json", summary, indent=2, default=str)
+        with _written(self.run_dir / "summary.json", self.run_dir):
+            write_json(self.run_dir / "summary.json", summary, indent=2, default=str)
         self.report()
 
     def close(self) -> None:
@@ -243,6 +265,20 @@ class RunParts:
             trackers, self.accelerator.trackers = self.accelerator.trackers, []
             for tracker in trackers:
                 tracker.finish()
+
+
+@contextlib.contextmanager
+def _written(path: Path, run_dir: Path) -> Iterator[None]:
+    """A record of the run (a log line, ``best_model.pt``, ``base/``, ``summary.json``) that cannot be written, for
+    a full disk or a read-only folder, ends the run in one line naming it; the checkpoints stay intact."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:  # a full disk reaches safetensors' writer as its own error type
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise DtbackError(
+            f"could not write {path} ({reason}); training stopped. The checkpoints are intact, the last good one is "
+            f"{latest_checkpoint(run_dir) or 'none'}: resume from it once {path.parent} has room and can be written"
+        ) from err
 
 
 def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:

@@ -22,7 +22,8 @@ from dtback.config import load_config
 from dtback.errors import ConfigError
 from dtback.model.identity_flux import IdentityPreservingFlux
 from dtback.training import trainer as trainer_module
-from dtback.training.trainer import TrainingDiverged, flat_hparams, train
+from dtback.training.trackers import flat_hparams
+from dtback.training.trainer import TrainingDiverged, train
 from helpers import REPO, make_dataset, save_tiny_dinov2
 
 SHIM = str(REPO / "train" / "run_training.py")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import signal
 import time
@@ -39,6 +38,7 @@ from dtback.training.resume import (
 )
 from dtback.training.setup import BEST_MODEL, TRAINED_BASE, RunParts, setup
 from dtback.training.step import TrainModule, compute_loss, step_generator
+from dtback.training.trackers import TENSORBOARD_DIR, start_trackers, tracker_names
 
 logger = logging.getLogger(__name__)
 
@@ -252,59 +252,6 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     best = run_dir / BEST_MODEL
     return TrainResult(run_dir, progress.step, best if best.exists() else None, last_checkpoint, stop.requested,
                        accelerator.is_main_process)
-
-
-TENSORBOARD_DIR = "tensorboard"  # accelerate's logging_dir in the run folder: tensorboard --logdir <run>/tensorboard
-TRACKER_PROJECT = "dtback"  # project name for the trackers; TensorBoard writes <run>/tensorboard/<project>/
-
-
-def tracker_names(cfg: Config) -> list[str] | None:
-    """``training.log_with`` for ``Accelerator(log_with=...)``; None when it is empty. A named tracker whose package
-    is not installed ends the run here, before any work (accelerate would leave it out with a debug line)."""
-    names = list(cfg.training.log_with)
-    if not names:
-        return None
-    from accelerate.tracking import get_available_trackers  # noqa: PLC0415
-
-    installed = sorted(str(tracker) for tracker in get_available_trackers())
-    missing = [name for name in names if name != "all" and name not in installed]
-    if missing:
-        raise ConfigError(
-            f"training.log_with: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
-            f"(pip install {' '.join(missing)}); installed trackers: {', '.join(installed) or 'none'}. Install it, "
-            "or leave it out of training.log_with ([] logs to no tracker; metrics.jsonl is written anyway)"
-        )
-    return names
-
-
-def flat_hparams(cfg: Config) -> dict[str, bool | int | float | str]:
-    """The config as flat ``section.key`` scalars, the hyper-parameters the trackers store (TensorBoard's hparams
-    take only bool/int/float/str): lists, null and empty mappings are written as JSON text."""
-    flat: dict[str, bool | int | float | str] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                walk(value, f"{prefix}{key}.")
-            elif isinstance(value, (bool, int, float, str)):
-                flat[prefix + key] = value
-            else:
-                flat[prefix + key] = json.dumps(value)
-
-    walk(cfg.model_dump(mode="json"), "")
-    return flat
-
-
-def start_trackers(accelerator: Accelerator, cfg: Config) -> None:
-    """Start the trackers of ``training.log_with`` on the main process (one run per tracker, as diffusers' scripts
-    do), with the flat config as hyper-parameters; a tracker that cannot start ends the run before training."""
-    if not accelerator.is_main_process or not accelerator.log_with:
-        return
-    try:
-        accelerator.init_trackers(TRACKER_PROJECT, config=flat_hparams(cfg))
-    except Exception as err:  # e.g. wandb without a login: a message, not a traceback mid-setup
-        names = ", ".join(str(tracker) for tracker in accelerator.log_with)
-        raise ConfigError(f"training.log_with: the trackers ({names}) could not start: {err}") from err
 
 
 def _optimizer_step(cfg, accelerator, module, optimizer, scheduler, ema, trainable, parts, mine, progress) -> dict:

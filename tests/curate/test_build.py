@@ -284,6 +284,33 @@ def test_crops_letterboxes_and_resizes_of_a_kept_photo_are_duplicates(people_dir
     assert placed == {kept, paths[1].name, paths[2].name} and len(read_characters(out)) == 1
 
 
+def test_a_sideways_photo_without_a_tag_joins_its_person_upright(people_dir, tmp_path):
+    """Four photos of one person, one stored turned 90 degrees without an EXIF tag (a scan): it joins the other three,
+    written upright as PNG (the source's pixels turned back), its face box on the face of the written picture; the
+    dataset scan reads it like the others."""
+    paths = sorted((people_dir / "krasserm_lfw" / "Tony_Blair").iterdir())[:4]
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in paths[:3]:
+        shutil.copyfile(path, src / path.name)
+    photo = Image.open(paths[3]).convert("RGB")
+    photo.transpose(Image.Transpose.ROTATE_90).save(src / "scan.jpg", quality=95)
+    out = tmp_path / "dataset"
+    report = build([src], out)
+    assert report.skipped_by_reason == {} and report.images_added == 4
+    (character,) = read_characters(out)
+    (turned,) = [image for image in character.images if Path(image.source).name == "scan.jpg"]
+    assert turned.rotation == 270 and turned.file.endswith(".png")
+    written = Image.open(character.folder(out) / turned.file)
+    expected = Image.open(src / "scan.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270)
+    assert written.size == (250, 250)
+    np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
+    x1, y1, x2, y2 = turned.face_box
+    assert 60 < x1 < (x1 + x2) / 2 < 190 and 60 < y1 < (y1 + y2) / 2 < 190 and x2 - x1 > 80
+    assert sum(1 for image in character.images if image.rotation == 0) == 3
+    assert build([src], out).images_added == 0  # a rerun changes nothing
+
+
 def full_body(path: Path, face: int = 28) -> Image.Image:
     """A head-and-shoulders photo shrunk so that its face is about ``face`` px, on a tall grey canvas."""
     photo = Image.open(path).convert("RGB")

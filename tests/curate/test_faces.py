@@ -112,3 +112,41 @@ def test_a_small_face_of_a_full_body_photo_is_found_at_2x_and_counted_with_advic
     assert reason == "face_too_small" and "full-body" in detail and "min_face_size" in detail
     again = FaceRecord.from_tensors(record.to_tensors())
     assert again.upscaled and np.allclose(again.box, record.box)
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_a_photo_turned_without_an_orientation_tag_is_searched_turned_back(encoder, astronaut, turns):
+    """The astronaut turned 90/180/270 degrees counter-clockwise (a sideways scan, no EXIF tag): upright the detector
+    finds no face (or only a weak one), so the picture is searched turned; the record is of the upright picture: its
+    size, box and embedding match the astronaut's own."""
+    upright = measure(encoder, np.asarray(astronaut), upscale=True)
+    stored = np.ascontiguousarray(np.rot90(np.asarray(astronaut), turns))
+    assert max((face.score for face in encoder.detect(stored)), default=0.0) < 0.3
+    record = measure(encoder, stored, upscale=True)
+    assert record.rotation == (4 - turns) * 90
+    assert record.size == (512, 512) and face_verdict(record, BuildConfig()) is None
+    np.testing.assert_allclose(record.box, upright.box, atol=6)
+    assert float(record.embedding @ upright.embedding) > 0.98
+    again = FaceRecord.from_tensors(record.to_tensors())
+    assert again.rotation == record.rotation
+    assert upright.rotation == 0 and measure(encoder, np.full((64, 64, 3), 128, np.uint8)).rotation == 0
+
+
+def test_turned_real_photos_are_found_and_keep_their_identity(encoder):
+    """38 LFW / TV-still photos turned 90 degrees without a tag: none is found upright (measured); turned back, every
+    face is found and its embedding stays within cosine 0.99 of the upright photo's."""
+    from helpers import PEOPLE
+
+    if not PEOPLE.is_dir():
+        pytest.skip(f"real photos not present at {PEOPLE}")
+    paths = [sorted(folder.iterdir())[0] for bundle in ("krasserm_lfw", "faceapi_bbt")
+             for folder in sorted((PEOPLE / bundle).iterdir())]
+    cosines, rotations = [], []
+    for path in paths:
+        photo = np.asarray(load_rgb(path, 10**8))
+        upright = measure(encoder, photo, upscale=True)
+        turned = measure(encoder, np.ascontiguousarray(np.rot90(photo, 1)), upscale=True)
+        rotations.append(turned.rotation)
+        cosines.append(float(upright.embedding @ turned.embedding) if turned.num_faces else 0.0)
+    assert len(paths) == 18 and rotations == [270] * 18
+    assert min(cosines) > 0.99, cosines

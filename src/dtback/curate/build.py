@@ -27,6 +27,7 @@ next run copies again.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ from dtback.curate.corrections import (
     split_targets,
 )
 from dtback.curate.cluster import DEFAULT_THRESHOLDS, group_faces, join_only, near_duplicates
-from dtback.curate.faces import FaceRecord, face_verdict, measure
+from dtback.curate.faces import FaceRecord, face_verdict, measure, turn_upright
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.data.layout import AMBIGUOUS_SHEET, BUILD_STATE_DIR
 from dtback.curate.sources import Item, SourceReader, SourceSkip, list_files
@@ -80,7 +81,7 @@ from dtback.identity.face import FaceEncoder
 log = logging.getLogger(__name__)
 
 Member = tuple[Item, FaceRecord]  # a picture and its face, on its way into a character
-MEASURE_VERSION = "4"  # bump when FaceRecord's measurements change, so old cache entries are not reused
+MEASURE_VERSION = "5"  # bump when FaceRecord's measurements change, so old cache entries are not reused
 
 
 def build_dataset(
@@ -488,7 +489,7 @@ class DatasetBuilder:
             if not pixels.is_file():
                 report.skips.append(SourceSkip(item.label, "source_missing", f"{pixels} is gone"))
                 continue
-            image = self._placed(item, record, file_name(item.source, item.time, item.key, pixels))
+            image = self._placed(item, record, file_name(item.source, item.time, item.key, pixels, record.rotation))
             character.images.append(image)
             added.append(image)
         return added
@@ -504,13 +505,26 @@ class DatasetBuilder:
             face_score=round(record.score, 4),
             num_faces=record.num_faces,
             sharpness=round(record.sharpness, 2),
+            rotation=record.rotation,
         )
 
     def _pixels_path(self, key: str, source: str, frame_time: float | None) -> Path:
         return Path(source) if frame_time is None else self.state_dir / "frames" / f"{key}.jpg"
 
     def _copy_in(self, image: PlacedImage, character: Character) -> None:
+        """The picture's bytes, or, for one turned upright to find its face, the turned picture as PNG (lossless):
+        its face box and everything read from the dataset afterwards are upright."""
         source = self._pixels_path(image.embedding_id, image.source, image.frame_time)
+        if image.rotation:
+            try:
+                picture = turn_upright(load_rgb(source, self.data.max_image_pixels), image.rotation)
+            except ImageSkip as skip:
+                raise DatasetError(f"{source}: read for {character.key}/{image.file} but {skip.reason.value}: "
+                                   f"{skip.detail}; it changed during the build, run it again") from None
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            write_atomic(character.folder(self.root) / image.file, buffer.getvalue())
+            return
         copy_atomic(source, character.folder(self.root) / image.file, link=image.frame_time is not None)
 
     def _heal(self, characters: list[Character], report: BuildReport, state: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dtback.curate.faces import turn_upright
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.data.layout import CONTACT_SHEET
 from dtback.errors import DatasetError
@@ -62,6 +63,7 @@ class PlacedImage:
     face_score: float
     num_faces: int
     sharpness: float
+    rotation: int = 0  # degrees counter-clockwise the source was turned to stand upright; ``file`` is the turned one
 
 
 @dataclass
@@ -205,10 +207,13 @@ def _character_folders(bundle: Path) -> int:
     return sum(1 for p in bundle.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def file_name(source: str, frame_time: float | None, key: str, pixels: Path) -> str:
+def file_name(source: str, frame_time: float | None, key: str, pixels: Path, rotation: int = 0) -> str:
     """``<source stem>_<first 8 of the key><ext>``; frames add ``_t<milliseconds>``; the extension follows the
-    content of ``pixels`` (a JPEG named .png is stored as .jpg)."""
+    content of ``pixels`` (a JPEG named .png is stored as .jpg); a picture turned upright is written as PNG."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(source).stem)[:40].strip("_") or "image"
+    if rotation:
+        suffix = "" if frame_time is None else f"_t{round(frame_time * 1000):08d}"
+        return f"{stem}{suffix}_{key[:8]}.png"
     if frame_time is not None:
         return f"{stem}_t{round(frame_time * 1000):08d}_{key[:8]}.jpg"
     try:
@@ -255,6 +260,8 @@ def _tile(folder: Path, image: PlacedImage, number: int) -> Image.Image:
     draw = ImageDraw.Draw(tile)
     try:
         picture = load_rgb(folder / image.file, max_pixels=1 << 31)
+        if Path(image.file).is_absolute():  # a source (the ambiguous sheet): turned as the builder turns it
+            picture = turn_upright(picture, image.rotation)
     except ImageSkip as skip:
         draw.text((4, TILE[1] // 2), f"{number}: {skip.reason.value}", fill=(200, 0, 0))
         return tile

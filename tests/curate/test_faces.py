@@ -70,16 +70,34 @@ def test_sharpness_is_relative_to_the_face_and_hash_sees_the_picture(astronaut):
     assert (difference_hash(image[:, ::-1]) != hashed).sum() > 20
 
 
+def darker(image: np.ndarray, factor: float = 0.25) -> np.ndarray:
+    """An under-exposed copy: every value times ``factor``, rounded down (as an 8-bit camera stores it)."""
+    return (image.astype(np.float32) * factor).astype(np.uint8)
+
+
 def test_real_photos_pass_the_sharpness_rule_and_blurred_copies_fail(people_dir, encoder):
-    """The evidence for min_sharpness=40: every real face measures more; a 3 px Gaussian blur measures less."""
+    """The evidence for min_sharpness=40: every real face measures more, also at a quarter of its brightness (an
+    under-exposed photo is dark, not soft); a 3 px Gaussian blur measures less, darkened or not."""
     paths = [p for bundle in ("krasserm_lfw", "faceapi_bbt") for p in sorted((people_dir / bundle).glob("*/*"))[::4]]
     sharp, soft = [], []
     for path in paths:
         image = load_rgb(path, 10**8)
         record = measure(encoder, np.asarray(image))
-        sharp.append(record.sharpness)
-        soft.append(sharpness(np.asarray(image.filter(ImageFilter.GaussianBlur(3))), record.box))
-    assert min(sharp) > BuildConfig().min_sharpness > max(soft), (min(sharp), max(soft))
+        blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(3)))
+        sharp += [record.sharpness, sharpness(darker(np.asarray(image)), record.box)]
+        soft += [sharpness(blurred, record.box), sharpness(darker(blurred), record.box)]
+    assert len(sharp) == 70 and min(sharp) > BuildConfig().min_sharpness > max(soft), (min(sharp), max(soft))
+
+
+def test_an_under_exposed_face_is_dark_not_blurred(encoder, astronaut):
+    """The astronaut at a quarter of her brightness is kept (her Laplacian variance fell 16-fold with the contrast,
+    under min_sharpness: she was skipped as blurred); blurred as well, she is still blurred."""
+    image = np.asarray(astronaut)
+    record = measure(encoder, darker(image))
+    assert record.num_faces and face_verdict(record, BuildConfig()) is None, record.sharpness
+    assert record.sharpness == pytest.approx(measure(encoder, image).sharpness, rel=0.5)
+    soft = sharpness(darker(np.asarray(astronaut.filter(ImageFilter.GaussianBlur(3)))), record.box)
+    assert soft < BuildConfig().min_sharpness < record.sharpness, (soft, record.sharpness)
 
 
 def test_a_co_subject_is_several_faces_a_small_passer_by_is_not(encoder, astronaut):

@@ -11,9 +11,13 @@ cached and the filters re-applied with other thresholds without running the enco
   the ~20-30 px faces of full-body photos (skimage's astronaut shrunk to a 23 px face on a 300 x 500 canvas: none
   at 1x, found at 2x), so they are counted here with what to do, not as ``no_face``.
 - ``blurred``: the face is soft. Sharpness is the variance of the 4-neighbour Laplacian of the inner 80 % of the
-  face box, in grey, resized to 64 x 64 px (so it measures blur relative to the face, whatever its size). Real
-  photos measure 68 or more (140 LFW / TV-still faces); the same photos after a Gaussian blur of radius 3 px
-  measure 36 or less; the default threshold is 40.
+  face box, in grey, resized to 64 x 64 px (so it measures blur relative to the face, whatever its size), less the
+  Laplacian variance of 8-bit rounding (20/12), and scaled by ``(32 / grey std)²`` when the crop's contrast is under
+  a standard deviation of 32 grey levels (so it measures blur, not exposure: the Laplacian variance falls with the
+  square of the contrast, and the 140 LFW / TV-still faces at a quarter of their brightness measured 6.7-120, 33 of
+  38 under 40, without it). Real photos measure 74 or more (140 faces), at a quarter of their brightness 55 or
+  more; the same photos after a Gaussian blur of radius 3 px measure 35 or less, darkened too 35 or less; the
+  default threshold is 40.
 - ``several_faces``: another face is at least ``max_other_face_ratio`` (0.3) times as large (in area) as the
   chosen one: a co-subject, not a passer-by. 0.3 is about 55 % of the chosen face's width. A two-person photo of
   issue 15 measured 0.489 (it passed the old 0.5 limit); LFW's Ariel_Sharon_0004, with girls' faces beside his,
@@ -47,6 +51,8 @@ from dtback.identity.face import Face, FaceEncoder, choose_face
 
 SHARPNESS_SIZE = 64
 SHARPNESS_INNER = 0.8
+SHARPNESS_CONTRAST = 32.0  # grey std below which sharpness is scaled up to this contrast (module docstring)
+ROUNDING_LAPLACIAN_VAR = 20 / 12  # Laplacian variance of uniform 8-bit rounding noise: 20 x 1/12
 HASH_SIZE = 8  # 8 x 8 difference hash: 64 bits
 UPSCALE_MAX_SIDE = 2000  # px: a larger image searched at 2x would cost too much; its faces are rarely that small
 OTHER_FACE_MIN_SCORE = 0.5  # of the chosen face's detector score, for another detection to count as a face
@@ -215,7 +221,8 @@ def face_verdict(record: FaceRecord, cfg: BuildConfig) -> tuple[str, str] | None
 
 
 def sharpness(image: np.ndarray, box: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian of the inner 80 % of ``box`` in ``image`` (H, W, 3), grey, 64 x 64."""
+    """Variance of the 4-neighbour Laplacian of the inner 80 % of ``box`` in ``image`` (H, W, 3), grey, 64 x 64,
+    less 8-bit rounding's and lifted to a contrast of :data:`SHARPNESS_CONTRAST` (module docstring)."""
     x1, y1, x2, y2 = (float(v) for v in box)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     half_w, half_h = (x2 - x1) * SHARPNESS_INNER / 2, (y2 - y1) * SHARPNESS_INNER / 2
@@ -227,7 +234,8 @@ def sharpness(image: np.ndarray, box: np.ndarray) -> float:
     crop = Image.fromarray(image[top:bottom, left:right]).convert("L")
     grey = np.asarray(crop.resize((SHARPNESS_SIZE, SHARPNESS_SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
     laplacian = grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4 * grey[1:-1, 1:-1]
-    return float(laplacian.var())
+    lift = max(1.0, SHARPNESS_CONTRAST / max(float(grey.std()), 1e-3)) ** 2
+    return max(0.0, float(laplacian.var()) - ROUNDING_LAPLACIAN_VAR) * lift
 
 
 def face_patch(chip: np.ndarray) -> np.ndarray:

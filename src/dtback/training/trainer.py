@@ -146,7 +146,8 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     output_dir = Path(cfg.output.output_dir)
     # The resume point and the config it was trained with are checked before any work; the data once it is read.
     # config.yaml is written only after both checks: a refused resume leaves the run folder as it was.
-    # The checkpoint is read and vetted once, here: the tensors vetted are the ones loaded below.
+    # The checkpoint is read and vetted once, here, and held until it is loaded below (adapters and optimiser
+    # moments: small next to the base): the tensors vetted are the ones loaded.
     checkpoint = resume_point(output_dir, resume)
     start = checkpoint.folder if checkpoint is not None else None
     record = checkpoint.record if checkpoint is not None else {}

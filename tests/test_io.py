@@ -203,3 +203,21 @@ def test_is_inside_follows_symlinks_and_dots_and_compares_whole_names(root: Path
     assert io.is_inside("b/alice", data) and io.is_inside(data / "alice", "b")  # relative to the working folder
     os.symlink("loop", root / "loop")  # a symlink loop answers, it does not raise
     assert not io.is_inside(root / "loop" / "x", data) and io.is_inside(root / "loop" / "x", root)
+
+
+def test_a_safetensors_file_is_judged_whole_from_its_header_and_size(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.zeros(2, 3)}, path)  # 40 bytes of tensors after the header
+    data = path.read_bytes()
+    assert io.safetensors_problem(path) is None
+    path.write_bytes(data[:-7])
+    assert io.safetensors_problem(path) == f"truncated: {len(data) - 7} of its {len(data)} bytes"
+    path.write_bytes(data + b"\0")
+    assert io.safetensors_problem(path) == f"{len(data) + 1} bytes where its header says {len(data)}"
+    path.write_bytes(data[:20])
+    assert io.safetensors_problem(path).startswith("truncated or not a safetensors file: a header of")
+    path.write_bytes((4).to_bytes(8, "little") + b"[1] ")
+    assert io.safetensors_problem(path) == "not a safetensors file: its header is not the JSON table of tensors"

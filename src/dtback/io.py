@@ -162,6 +162,28 @@ def is_inside(child: Path | str, parent: Path | str) -> bool:
     return Path(os.path.realpath(child)).is_relative_to(os.path.realpath(parent))
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file ``path`` cannot be read whole (None: it can), from its header and size alone: a file
+    cut short (a full disk, an interrupted copy) says how many of its bytes are there."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > size - 8:
+                return f"truncated or not a safetensors file: a header of {length} bytes in a file of {size}"
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "not a safetensors file: its header is not the JSON table of tensors"
+    expected = 8 + length + end
+    if size != expected:
+        return f"truncated: {size} of its {expected} bytes" if size < expected else \
+            f"{size} bytes where its header says {expected}"
+    return None
+
+
 def remove_stale_temporaries(folder: Path, older_than: float = 3600.0) -> int:
     """Remove this module's temporary files and folders directly in ``folder`` that are older than ``older_than``
     seconds (left by killed runs; a live writer's are newer). Returns how many were removed."""

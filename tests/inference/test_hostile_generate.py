@@ -146,6 +146,23 @@ def test_a_base_with_another_content_is_refused_naming_both(run_dir, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_a_base_cut_short_is_named_as_damaged_not_as_another_base(run_dir, tmp_path, capsys):
+    adapter = copy_run(run_dir, tmp_path / "cut", content_id=base_content_id(run_dir / "base"))
+    weights = next((adapter.parent / "base" / "transformer").glob("*.safetensors"))
+    whole = weights.stat().st_size
+    with open(weights, "r+b") as handle:  # an interrupted copy
+        handle.truncate(whole // 2)
+    for chosen in ([], ["--base", str(adapter.parent / "base")]):
+        args = generate_args(run_dir, tmp_path) + chosen
+        args[args.index("--model") + 1] = str(adapter)
+        assert main(args) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {weights} is damaged (truncated: {whole // 2} of its {whole} bytes): the base "
+                              f"{adapter.parent / 'base'} that {adapter} was trained on is not whole; copy it again")
+        assert "another base" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_recorded_base_is_accepted_from_any_folder(run_dir, tmp_path, monkeypatch):
     adapter = copy_run(run_dir, tmp_path / "bound", content_id=base_content_id(run_dir / "base"))
     monkeypatch.chdir(tmp_path)

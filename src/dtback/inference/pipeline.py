@@ -38,7 +38,7 @@ from dtback import backends, devices
 from dtback.errors import AdapterMismatchError, DtbackError, MissingModelError, NoFaceError
 from dtback.identity.resampler import IdentityInputs
 from dtback.inference.loras import check_lora_weights
-from dtback.model.flux import DTYPE_KWARG, base_content_id, local_base_folder
+from dtback.model.flux import DTYPE_KWARG, base_content_id, damaged_weights, local_base_folder
 from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, RunRecord, read_adapter
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ def resolve_base(adapter: Path, recorded: str | None, override: str | None) -> s
 def check_base_content(adapter: Path, record: RunRecord, source: str, chosen: bool) -> None:
     """Refuse a base whose content fingerprint (:func:`~dtback.model.flux.base_content_id`) is not the one the
     adapter records, naming both; a base the user ``chosen`` with ``--base`` is only warned about. Adapters without
-    a recorded fingerprint (older runs) and bases that are not local folders are not checked."""
+    a recorded fingerprint (older runs) and bases that are not local folders are not checked. A base whose
+    weights file is cut short (a full disk, an interrupted copy) is named as damaged, chosen or not."""
     expected = getattr(record, "base_content_id", None)
     folder = local_base_folder(source)
     if not expected or folder is None:
@@ -102,6 +103,10 @@ def check_base_content(adapter: Path, record: RunRecord, source: str, chosen: bo
     found = base_content_id(folder)
     if found == expected:
         return
+    damaged = damaged_weights(folder / "transformer")  # a copy cut short differs too: say so, not "another base"
+    if damaged is not None:
+        raise DtbackError(f"{damaged[0]} is damaged ({damaged[1]}): the base {folder} that {adapter} was trained on "
+                          "is not whole; copy it again")
     message = (f"{adapter} was trained on a base with content fingerprint {expected[:16]}, but {folder} has "
                f"{found[:16]}: another base (another run's, or one written after this adapter)")
     if chosen:

@@ -24,7 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 from dtback import devices
 from dtback.config import ModelConfig
 from dtback.errors import ConfigError, MissingModelError
-from dtback.io import replace_folder
+from dtback.io import replace_folder, safetensors_problem
 from dtback.model.flux2 import build_simple_flux2_pipeline
 from dtback.model.simple_parts import CAPTION_WORDS, FLUX_SCHEDULER, SIMPLE_VAE, merge_words  # noqa: F401
 
@@ -138,6 +138,16 @@ def base_content_id(folder: Path) -> str:
                 handle.seek(size - FINGERPRINT_BYTES)
             digest.update(handle.read(FINGERPRINT_BYTES))
     return digest.hexdigest()
+
+
+def damaged_weights(folder: Path) -> tuple[Path, str] | None:
+    """The first safetensors file under ``folder`` (a base pipeline folder) that does not read whole, and why
+    (:func:`dtback.io.safetensors_problem`, from headers and sizes alone); None when every one does."""
+    for weights in sorted(Path(folder).rglob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem is not None:
+            return weights, problem
+    return None
 
 
 def local_base_folder(source: str) -> Path | None:

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 from dtback.config import Config, load_config
 from dtback.errors import ConfigError, DtbackError
 from dtback.io import output_problem, remove_stale_temporaries
+from dtback.model.flux import damaged_weights
 from dtback.model.identity_flux import read_adapter
 from dtback.training.checkpoint import CHECKPOINTS, Progress
 
@@ -114,28 +115,6 @@ def write_run_config(cfg: Config, path: Path) -> None:
 DAMAGED = ".damaged"  # the suffix a damaged best model (or base/) is renamed aside with
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """Why the safetensors file ``path`` cannot be read whole (None: it can), from its header and size alone: a file
-    cut short (a full disk, an interrupted copy) says how many of its bytes are there."""
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            length = int.from_bytes(handle.read(8), "little")
-            if size < 8 or length > size - 8:
-                return f"truncated or not a safetensors file: a header of {length} bytes in a file of {size}"
-            header = json.loads(handle.read(length))
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except OSError as err:
-        return f"unreadable ({err.strerror or err})"
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return "not a safetensors file: its header is not the JSON table of tensors"
-    expected = 8 + length + end
-    if size != expected:
-        return f"truncated: {size} of its {expected} bytes" if size < expected else \
-            f"{size} bytes where its header says {expected}"
-    return None
-
-
 def _best_model_problem(best: Path) -> str | None:
     if not best.exists():
         return None
@@ -156,15 +135,6 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-def _base_problem(base: Path | None) -> tuple[Path, str] | None:
-    """The first safetensors file of the ``base`` folder that does not read whole, and why (None: all do)."""
-    for file in sorted(base.rglob("*.safetensors")) if base is not None and base.is_dir() else []:
-        problem = safetensors_problem(file)
-        if problem is not None:
-            return file, problem
-    return None
-
-
 def set_aside_damaged_best(best: Path, base: Path | None, progress: Progress) -> None:
     """On resume, before training: a ``best`` model file that does not read, or a ``base`` folder (the simple
     model's base the best model goes with) with a safetensors file that does not read whole, is named as damaged in
@@ -174,7 +144,7 @@ def set_aside_damaged_best(best: Path, base: Path | None, progress: Progress) ->
     problem = _best_model_problem(best)
     if problem is not None:
         damaged.append((best, best, problem))
-    found = _base_problem(base)
+    found = damaged_weights(base) if base is not None and base.is_dir() else None
     if found is not None:
         damaged.append((base, *found))
     for path, file, why in damaged:

@@ -224,3 +224,27 @@ def test_fsdp_refuses_accelerates_own_fsdp_and_untested_memory_modes():
         check_distributed(cfg, ranks(1))  # one rank shards nothing: the memory modes work as usual
     with pytest.raises(ConfigError, match="distributed_type: FSDP.*training.distributed=fsdp"):
         check_distributed(load_config(None, []), ranks(2, DistributedType.FSDP))
+
+
+def test_the_validation_grid_shows_a_reference_upright_and_a_vanished_one_grey(tmp_path, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from dtback.config import DataConfig
+    from dtback.training.setup import RunParts
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white, as the camera held it
+    stored = Image.fromarray(pixels).rotate(90, expand=True)  # the sensor's pixels: 40 high, 20 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    parts = SimpleNamespace(cfg=SimpleNamespace(data=DataConfig(data_dir=str(tmp_path))))
+    shown = np.asarray(RunParts._reference_picture(parts, tmp_path / "phone.jpg"))
+    assert shown.shape == (20, 40, 3)  # upright, as training read it (was 40 x 20: the stored pixels)
+    assert shown[:, :15].mean() > 240 and shown[:, 25:].mean() < 15
+    with caplog.at_level(logging.WARNING):
+        grey = RunParts._reference_picture(parts, tmp_path / "gone.jpg")
+    assert np.asarray(grey).mean() == 128 and "gone.jpg is no longer readable" in caplog.text

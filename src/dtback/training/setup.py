@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 
 from dtback import backends
 from dtback.config import Config
+from dtback.data.images import ImageSkip, load_rgb, shown
 from dtback.data.prepare import prepare_dataset
 from dtback.errors import DtbackError
 from dtback.identity.crops import BodyCropRule
@@ -164,11 +165,21 @@ class RunParts:
     def _grid(self, images: dict[str, list[Image.Image]]) -> Image.Image:
         rows, labels = [], []
         for row, character in enumerate(self.val_set.characters):
-            reference = Image.open(self.store_path(self.val_set.references[row][0])).convert("RGB")
+            reference = self._reference_picture(self.store_path(self.val_set.references[row][0]))
             rows.append([reference] + [images[c][row] for c in CONDITIONS])
             labels.append(self.store.characters[character])
         return make_grid(rows, labels, ["reference", "with identity", "without identity", "shuffled reference"],
                          cell=max(128, min(256, self.cfg.data.input_size)))
+
+    def _reference_picture(self, path: Path) -> Image.Image:
+        """The reference photo as a person sees it (EXIF orientation applied, as training read it); one that can no
+        longer be read (removed or rewritten during the run) is a grey tile and a warning, not a stopped run."""
+        try:
+            return load_rgb(path, self.cfg.data.max_image_pixels)
+        except ImageSkip as skip:
+            logger.warning("validation grid: reference %s is no longer readable (%s): drawn grey", shown(path),
+                           skip.reason.value)
+            return Image.new("RGB", (64, 64), (128, 128, 128))
 
     def store_path(self, image: int) -> Path:
         return Path(self.cfg.data.data_dir) / self.store.keys[image]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 import torch
 
@@ -145,6 +148,15 @@ def test_save_load_into_a_fresh_base_is_identical(load_base, tmp_path, name):
     loaded = IdentityPreservingFlux.from_pretrained(path, transformer=fresh)
     assert loaded.spec == model.spec
     assert torch.equal(run(loaded, fresh, identity_inputs()), expected)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full (a device that is always full) is Linux's")
+def test_a_full_disk_under_a_pt_adapter_is_an_oserror_naming_no_space():
+    from dtback.model.identity_flux import _torch_save
+
+    with pytest.raises(OSError) as err:  # torch's own writer raised RuntimeError("... unexpected pos 704 vs 598")
+        _torch_save({"state_dict": {"w": torch.ones(100_000)}}, "/dev/full")
+    assert err.value.errno == errno.ENOSPC
 
 
 def test_loading_into_another_base_names_both_shapes(load_base, tmp_path):

@@ -436,7 +436,7 @@ class IdentityPreservingFlux(nn.Module):
         if path.suffix == ".safetensors":
             _atomic(path, lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: config}))
         elif path.suffix in (".pt", ".pth", ".bin"):
-            _atomic(path, lambda tmp: torch.save({"config": config, "state_dict": state}, tmp))
+            _atomic(path, lambda tmp: _torch_save({"config": config, "state_dict": state}, tmp))
         else:
             path.mkdir(parents=True, exist_ok=True)
             _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
@@ -497,6 +497,13 @@ def _per_sample(scale: float | torch.Tensor, batch: int, device: torch.device) -
     if tensor.numel() not in (1, batch):
         raise ValueError(f"scale has {tensor.numel()} values for a batch of {batch}")
     return tensor.expand(batch).clone()
+
+
+def _torch_save(payload: dict, name: str) -> None:
+    """``torch.save`` through a Python file: a full disk is then an OSError (ENOSPC) the caller can name, where
+    torch's own writer raises a RuntimeError ("unexpected pos ...") that says nothing of the disk."""
+    with open(name, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def _atomic(path: Path, write) -> None:

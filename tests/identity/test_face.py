@@ -103,6 +103,19 @@ def test_dlib_no_face_is_none_not_a_crash(dlib_encoder):
         dlib_encoder.encode(np.zeros((10, 10), dtype=np.uint8))
 
 
+def test_dlib_refine_places_the_landmarks_again_from_a_coarse_box(dlib_encoder):
+    """A face found on a smaller copy comes with a box off by a HOG cell and landmarks off by the copy's pixels:
+    refine keeps the box and score and places the landmarks on the picture itself, as detection there does."""
+    import skimage.data
+
+    image = skimage.data.astronaut()
+    face = dlib_encoder.detect(image)[0]
+    coarse = Face(box=face.box + np.float32([6, -5, 6, -5]), landmarks=face.landmarks + 3, score=face.score)
+    refined = dlib_encoder.refine(image, coarse)
+    assert refined.score == face.score and np.array_equal(refined.box, coarse.box)
+    assert refined.landmarks.shape == (5, 2) and np.abs(refined.landmarks - face.landmarks).max() <= 2
+
+
 # ----------------------------------------------------------------------------------------------------- insightface
 
 

@@ -36,6 +36,22 @@ whose best face scores highest is used when it beats the upright one: every meas
 upright picture (``rotation``), and the builder writes that picture. Turned searches run on a copy whose long side
 is at most :data:`ROTATION_MAX_SIDE`, so they cost three detections of at most 1000 px, for pictures without an
 upright face only.
+
+A photo longer than :data:`SEARCH_MAX_SIDE` (2400 px; a 12-50 MP phone photo is 4000-8200 px long) is searched on a
+copy that long. HOG's time grows with the pixels it scans, four times the picture's at upsample 1: measuring a 6000
+x 4000 photo took 9.4 s (median of 50 LFW photos made that large), with the 2400 px copy 1.8 s (one CPU core). The
+copy finds face boxes down to ~40 px (:data:`FOUND_FACE_SIZE`: 32 px boxes in 19 of 20 LFW faces, 28 px in 7), so
+~40 / 2400 of the photo's long side: 100 px in a 6000 x 4000 photo (LFW faces of 80-200 px pasted into such photos:
+40 of 40 found; on a 2000 px copy 4 of the 10 faces of 80 px, on a 1600 px one 3 of the 10 of 100 px), 67 px in a
+4000 x 3000 one. Smaller faces are no longer found (the full-size search found them down to ~40 px); they would
+teach little: training resizes the whole photo to about ``data.input_size``² pixels, where a 100 px face of a 6000
+px photo is ~10 px. The faces found are given in the photo's pixels, their landmarks placed again on the full
+picture (:meth:`FaceEncoder.refine`), and the face chip, embedding and sharpness are taken from it: landmarks within
+1 px of the full-size search's (6 px on 1600 px faces), embeddings at cosine 0.996 or more. The box may move by up
+to a quarter of its width (80 px faces; 0.14 at 125 px): HOG boxes snap to the 8 px cells of a pyramid level, and
+the full-size search's own box moves by as much as 20 px of 108 when the photo is shifted by 3 px. Sharpness, taken
+in the box, moves with it (0.5-1.6 times the full-size search's on those 50 photos; all 97 or more, against the
+threshold of 40). There is no 2x retry on such a photo: it would cost more than the full-size search.
 """
 
 from __future__ import annotations
@@ -59,6 +75,8 @@ OTHER_FACE_MIN_SCORE = 0.5  # of the chosen face's detector score, for another d
 ROTATION_MIN_SCORE = 0.3  # a best upright face scoring less is searched for turned (module docstring)
 ROTATIONS = (90, 270, 180)  # degrees counter-clockwise; sideways first, the common case
 ROTATION_MAX_SIDE = 1000  # px: turned searches run on a copy no longer than this (a sideways portrait's face is big)
+SEARCH_MAX_SIDE = 2400  # px: a longer photo is searched on a copy this long (module docstring)
+FOUND_FACE_SIZE = 40  # px: dlib's HOG at upsample 1 finds face boxes this small (32 px: 19 of 20 LFW faces; 28: 7)
 
 
 @dataclass(frozen=True)
@@ -135,20 +153,21 @@ class FaceRecord:
 def measure(encoder: FaceEncoder, image: np.ndarray, upscale: bool = False) -> FaceRecord:
     """Detect all faces of ``image`` (H, W, 3) uint8 RGB, choose one by the encoder's rule, embed it, measure it.
     With ``upscale``, an image without a face whose long side is at most :data:`UPSCALE_MAX_SIDE` is searched
-    again at twice its size (small faces of full-body photos); boxes and landmarks are given in ``image``'s pixels,
-    or in those of ``image`` turned upright when no face was found upright (``rotation``, module docstring)."""
+    again at twice its size (small faces of full-body photos); one longer than :data:`SEARCH_MAX_SIDE` is searched
+    on a smaller copy (module docstring). Boxes and landmarks are given in ``image``'s pixels, or in those of
+    ``image`` turned upright when no face was found upright (``rotation``, module docstring)."""
     faces, scale, searched = _search(encoder, image, upscale)
     rotation = 0
     if _best_score(faces) < ROTATION_MIN_SCORE:
-        shrink = min(1.0, ROTATION_MAX_SIDE / max(image.shape[:2]))
-        small = image if shrink == 1.0 else np.asarray(Image.fromarray(image).resize(
-            (max(1, round(image.shape[1] * shrink)), max(1, round(image.shape[0] * shrink))), Image.Resampling.LANCZOS))
+        small = _resized(image, ROTATION_MAX_SIDE)
         for angle in ROTATIONS:
             turned = np.ascontiguousarray(np.rot90(small, angle // 90))
             found = encoder.detect(turned)
             if _best_score(found) > _best_score(faces):
-                faces, scale, searched, rotation = found, small.shape[1] / image.shape[1], turned, angle
-        image = np.ascontiguousarray(np.rot90(image, rotation // 90)) if rotation else image
+                faces, scale, searched, rotation = found, 1, turned, angle
+        if rotation:
+            image = np.ascontiguousarray(np.rot90(image, rotation // 90))
+            faces, searched = _at_full_size(encoder, image, faces, searched.shape), image
     size = (image.shape[1], image.shape[0])
     dhash = difference_hash(image)
     if not faces:
@@ -174,14 +193,46 @@ def measure(encoder: FaceEncoder, image: np.ndarray, upscale: bool = False) -> F
 
 
 def _search(encoder: FaceEncoder, image: np.ndarray, upscale: bool) -> tuple[list[Face], int, np.ndarray]:
-    """Faces of the upright ``image``, retried at 2x when there are none and ``upscale`` (up to
+    """Faces of the upright ``image``: on a copy :data:`SEARCH_MAX_SIDE` long when it is longer (given in
+    ``image``'s pixels), else on ``image``, retried at 2x when there are none and ``upscale`` (up to
     :data:`UPSCALE_MAX_SIDE`): (faces, scale, the image searched)."""
-    faces = encoder.detect(image)  # checks the shape and dtype
+    _check_rgb(image)
+    if max(image.shape[:2]) > SEARCH_MAX_SIDE:
+        small = _resized(image, SEARCH_MAX_SIDE)
+        return _at_full_size(encoder, image, encoder.detect(small), small.shape), 1, image
+    faces = encoder.detect(image)
     if not faces and upscale and max(image.shape[:2]) <= UPSCALE_MAX_SIDE:
         height, width = image.shape[:2]
         larger = np.asarray(Image.fromarray(image).resize((width * 2, height * 2), Image.Resampling.LANCZOS))
         return encoder.detect(larger), 2, larger
     return faces, 1, image
+
+
+def _check_rgb(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+
+
+def _resized(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` shrunk (Lanczos) so that its long side is at most ``max_side``; itself when it already is."""
+    shrink = max_side / max(image.shape[:2])
+    if shrink >= 1:
+        return image
+    size = (max(1, round(image.shape[1] * shrink)), max(1, round(image.shape[0] * shrink)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+
+
+def _at_full_size(encoder: FaceEncoder, image: np.ndarray, faces: list[Face], searched: tuple[int, ...]) -> list[Face]:
+    """``faces`` found on a resized copy of ``image`` (of shape ``searched``), in ``image``'s pixels: box edges
+    scaled, landmarks placed again on ``image`` by the encoder (:meth:`FaceEncoder.refine`), so that the face chip
+    and the sharpness are taken from the full-resolution picture."""
+    fx, fy = image.shape[1] / searched[1], image.shape[0] / searched[0]
+    if fx == 1 and fy == 1:
+        return faces
+    edges = np.array([fx, fy, fx, fy], dtype=np.float32)
+    centres = np.array([fx, fy], dtype=np.float32)  # a pixel centre x maps to (x + 0.5) * f - 0.5
+    return [encoder.refine(image, Face(box=face.box * edges, landmarks=(face.landmarks + 0.5) * centres - 0.5,
+                                       score=face.score)) for face in faces]
 
 
 def _best_score(faces: list[Face]) -> float:
@@ -198,10 +249,16 @@ def turn_upright(picture: Image.Image, rotation: int) -> Image.Image:
 def face_verdict(record: FaceRecord, cfg: BuildConfig) -> tuple[str, str] | None:
     """``(reason, detail)`` when ``record`` cannot join a character (rules in the module docstring), else None."""
     if record.num_faces == 0:
-        searched = " (also at 2x)" if cfg.upscale_small_faces and max(record.size) <= UPSCALE_MAX_SIDE else ""
-        return "no_face", (f"the face detector found no face{searched}, nor turned 90, 180 or 270 degrees; faces under "
-                           "~20 px are not found: crop the photo closer to the person, or set "
-                           "identity.face_detector=cnn")
+        long_side = max(record.size)
+        if long_side > SEARCH_MAX_SIDE:
+            smallest = round(FOUND_FACE_SIZE * long_side / SEARCH_MAX_SIDE)
+            return "no_face", (f"the face detector found no face on a {SEARCH_MAX_SIDE} px copy, nor turned 90, 180 or "
+                               f"270 degrees; faces under ~{smallest} px are not found in a photo this large: crop "
+                               "the photo closer to the person")
+        upscaled = cfg.upscale_small_faces and long_side <= UPSCALE_MAX_SIDE
+        return "no_face", (f"the face detector found no face{' (also at 2x)' if upscaled else ''}, nor turned 90, 180 "
+                           f"or 270 degrees; faces under ~{FOUND_FACE_SIZE // 2 if upscaled else FOUND_FACE_SIZE} px "
+                           "are not found: crop the photo closer to the person, or set identity.face_detector=cnn")
     width, height = record.box[2] - record.box[0], record.box[3] - record.box[1]
     if min(width, height) < cfg.min_face_size:
         return "face_too_small", (

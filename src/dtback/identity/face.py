@@ -105,6 +105,12 @@ class FaceEncoder(ABC):
     def detect(self, image: np.ndarray) -> list[Face]:
         """All faces in an (H, W, 3) uint8 RGB image."""
 
+    def refine(self, image: np.ndarray, face: Face) -> Face:
+        """``face`` found on a smaller copy of ``image``, its box and landmarks already scaled to ``image``'s pixels:
+        the landmarks placed again on ``image`` itself where the backend places them apart from detection (dlib's
+        shape predictor), else ``face`` unchanged."""
+        return face
+
     @abstractmethod
     def align(self, image: np.ndarray, face: Face) -> np.ndarray:
         """The recognizer's aligned crop of ``face``: (S, S, 3) uint8 RGB."""
@@ -227,6 +233,12 @@ class DlibFaceEncoder(FaceEncoder):
             box = np.array([rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1], dtype=np.float32)
             faces.append(Face(box=box, landmarks=landmarks, score=score))
         return faces
+
+    def refine(self, image: np.ndarray, face: Face) -> Face:
+        x1, y1, x2, y2 = (int(round(v)) for v in face.box)
+        shape = self._shape(_as_rgb_array(image), self._dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
+        landmarks = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+        return Face(box=face.box, landmarks=landmarks, score=face.score)
 
     def align(self, image: np.ndarray, face: Face) -> np.ndarray:
         dlib = self._dlib

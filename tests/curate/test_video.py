@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from dtback.curate.video import VideoError, is_video, sample_frames
+from dtback.curate.video import VideoError, is_video, sample_frames, upright
 
 
 def write_counter_video(path: Path, seconds: float, fps: int, size=(64, 48)) -> Path:
@@ -68,3 +68,50 @@ def test_a_cut_off_video_keeps_the_frames_before_the_cut(tmp_path):
 def test_video_suffixes():
     assert is_video(Path("a/b.MP4")) and is_video(Path("x.mkv")) and is_video(Path("x.webm"))
     assert not is_video(Path("x.jpg")) and not is_video(Path("x"))
+
+
+def write_marked_video(path: Path, rotation: int | None, size=(64, 48)) -> Path:
+    """Two frames, white in their top-left 16 x 8 px corner and black elsewhere, stored with ``rotation`` (degrees
+    counter-clockwise) in the stream's display matrix, as a phone stores a portrait video's landscape frames."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=2)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qscale": "2"}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+        pixels[:8, :16] = 255
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _bright_corner(pixels: np.ndarray) -> str:
+    corners = {"top-left": pixels[:4, :4], "top-right": pixels[:4, -4:], "bottom-left": pixels[-4:, :4],
+               "bottom-right": pixels[-4:, -4:]}
+    return max(corners, key=lambda name: corners[name].mean())
+
+
+@pytest.mark.parametrize(("rotation", "shape", "corner"), [
+    (None, (48, 64, 3), "top-left"),
+    (90, (64, 48, 3), "bottom-left"),  # turned a quarter counter-clockwise, as a player shows it
+    (-90, (64, 48, 3), "top-right"),  # an iPhone portrait video's "rotation of -90 degrees": a quarter clockwise
+    (180, (48, 64, 3), "bottom-right"),
+])
+def test_a_video_rotated_in_its_metadata_comes_out_upright(tmp_path, rotation, shape, corner):
+    frames = list(sample_frames(write_marked_video(tmp_path / "phone.mp4", rotation), fps=2.0))
+    assert len(frames) == 2 and all(frame.pixels.shape == shape for frame in frames)
+    assert all(_bright_corner(frame.pixels) == corner for frame in frames)
+    assert frames[0].pixels.flags["C_CONTIGUOUS"]
+
+
+def test_upright_rounds_a_rotation_to_a_quarter_turn():
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    assert upright(pixels, 0) is pixels and upright(pixels, 44.0) is pixels
+    np.testing.assert_array_equal(upright(pixels, 90), np.rot90(pixels, 1))
+    np.testing.assert_array_equal(upright(pixels, -90), np.rot90(pixels, 3))
+    np.testing.assert_array_equal(upright(pixels, 270), np.rot90(pixels, 3))
+    np.testing.assert_array_equal(upright(pixels, -180), np.rot90(pixels, 2))
+    np.testing.assert_array_equal(upright(pixels, 91.0), np.rot90(pixels, 1))

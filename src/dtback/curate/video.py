@@ -2,7 +2,10 @@
 
 Sampling rule: with ``fps`` samples per second, sample ``k`` is the first decoded frame whose presentation time is
 at or after ``k / fps`` seconds (times counted from the stream's first frame). A frame is used for one sample at
-most, so a video slower than ``fps`` gives each of its frames once. Frames come out as ``(H, W, 3)`` uint8 RGB.
+most, so a video slower than ``fps`` gives each of its frames once. Frames come out as ``(H, W, 3)`` uint8 RGB,
+upright: a phone stores a portrait video as landscape frames with a rotation in the stream's display matrix, which
+players apply; so does :func:`upright` here (PyAV's ``VideoFrame.rotation``, degrees counter-clockwise), or every
+frame of such a video would reach the face detector sideways.
 """
 
 from __future__ import annotations
@@ -60,7 +63,12 @@ def sample_frames(path: Path, fps: float, max_frames: int | None = None) -> Iter
                 time = frame.time - start
                 if time + 1e-6 < next_time:
                     continue
-                yield Frame(time=round(time, 3), pixels=frame.to_ndarray(format="rgb24"))
+                rotation = getattr(frame, "rotation", None)  # the display matrix's, read by PyAV >= 14
+                if rotation is None and yielded == 0:
+                    log.warning("%s: PyAV %s does not read a video's display rotation (needs av>=14): a phone "
+                                "video's frames may come out sideways", path, av.__version__)
+                pixels = upright(frame.to_ndarray(format="rgb24"), rotation or 0)
+                yield Frame(time=round(time, 3), pixels=pixels)
                 yielded += 1
                 if max_frames is not None and yielded >= max_frames:
                     return
@@ -70,3 +78,12 @@ def sample_frames(path: Path, fps: float, max_frames: int | None = None) -> Iter
         raise VideoError(path, f"{type(err).__name__}: {err}", yielded) from None
     if yielded == 0:
         raise VideoError(path, "no decodable frames")
+
+
+def upright(pixels: np.ndarray, rotation: float) -> np.ndarray:
+    """``pixels`` (H, W, 3) turned ``rotation`` degrees counter-clockwise (a display matrix's rotation, as a player
+    shows the frame), rounded to a quarter turn; a rotation that is no multiple of 90 degrees does not occur in phone
+    videos, and a frame is not resampled for one."""
+    turns = round(rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels
+

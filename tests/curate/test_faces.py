@@ -202,15 +202,28 @@ def test_a_large_photo_is_searched_on_a_smaller_copy_and_measured_at_full_size(e
     assert face_verdict(record, BuildConfig()) is None
 
 
-def test_a_large_photo_without_a_face_found_on_its_copy_says_which_faces_are_missed(encoder, monkeypatch):
-    """No face on the copy of a photo longer than SEARCH_MAX_SIDE: no 2x retry (it would cost a full-size search),
-    the turned searches on the 1000 px copy, and the no_face detail names the smallest face found at that size."""
+def test_a_large_photo_without_a_face_on_its_copy_is_searched_at_full_size(encoder, monkeypatch):
+    """No face on the copy of a photo longer than SEARCH_MAX_SIDE: the full-size search (no 2x retry: it would cost
+    four full-size searches), then the turned searches on the 1000 px copy."""
     searched = _searches(encoder, monkeypatch)
     record = measure(encoder, np.full((4000, 6000, 3), 128, np.uint8), upscale=True)
     assert record.num_faces == 0 and record.size == (6000, 4000)
-    assert searched == [(2400, 1600), (667, 1000), (667, 1000), (1000, 667)]
+    assert searched == [(2400, 1600), (6000, 4000), (667, 1000), (667, 1000), (1000, 667)]
     reason, detail = face_verdict(record, BuildConfig())
-    assert reason == "no_face" and "2400 px copy" in detail and "~100 px" in detail
+    assert reason == "no_face" and "nor turned 90, 180 or 270 degrees" in detail
+
+
+def test_a_face_too_small_for_the_copy_of_a_large_photo_is_found_at_full_size(encoder, astronaut, monkeypatch):
+    """The astronaut with a ~60 px face on a 2400 x 1600 canvas searched on a 960 px copy (0.4, as a 6000 px photo on
+    its 2400 copy): ~24 px there, too small for HOG; the full-size search finds it, as before copies were used."""
+    canvas = Image.new("RGB", (2400, 1600), (90, 110, 100))
+    canvas.paste(astronaut.resize((320, 320), Image.Resampling.LANCZOS), (1000, 600))
+    monkeypatch.setattr(faces, "SEARCH_MAX_SIDE", 960)
+    searched = _searches(encoder, monkeypatch)
+    record = measure(encoder, np.asarray(canvas), upscale=True)
+    assert searched == [(960, 640), (2400, 1600)]
+    assert record.num_faces >= 1 and record.rotation == 0 and 45 <= record.box[2] - record.box[0] <= 80
+    assert 1000 <= record.box[0] and record.box[2] <= 1320 and 600 <= record.box[1] and record.box[3] <= 920
 
 
 def test_real_photos_small_in_a_large_frame_keep_their_face_and_identity(encoder, monkeypatch):

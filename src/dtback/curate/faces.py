@@ -43,15 +43,14 @@ x 4000 photo took 9.4 s (median of 50 LFW photos made that large), with the 2400
 copy finds face boxes down to ~40 px (:data:`FOUND_FACE_SIZE`: 32 px boxes in 19 of 20 LFW faces, 28 px in 7), so
 ~40 / 2400 of the photo's long side: 100 px in a 6000 x 4000 photo (LFW faces of 80-200 px pasted into such photos:
 40 of 40 found; on a 2000 px copy 4 of the 10 faces of 80 px, on a 1600 px one 3 of the 10 of 100 px), 67 px in a
-4000 x 3000 one. Smaller faces are no longer found (the full-size search found them down to ~40 px); they would
-teach little: training resizes the whole photo to about ``data.input_size``² pixels, where a 100 px face of a 6000
-px photo is ~10 px. The faces found are given in the photo's pixels, their landmarks placed again on the full
+4000 x 3000 one. A photo whose copy shows no face is searched again at full size (faces down to ~40 px, at the old
+cost): a smaller face is still found, while the common photo, whose face the copy shows, costs a fifth. The faces found are given in the photo's pixels, their landmarks placed again on the full
 picture (:meth:`FaceEncoder.refine`), and the face chip, embedding and sharpness are taken from it: landmarks within
 1 px of the full-size search's (6 px on 1600 px faces), embeddings at cosine 0.996 or more. The box may move by up
 to a quarter of its width (80 px faces; 0.14 at 125 px): HOG boxes snap to the 8 px cells of a pyramid level, and
 the full-size search's own box moves by as much as 20 px of 108 when the photo is shifted by 3 px. Sharpness, taken
 in the box, moves with it (0.5-1.6 times the full-size search's on those 50 photos; all 97 or more, against the
-threshold of 40). There is no 2x retry on such a photo: it would cost more than the full-size search.
+threshold of 40). There is no 2x retry on such a photo: it would cost four times the full-size search.
 """
 
 from __future__ import annotations
@@ -154,7 +153,7 @@ def measure(encoder: FaceEncoder, image: np.ndarray, upscale: bool = False) -> F
     """Detect all faces of ``image`` (H, W, 3) uint8 RGB, choose one by the encoder's rule, embed it, measure it.
     With ``upscale``, an image without a face whose long side is at most :data:`UPSCALE_MAX_SIDE` is searched
     again at twice its size (small faces of full-body photos); one longer than :data:`SEARCH_MAX_SIDE` is searched
-    on a smaller copy (module docstring). Boxes and landmarks are given in ``image``'s pixels, or in those of
+    on a smaller copy first, at full size when the copy shows no face (module docstring). Boxes and landmarks are given in ``image``'s pixels, or in those of
     ``image`` turned upright when no face was found upright (``rotation``, module docstring)."""
     faces, scale, searched = _search(encoder, image, upscale)
     rotation = 0
@@ -194,12 +193,13 @@ def measure(encoder: FaceEncoder, image: np.ndarray, upscale: bool = False) -> F
 
 def _search(encoder: FaceEncoder, image: np.ndarray, upscale: bool) -> tuple[list[Face], int, np.ndarray]:
     """Faces of the upright ``image``: on a copy :data:`SEARCH_MAX_SIDE` long when it is longer (given in
-    ``image``'s pixels), else on ``image``, retried at 2x when there are none and ``upscale`` (up to
+    ``image``'s pixels; on ``image`` itself when the copy shows none), else on ``image``, retried at 2x when there are none and ``upscale`` (up to
     :data:`UPSCALE_MAX_SIDE`): (faces, scale, the image searched)."""
     _check_rgb(image)
     if max(image.shape[:2]) > SEARCH_MAX_SIDE:
         small = _resized(image, SEARCH_MAX_SIDE)
-        return _at_full_size(encoder, image, encoder.detect(small), small.shape), 1, image
+        faces = encoder.detect(small)  # a face too small for the copy: the full-size search, at its old cost
+        return (_at_full_size(encoder, image, faces, small.shape) if faces else encoder.detect(image)), 1, image
     faces = encoder.detect(image)
     if not faces and upscale and max(image.shape[:2]) <= UPSCALE_MAX_SIDE:
         height, width = image.shape[:2]
@@ -250,11 +250,6 @@ def face_verdict(record: FaceRecord, cfg: BuildConfig) -> tuple[str, str] | None
     """``(reason, detail)`` when ``record`` cannot join a character (rules in the module docstring), else None."""
     if record.num_faces == 0:
         long_side = max(record.size)
-        if long_side > SEARCH_MAX_SIDE:
-            smallest = round(FOUND_FACE_SIZE * long_side / SEARCH_MAX_SIDE)
-            return "no_face", (f"the face detector found no face on a {SEARCH_MAX_SIDE} px copy, nor turned 90, 180 or "
-                               f"270 degrees; faces under ~{smallest} px are not found in a photo this large: crop "
-                               "the photo closer to the person")
         upscaled = cfg.upscale_small_faces and long_side <= UPSCALE_MAX_SIDE
         return "no_face", (f"the face detector found no face{' (also at 2x)' if upscaled else ''}, nor turned 90, 180 "
                            f"or 270 degrees; faces under ~{FOUND_FACE_SIZE // 2 if upscaled else FOUND_FACE_SIZE} px "

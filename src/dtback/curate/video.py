@@ -10,7 +10,6 @@ frame of such a video would reach the face detector sideways.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,8 +18,6 @@ import av
 import numpy as np
 
 from dtback.errors import VideoError
-
-log = logging.getLogger(__name__)
 
 # Files with these suffixes are read as videos; everything else is tried as an image (decoded by content).
 VIDEO_SUFFIXES = frozenset(
@@ -63,11 +60,7 @@ def sample_frames(path: Path, fps: float, max_frames: int | None = None) -> Iter
                 time = frame.time - start
                 if time + 1e-6 < next_time:
                     continue
-                rotation = getattr(frame, "rotation", None)  # the display matrix's, read by PyAV >= 14
-                if rotation is None and yielded == 0:
-                    log.warning("%s: PyAV %s does not read a video's display rotation (needs av>=14): a phone "
-                                "video's frames may come out sideways", path, av.__version__)
-                pixels = upright(frame.to_ndarray(format="rgb24"), rotation or 0)
+                pixels = upright(frame.to_ndarray(format="rgb24"), frame.rotation)  # the display matrix's
                 yield Frame(time=round(time, 3), pixels=pixels)
                 yielded += 1
                 if max_frames is not None and yielded >= max_frames:

@@ -122,3 +122,18 @@ def test_the_progress_bar_moves_per_image_with_a_one_at_a_time_encoder(tmp_path,
     face = backends.face_encoder(IdentityConfig(face_backend="dlib", device="cpu"))
     IdentityPrecomputer(face, None, tmp_path / "cache", 10**8).run(index, progress=True)
     assert [n for n in updates if n] == [1] * 5
+
+
+def test_an_image_removed_during_the_run_is_a_counted_skip(tmp_path, body_dir):
+    """An image the scan kept but that is gone (or unreadable) when it is hashed is named and counted as
+    unreadable, like one that no longer decodes; the other images are embedded and cached."""
+    root = make_dataset(tmp_path / "data", {"b": {"c": 4}}, size=(32, 32))
+    index = scan_dataset(DataConfig(data_dir=root, min_images_per_char=3), seed=0, progress=False)
+    (root / "b" / "c" / "001.png").unlink()
+    identity = IdentityConfig(face_backend="dlib", body_model=str(body_dir), device="cpu")
+    runner = IdentityPrecomputer(backends.face_encoder(identity), backends.body_encoder(identity), tmp_path / "c", 10**8)
+    report = runner.run(index, progress=False)
+    assert report.images == 4
+    assert report.unreadable == ["b/c/001.png"]
+    assert (report.face_encoder_calls, report.body_encoder_calls) == (3, 3)
+    assert len(runner.face_cache) == 3 and len(runner.body_cache) == 3

@@ -98,8 +98,9 @@ class IdentityPrecomputer:
     def _chunk(self, paths: list[Path], root: Path, report: PrecomputeReport, bar: Any = None) -> int:
         """Encode the images of ``paths`` that are not cached yet, in one batch per encoder. The face encoder moves
         ``bar`` as it goes (per image where detection is per image, as dlib's); returns how far it moved it."""
-        items = [(path, path.relative_to(root).as_posix(), content_hash(path)) for path in paths]
-        report.images += len(items)
+        report.images += len(paths)
+        items = [item for item in (self._hashed(path, path.relative_to(root).as_posix(), report) for path in paths)
+                 if item is not None]
         images: dict[str, Any] = {}
 
         def image_of(path: Path, rel: str, key: str):
@@ -144,6 +145,16 @@ class IdentityPrecomputer:
         for i, (_, _, key) in enumerate(todo):
             self.body_cache.put(key, {"pooled": pooled[i].float().cpu(), "tokens": tokens[i].to(BODY_TOKEN_DTYPE).cpu()})
         return moved
+
+    def _hashed(self, path: Path, rel: str, report: PrecomputeReport) -> tuple[Path, str, str] | None:
+        """``(path, rel, content key)``, or None, counted as unreadable, for an image that went away (or became
+        unreadable) after the scan kept it: a counted skip like an image that no longer decodes, not a traceback."""
+        try:
+            return path, rel, content_hash(path)
+        except OSError as err:
+            log.warning("%s: unreadable (%s); no embedding", rel, err.strerror or err)
+            report.unreadable.append(rel)
+            return None
 
     def _load(self, path: Path, rel: str, report: PrecomputeReport):
         try:

@@ -467,3 +467,98 @@ def test_get_many_skips_a_shard_damaged_after_indexing(tmp_path, caplog):
     assert found[key_of(0)] is None and found[key_of(1)] is None  # lost with their shard, not a crash
     assert_entry_equal(found[key_of(2)], make_entry(2))
     assert damaged in cache.skipped and "unreadable shard on get_many" in caplog.text
+
+
+# ------------------------------------------------------------------------------------- hostile cache folders
+
+
+def test_a_fifo_or_folder_named_like_a_shard_is_skipped_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO blocks until someone writes to it: a non-regular file is skipped before it is opened (in a
+    child process with a time limit, so a regression fails instead of hanging the suite)."""
+    import json
+    import subprocess
+
+    with open_cache(tmp_path) as cache:
+        cache.put(key_of(0), make_entry(0))
+    os.mkfifo(cache.folder / "shard-fifo.safetensors")
+    (cache.folder / "shard-folder.safetensors").mkdir()
+    (cache.folder / "shard-zero.safetensors").symlink_to("/dev/zero")
+    code = textwrap.dedent(f"""
+        import json
+        from dtback.identity.cache import EmbeddingCache
+        cache = EmbeddingCache({str(tmp_path)!r}, {ENCODER!r}, {SETTINGS!r})
+        print(json.dumps({{"keys": cache.keys(), "skipped": {{p.name: r for p, r in cache.skipped.items()}}}}))
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:  # subprocess.run killed the child
+        pytest.fail("opening the cache waited on a FIFO")
+    assert done.returncode == 0, done.stderr[-2000:]
+    fresh = json.loads(done.stdout.splitlines()[-1])
+    assert fresh["keys"] == [key_of(0)]
+    assert sorted(fresh["skipped"]) == ["shard-fifo.safetensors", "shard-folder.safetensors", "shard-zero.safetensors"]
+    assert all("not a regular file" in reason for reason in fresh["skipped"].values())
+
+
+def test_a_shard_of_another_cache_format_version_is_skipped(tmp_path: Path) -> None:
+    cache = open_cache(tmp_path)
+    save_file({f"{key_of(5)}/face": torch.zeros(3)}, str(cache.folder / "shard-future.safetensors"),
+              metadata={"format": cache_module.FORMAT_NAME, "version": "99", "namespace": cache.namespace})
+    fresh = open_cache(tmp_path)
+    assert key_of(5) not in fresh and len(fresh) == 0
+    reason = fresh.skipped[cache.folder / "shard-future.safetensors"]
+    assert "version '99'" in reason and f"reads version {cache_module.FORMAT_VERSION!r}" in reason
+
+
+def test_a_full_disk_is_one_error_naming_the_cache_and_keeps_the_entries(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from dtback.errors import DtbackError
+
+    with open_cache(tmp_path) as cache:
+        cache.put(key_of(0), make_entry(0))
+    writer = open_cache(tmp_path)
+    writer.put(key_of(1), make_entry(1))
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "save_file", full)
+    with pytest.raises(DtbackError) as caught:
+        writer.flush()
+    message = str(caught.value)
+    assert str(writer.folder) in message and "No space left on device" in message and "1 entr" in message
+    assert "\n" not in message
+    monkeypatch.undo()
+    assert temp_files(writer.folder) == []
+    assert len(list(writer.folder.glob("shard-*"))) == 1  # the shard written before is untouched
+    assert writer.flush() is not None  # the buffered entry was kept: written once there is room
+    assert sorted(open_cache(tmp_path).keys()) == [key_of(0), key_of(1)]
+
+
+def test_a_read_only_cache_folder_is_one_error_naming_it(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from dtback.errors import ConfigError
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.is_relative_to(tmp_path / "cache"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(ConfigError, match=r"identity.cache_dir: cannot write .*cache.*Read-only file system"):
+        open_cache(tmp_path / "cache")
+
+
+def test_an_encoder_file_that_is_a_folder_is_named(tmp_path: Path) -> None:
+    from dtback.errors import ConfigError
+
+    cache = open_cache(tmp_path)
+    (cache.folder / "encoder.json").unlink()
+    (cache.folder / "encoder.json").mkdir()
+    with pytest.raises(ConfigError, match=r"identity.cache_dir: .*encoder.json is not a file"):
+        open_cache(tmp_path)

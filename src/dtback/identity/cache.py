@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dtback.errors import ConfigError
+from dtback.errors import ConfigError, DtbackError
 from dtback.io import atomic_path, is_temporary, output_problem, write_json
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ _KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]+")
 # What opening or reading a damaged shard can raise: safetensors' own error for bad headers/sizes, OSError for
 # unreadable or vanished files, ValueError/UnicodeError for metadata that is not what we wrote.
 _SHARD_READ_ERRORS = (SafetensorError, OSError, ValueError, UnicodeError)
+
+
+class CacheWriteError(DtbackError, OSError):
+    """A shard could not be written (a full disk, a folder made read-only): the message names the cache folder and
+    the reason. The entries stay buffered, so a later :meth:`EmbeddingCache.flush` can still write them."""
 
 
 def content_hash(path: Path) -> str:
@@ -186,8 +192,12 @@ class EmbeddingCache:
         problem = output_problem(self.folder, "folder")
         if problem is not None:
             raise ConfigError(f"identity.cache_dir: {problem}")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._write_encoder_file()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._write_encoder_file()
+        except OSError as err:  # a read-only or full file system: said once, naming the folder
+            raise ConfigError(f"identity.cache_dir: cannot write {self.folder} ({err.strerror or err}); "
+                              "choose a writable folder with free space") from err
         remove_stale_tmp(self.folder, stale_tmp_s)
         self.refresh()
 
@@ -216,6 +226,10 @@ class EmbeddingCache:
     def _read_shard_keys(self, shard: Path) -> set[str] | None:
         """Return the entry keys stored in ``shard`` (header only), or ``None`` after recording why it is skipped."""
         try:
+            # A FIFO would block the open until someone writes to it; a folder or a device is no shard either.
+            if not stat.S_ISREG(os.stat(shard).st_mode):
+                self._skip(shard, "not a regular file (a folder, FIFO, socket or device named like a shard)")
+                return None
             with safe_open(shard, framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 names = list(handle.keys())
@@ -224,6 +238,10 @@ class EmbeddingCache:
             return None
         if metadata.get("format") != FORMAT_NAME:
             self._skip(shard, f"not a {FORMAT_NAME} shard (metadata format={metadata.get('format')!r})")
+            return None
+        if metadata.get("version") != FORMAT_VERSION:
+            self._skip(shard, f"written by cache format version {metadata.get('version')!r}; this dtback reads "
+                              f"version {FORMAT_VERSION!r}")
             return None
         if metadata.get("namespace") != self.namespace:
             self._skip(shard, f"shard of namespace {metadata.get('namespace')!r}, expected {self.namespace!r}")
@@ -360,8 +378,16 @@ class EmbeddingCache:
         tensors = {f"{key}/{field}": t for key, entry in self._buffer.items() for field, t in entry.items()}
         metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "namespace": self.namespace}
         metadata.update({META_PREFIX + key: text for key, text in self._buffer_meta.items()})
-        with atomic_path(final) as tmp:  # unique per process and call: two writers never share a temp file
-            save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            with atomic_path(final) as tmp:  # unique per process and call: two writers never share a temp file
+                save_file(tensors, str(tmp), metadata=metadata)
+        except OSError as err:
+            raise CacheWriteError(
+                f"embedding cache {self.folder}: cannot write a shard of {len(self._buffer)} entries "
+                f"({err.strerror or err}); nothing was torn and the shards written before are kept. Free space or "
+                "make the folder writable (identity.cache_dir), then run again: what those shards hold is not "
+                "computed again"
+            ) from err
         for key in self._buffer:
             self._index.setdefault(key, final)
         self._shard_names[final] = {key: [f"{key}/{field}" for field in entry] for key, entry in self._buffer.items()}
@@ -389,6 +415,9 @@ class EmbeddingCache:
     def _write_encoder_file(self) -> None:
         """Write ``encoder.json`` (encoder_id + settings) for people; warn if an existing one disagrees."""
         path = self.folder / ENCODER_FILE
+        if path.is_dir() or (path.exists() and not path.is_file()):
+            raise ConfigError(f"identity.cache_dir: {path} is not a file (a folder, FIFO or device where the cache "
+                              "keeps its encoder description): move it away")
         description = _describe_encoder(self.encoder_id, self.settings)
         payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "namespace": self.namespace, **description}
         if path.exists():

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dtback import backends, devices
 from dtback.config import Config
-from dtback.errors import ConfigError, TrainingDiverged
+from dtback.errors import ConfigError, DatasetError, TrainingDiverged
 from dtback.model.memory import apply_checkpointing, make_adamw
 from dtback.training.batches import draw_pair_references, epoch_batches, make_batch
 from dtback.training import distributed
@@ -94,6 +94,25 @@ def check_distributed(cfg: Config, accelerator: Accelerator) -> None:
                           "yet): shard the bfloat16 base with fsdp, or use ddp with the memory modes")
 
 
+def check_same_data(accelerator: Accelerator, fingerprint: str, images: int) -> None:
+    """Every rank read the same training images (a file removed or damaged while the ranks set up, storage one
+    machine sees otherwise): else every rank stops with the same message, before any step. Ranks with other data
+    would train on other image lists under the same indices, silently, or wait on each other for ever."""
+    if accelerator.num_processes < 2:
+        return
+    from accelerate.utils import gather_object  # noqa: PLC0415
+
+    seen = gather_object([(accelerator.process_index, fingerprint, images)])
+    if len({fp for _, fp, _ in seen}) > 1:
+        ranks = ", ".join(f"rank {rank}: {n} images (fingerprint {fp})" for rank, fp, n in sorted(seen))
+        raise DatasetError(
+            f"the ranks read different training data from {accelerator.num_processes} processes ({ranks}): an image "
+            "changed, went away or became unreadable while they set up, or the machines see other files under "
+            "data.data_dir; nothing was trained. Make data.data_dir the same for every rank and run again "
+            "(the warnings above name the images skipped)"
+        )
+
+
 def _has_gpu() -> bool:
     return devices.accelerator() is not None
 
@@ -155,6 +174,7 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     set_seed(cfg.seed)
     parts = setup(cfg, accelerator, progress_bar)
     data_fingerprint = parts.store.fingerprint()
+    check_same_data(accelerator, data_fingerprint, len(parts.store))
     if start is not None:
         check_data(start, record.get("data"), data_fingerprint)
     if accelerator.is_main_process:

@@ -1,0 +1,68 @@
+"""Several ranks (torchrun, 2 CPU ranks on gloo) given hostile input: every rank stops with one message, before any
+step, and nothing in the run folder is half-written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, make_dataset, save_tiny_dinov2
+
+pytestmark = pytest.mark.slow
+
+SHIM = str(REPO / "train" / "run_training.py")
+
+# Installed in every rank through PYTHONPATH: rank 1 (only) finds one image unreadable when it scans the dataset,
+# as when a file is removed or damaged between the ranks' setups, or one machine sees other files.
+ONE_RANK_SEES_A_BAD_IMAGE = textwrap.dedent("""
+    import os
+    if os.environ.get("LOCAL_RANK") == "1":
+        import dtback.data.layout as layout
+        from dtback.data.images import ImageSkip, SkipReason
+        real = layout.probe_image
+        def probe(path, *args):
+            if str(path).endswith(os.environ["BAD_ON_RANK_1"]):
+                raise ImageSkip(path, SkipReason.TRUNCATED, "cut short on this rank's view of the files")
+            return real(path, *args)
+        layout.probe_image = probe
+""")
+
+
+def two_ranks(root: Path, data: Path, run_dir: Path, body: Path) -> list[str]:
+    values = {
+        "data_dir": data, "output_dir": run_dir, "input_size": 32, "batch_size": 2,
+        "data.world.generate_if_missing": "false", "identity.body_model": body, "identity.cache_dir": root / "cache",
+        "identity.face_backend": "dlib", "model.simple_vae": "null", "model.simple_base": "null", "face_weight": 0,
+        "body_weight": 0.1, "training.max_steps": 4, "training.checkpoint_every": 2, "training.validate_every": 4,
+        "training.val_sampling_steps": 2, "training.num_val_characters": 1, "training.warmup_steps": 2,
+        "training.log_with": "[]", "training.mixed_precision": "no",
+    }
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SHIM, "--config",
+            str(REPO / "train" / "config.yaml"), "--no-progress",
+            *[part for key, value in values.items() for part in ("--set", f"{key}={value}")]]
+
+
+def test_ranks_that_read_different_images_stop_before_training(tmp_path):
+    """Rank 1 loses one image of a 4-image character (the character stays): without a check the ranks would train
+    on other image lists under the same indices, silently. Every rank names both counts; nothing is trained."""
+    data = make_dataset(tmp_path / "data", {"b": {f"c{i}": 4 for i in range(10)}}, size=(32, 32))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(ONE_RANK_SEES_A_BAD_IMAGE)
+    env = {**os.environ, "COLUMNS": "400", "OMP_NUM_THREADS": "1", "BAD_ON_RANK_1": "c3/001.png",
+           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    run_dir = tmp_path / "run"
+    done = subprocess.run(two_ranks(tmp_path, data, run_dir, save_tiny_dinov2(tmp_path / "dino")),
+                          capture_output=True, text=True, timeout=300, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], output[-3000:]  # one line per rank, the same
+    assert "rank 0: 40 images" in errors[0] and "rank 1: 39 images" in errors[0]
+    assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output  # (torchrun adds its own)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.yaml").exists()

@@ -119,3 +119,41 @@ def test_world_components_refuses_unknown_names_and_builds_on_the_vae(tmp_path):
     with pytest.raises(MissingModelError, match=f"dtback world-components --out {tmp_path / 'b'} --only vae"):
         build_world_components(tmp_path / "b", ["face"], progress=False)
     assert not (tmp_path / "b" / "components.json").exists()
+
+
+# ------------------------------------------------------------------------------ bad arguments and damaged output
+
+
+def test_an_out_that_is_a_file_or_inside_one_is_refused_before_any_work(tmp_path, monkeypatch):
+    from dtback.cli import main
+    from dtback.world_build import components
+
+    monkeypatch.setattr(components, "_builders", lambda: pytest.fail("a component was built"))
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert main(["world-components", "--no-progress", "--out", str(out), "--only", "vae"]) == 2
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_only_that_names_nothing_is_refused(tmp_path):
+    from dtback.errors import DtbackError
+    from dtback.world_build.components import build_world_components
+
+    with pytest.raises(DtbackError, match="--only names no component"):
+        build_world_components(tmp_path / "out", only=[])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_summary_is_set_aside_and_rewritten(tmp_path, monkeypatch, caplog):
+    """components.json cut short by a kill (or edited by hand) is kept beside as components.json.damaged, named
+    in a warning, and a new summary holds what this build measured."""
+    from dtback.world.people import WORLD_VERSION
+    from dtback.world_build import components
+
+    (tmp_path / "components.json").write_text('{"world_version": ')
+    monkeypatch.setattr(components, "_builders", lambda: {"vae": lambda folder, progress: {"psnr": 20.5}})
+    summary = components.build_world_components(tmp_path, only=["vae"], progress=False)
+    assert summary["components"]["vae"]["psnr"] == 20.5 and summary["world_version"] == WORLD_VERSION
+    assert json.loads((tmp_path / "components.json").read_text())["components"]["vae"]["psnr"] == 20.5
+    assert (tmp_path / "components.json.damaged").read_text() == '{"world_version": '
+    assert "components.json" in caplog.text and "unreadable" in caplog.text

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dtback.errors import DtbackError
-from dtback.io import write_json
+from dtback.io import output_problem, write_json
 from dtback.world.base import BASE_FOLDER
 from dtback.world.people import WORLD_VERSION
 from dtback.world.vae import VAE_FOLDER, load_world_vae, round_trip, world_vae_folder
@@ -71,15 +72,39 @@ def _builders() -> dict[str, Callable[[Path, bool], dict[str, Any]]]:
     }
 
 
+def _read_summary(path: Path) -> dict[str, Any]:
+    """The figures of earlier builds; ``{}`` when there are none. One that does not read (cut short by a kill,
+    edited by hand) is kept beside as ``<name>.damaged`` with a warning, and a new summary starts."""
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(summary, dict) and isinstance(summary.get("components", {}), dict):
+            return summary
+        problem = "not a JSON object with a components table"
+    except (OSError, UnicodeError, ValueError) as err:
+        problem = str(err)
+    aside = path.with_name(path.name + ".damaged")
+    os.replace(path, aside)
+    log.warning("%s is unreadable (%s): kept as %s; a new summary holds the figures of this build", path, problem,
+                aside.name)
+    return {}
+
+
 def build_world_components(folder: Path, only: Sequence[str] = COMPONENTS, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate and save the components named in ``only`` into ``folder``; update ``components.json``."""
     unknown = sorted(set(only) - set(COMPONENTS))
     if unknown:
         raise DtbackError(f"--only: unknown world components {unknown}; choose from {list(COMPONENTS)}")
+    if not only:
+        raise DtbackError(f"--only names no component; choose from {list(COMPONENTS)}")
     folder = Path(folder)
+    problem = output_problem(folder, "folder")
+    if problem is not None:  # before minutes of training, not when the first component is saved
+        raise DtbackError(f"--out: {problem}")
     folder.mkdir(parents=True, exist_ok=True)
+    summary = _read_summary(folder / SUMMARY)
     summary_path = folder / SUMMARY
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     if summary.get("world_version") != WORLD_VERSION:
         summary = {}
     builders = _builders()

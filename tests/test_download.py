@@ -196,3 +196,17 @@ def test_flux2_choices_fetch_one_text_encoder_and_set_the_family(tmp_path, capsy
     (dev,) = make_targets("flux2-dev", only=["flux"])
     assert dev.repo_id == "black-forest-labs/FLUX.2-dev" and "model.base=flux2" in dev.also_set
     assert not any("text_encoder_2" in pattern for pattern in dev.patterns)
+
+
+def test_a_target_folder_that_is_a_file_is_refused_before_the_network(tmp_path, monkeypatch, capsys):
+    """models/dinov2-small left as a file: refused naming it before the hub is asked (offline or not), and
+    --check says so instead of listing every file as missing."""
+    import dtback.download as download
+
+    (tmp_path / "dinov2-small").write_text("x")
+    monkeypatch.setattr(download, "remote_files", lambda *a, **k: pytest.fail("the hub was asked"))
+    assert main(["download", "--models-dir", str(tmp_path), "--only", "body"]) == EXIT_BAD_INPUT
+    assert main(["download", "--models-dir", str(tmp_path), "--only", "body", "--check"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count(f"{tmp_path / 'dinov2-small'} is a file, not a folder") == 2
+    assert (tmp_path / "dinov2-small").read_text() == "x"

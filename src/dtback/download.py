@@ -330,6 +330,11 @@ def run_download(args: argparse.Namespace) -> list[TargetReport]:
     targets = make_targets(args.flux, args.face_repo, args.body_repo,
                            [name.strip() for name in args.only.split(",") if name.strip()])
     check_models_dir(Path(args.models_dir))
+    for target in targets:  # a folder left as a file: said now, before the hub is asked or files are listed missing
+        folder = Path(args.models_dir) / target.folder
+        if folder.exists() and not folder.is_dir():
+            raise DownloadError(f"{target.name}: {folder} is a file, not a folder: move it away, or choose another "
+                                "--models-dir")
     if args.check:
         return [check_target(target, args.models_dir, sha256=args.sha256) for target in targets]
     return [download_target(target, args.models_dir, timeout=args.timeout, sha256=args.sha256) for target in targets]

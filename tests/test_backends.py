@@ -78,3 +78,22 @@ def test_train_on_photos_gets_the_photo_face_backend(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):
         main([*args, "--set", "identity.body_model=null"])
     assert seen[0].identity.face_backend == "dlib" and seen[0].identity.body_model is None
+
+
+def test_body_weights_cut_short_are_named_not_a_safetensors_traceback(tmp_path):
+    """A body backbone whose model.safetensors is cut short (an interrupted copy, a partial hub snapshot) ends in
+    one message naming the model and what to do."""
+    from dtback import backends as backends_module
+    from dtback.config import IdentityConfig
+    from dtback.errors import MissingModelError
+    from helpers import save_tiny_dinov2
+
+    folder = save_tiny_dinov2(tmp_path / "dino")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    identity = IdentityConfig(face_backend="dlib", body_model=str(folder), device="cpu")
+    with pytest.raises(MissingModelError) as caught:
+        backends_module.body_encoder(identity)
+    message = str(caught.value)
+    assert f"identity.body_model={folder}" in message and "cannot be read" in message
+    assert "dtback download --only body" in message and "\n" not in message

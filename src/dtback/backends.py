@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, FluxPipeline
 
 from dtback import devices
 from dtback.config import Config, DataConfig, IdentityConfig, ModelConfig
-from dtback.errors import ConfigError
+from dtback.errors import ConfigError, MissingModelError
 from dtback.identity.body import BodyEncoder
 from dtback.identity.crops import BodyCropRule
 from dtback.identity.face import DlibFaceEncoder, FaceEncoder, InsightFaceEncoder
@@ -67,7 +67,16 @@ def body_encoder(identity: IdentityConfig, world: Path | None = None) -> BodyEnc
     device = devices.resolve_device(identity.device)
     if identity.body_model == WORLD:
         return load_world_body_encoder(world).to(device)
-    return BodyEncoder.from_pretrained(identity.body_model, crop_rule=BodyCropRule.from_config(identity)).to(device)
+    from safetensors import SafetensorError  # noqa: PLC0415
+
+    try:
+        encoder = BodyEncoder.from_pretrained(identity.body_model, crop_rule=BodyCropRule.from_config(identity))
+    except SafetensorError as err:  # weights cut short (an interrupted copy, a partial hub snapshot) or not safetensors
+        raise MissingModelError(
+            f"identity.body_model={identity.body_model}: its weights cannot be read ({err}); they are damaged or "
+            "cut short: download them again (dtback download --only body) and point identity.body_model at that folder"
+        ) from err
+    return encoder.to(device)
 
 
 def simple_vae(model: ModelConfig, world: Path | None = None) -> AutoencoderKL | None:

@@ -256,3 +256,12 @@ def test_a_run_inside_its_data_is_found_through_symlinks_and_dots_not_by_name_pr
         assert "is inside data.data_dir" in error_of(None, [f"data_dir={photos}", f"output_dir={out}"])
     cfg = load_config(None, [f"data_dir={photos}", f"output_dir={tmp_path / 'photos2' / 'run'}"])
     assert cfg.output.output_dir == tmp_path / "photos2" / "run"
+
+
+def test_an_embedding_cache_inside_the_data_is_refused(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    error = error_of(None, [f"data_dir={photos}", f"identity.cache_dir={photos / 'cache'}"])
+    assert f"identity.cache_dir={photos / 'cache'} is inside data.data_dir={photos}" in error
+    cfg = load_config(None, [f"data_dir={photos}", f"identity.cache_dir={tmp_path / 'photos-cache'}"])
+    assert cfg.cache_dir() == tmp_path / "photos-cache"

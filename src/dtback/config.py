@@ -603,6 +603,10 @@ class Config(_Section):
             raise ValueError(f"output.output_dir={self.output.output_dir} is inside data.data_dir="
                              f"{self.data.data_dir}: the run's own images would be read as a character; put the run "
                              "outside the dataset")
+        cache = self.identity.cache_dir
+        if cache is not None and is_inside(cache, self.data.data_dir):  # its folders would be scanned as characters
+            raise ValueError(f"identity.cache_dir={cache} is inside data.data_dir={self.data.data_dir}: the scan "
+                             "would read the cache's folders as characters; put the cache outside the dataset")
         return self
 
     @model_validator(mode="after")

@@ -22,7 +22,10 @@ from helpers import PEOPLE
 HUB_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN",
                  "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE",
                  "HF_HUB_DISABLE_TELEMETRY")
-for _name in HUB_VARIABLES:
+# A shell inside a torchrun job (or a cluster's) must not make every test a rank of a distributed run.
+RANK_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                  "TORCHELASTIC_RUN_ID")
+for _name in HUB_VARIABLES + RANK_VARIABLES:
     os.environ.pop(_name, None)
 _HF_HOME = tempfile.mkdtemp(prefix="dtback-tests-hf-home-")
 os.environ["HF_HOME"] = _HF_HOME  # an empty cache: nothing of the user's downloads is found

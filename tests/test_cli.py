@@ -104,3 +104,21 @@ def test_config_commands(capsys):
     assert "batch_size: 7" in capsys.readouterr().out
     assert main(["config", "keys"]) == 0
     assert "training.learning_rate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("threads", ["0", "-3", "two"])
+def test_world_components_threads_must_be_a_whole_number_of_at_least_one(threads, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # was torch's RuntimeError traceback from set_num_threads
+        main(["world-components", "--out", str(tmp_path / "parts"), "--threads", threads])
+    assert exit_.value.code == 2
+    assert "argument --threads:" in capsys.readouterr().err and not (tmp_path / "parts").exists()
+
+
+def test_an_error_under_several_ranks_says_which_rank(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["dataset", "inspect", str(tmp_path / "nowhere"), "--json", str(tmp_path / "r.json")]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.startswith("error (rank 1 of 2): ")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["dataset", "inspect", str(tmp_path / "nowhere"), "--json", str(tmp_path / "r.json")]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.startswith("error: ")

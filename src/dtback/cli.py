@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -320,7 +321,7 @@ def _add_world_parser(commands) -> None:
     components.add_argument("--only", default=",".join(("vae", "face", "body", "reader")),
                             help="comma-separated subset of vae,face,body,reader,base (base: the world base, "
                             "pretrained on the VAE; ~1 h 45 min on 2 threads)")
-    components.add_argument("--threads", type=int, default=1, help="torch CPU threads (the figures use 1)")
+    components.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (the figures use 1)")
     components.add_argument("--no-progress", action="store_true", help="no progress bar")
     components.set_defaults(func=cmd_world_components)
 
@@ -436,6 +437,24 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_label() -> str:
+    """`` (rank N of M)`` under torchrun with several ranks (each rank prints its own error, and they may differ:
+    one rank's bad file), else empty."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world.isdigit() and int(world) > 1 else ""
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse names the flag and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def _say(text: str, style: str | None = None) -> None:
     """Print user data verbatim: no markup parsing (paths hold brackets), no hard wrapping (keeps lines greppable)."""
     console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
@@ -489,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DtbackError as err:
-        _say(f"error: {err}", "red")
+        _say(f"error{_rank_label()}: {err}", "red")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         # Ctrl-C outside training's own handling (which checkpoints first): every writer is atomic, so what was

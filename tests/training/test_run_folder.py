@@ -373,3 +373,23 @@ def test_a_log_that_cannot_be_written_stops_in_one_line_naming_it_with_checkpoin
                               f"once {run_dir} has room and can be written")
     assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["checkpoint-000001"]
     assert vet.checkpoint_problem(first) is None
+
+
+def test_an_image_gone_after_the_scan_is_a_counted_skip_of_training(tiny, tmp_path, monkeypatch, caplog):
+    from dtback.training import features
+
+    gone = sorted((tiny["data"] / "b" / "c0").glob("*.png"))[0]
+    real = features.content_hash
+
+    def removed_after_precompute(path):  # gone between the identity precompute and the latents
+        if path == gone:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return real(path)
+
+    monkeypatch.setattr(features, "content_hash", removed_after_precompute)
+    with caplog.at_level(logging.WARNING):
+        result = train(config(tiny, tmp_path / "run", **{"training.max_steps": 1}), resume=None, progress_bar=False)
+    assert result.steps == 1  # was a FileNotFoundError traceback
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_images"] == {f"b/c0/{gone.name}": "unreadable"}
+    assert f"b/c0/{gone.name}: unreadable (No such file or directory); left out of training" in caplog.text

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dtback.config import DataConfig
 from dtback.data.buckets import assign_bucket, bucket_transform, make_buckets, resize_to_bucket
-from dtback.data.images import ImageSkip, load_rgb
+from dtback.data.images import ImageSkip, SkipReason, load_rgb
 from dtback.data.layout import CharacterEntry
 from dtback.data.pairs import caption_for, to_tensor
 from dtback.errors import DatasetError
@@ -180,7 +180,13 @@ def build_feature_store(
     encoder = _LatentBatcher(vae, latent_cache)
     with latent_cache, tqdm(total=len(images), desc="latents", unit="img", disable=not progress) as bar:
         for first in range(0, len(images), READ_CHUNK):  # cache reads per chunk: each shard opened once per chunk
-            chunk = [(c, char, entry, content_hash(entry.path)) for c, char, entry in images[first:first + READ_CHUNK]]
+            chunk = []
+            for c, char, entry in images[first:first + READ_CHUNK]:
+                key = _hash_or_skip(entry, char, skipped)
+                if key is None:
+                    bar.update()
+                    continue
+                chunk.append((c, char, entry, key))
             keys = [key for *_, key in chunk]
             latent_keys = [_latent_key(key, buckets[assign_bucket(entry.width, entry.height, buckets)])
                            for (_, _, entry, key) in chunk]
@@ -278,6 +284,18 @@ READ_CHUNK = 256  # images whose cache entries build_feature_store reads togethe
 
 def _latent_key(key: str, size: tuple[int, int]) -> str:
     return f"{key}-{size[0]}x{size[1]}"
+
+
+def _hash_or_skip(entry, char, skipped: dict[str, str]) -> str | None:
+    """The content hash of ``entry``'s file, or None, with the reason in ``skipped``, when the file went away or
+    became unreadable since the scan (removed, moved, permissions changed while the run set up)."""
+    try:
+        return content_hash(entry.path)
+    except OSError as err:
+        rel = f"{char.key}/{entry.path.name}"
+        skipped[rel] = SkipReason.UNREADABLE.value
+        logger.warning("%s: unreadable (%s); left out of training", rel, err.strerror or err)
+        return None
 
 
 def _image_row(entry, char, c, key, data_cfg, buckets, encoder, face, body, wants_body, cached, crop_rule, skipped):

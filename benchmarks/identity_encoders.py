@@ -28,7 +28,8 @@ from dtback.config import DataConfig, IdentityConfig
 from dtback.data.images import load_rgb
 from dtback.data.layout import scan_dataset
 from dtback.identity.body import BodyEncoder
-from dtback.identity.face import DlibFaceEncoder, FaceEncoder, InsightFaceEncoder
+from dtback.identity.face import DlibFaceEncoder, FaceEncoder
+from dtback.identity.insightface import InsightFaceEncoder
 from dtback.identity.precompute import IdentityPrecomputer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "people" / "krasserm_lfw"

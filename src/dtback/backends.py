@@ -29,7 +29,8 @@ from dtback.config import Config, DataConfig, IdentityConfig, ModelConfig
 from dtback.errors import ConfigError, MissingModelError
 from dtback.identity.body import BodyEncoder
 from dtback.identity.crops import BodyCropRule
-from dtback.identity.face import DlibFaceEncoder, FaceEncoder, InsightFaceEncoder
+from dtback.identity.face import DlibFaceEncoder, FaceEncoder
+from dtback.identity.insightface import InsightFaceEncoder
 from dtback.model import flux
 from dtback.model.identity_flux import RunRecord
 from dtback.world.base import load_world_base

@@ -12,14 +12,8 @@ import pytest
 
 from dtback.data.images import load_rgb
 from dtback.errors import ConfigError
-from dtback.identity.face import (
-    DlibFaceEncoder,
-    Face,
-    InsightFaceEncoder,
-    choose_face,
-    dlib_models_dir,
-    find_pack_models,
-)
+from dtback.identity.face import DlibFaceEncoder, Face, choose_face, dlib_models_dir
+from dtback.identity.insightface import InsightFaceEncoder, find_pack_models
 from helpers import export_tiny_insightface_pack, face_scene
 
 

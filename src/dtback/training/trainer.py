@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dtback import backends, devices
 from dtback.config import Config
-from dtback.errors import ConfigError, DatasetError, TrainingDiverged
+from dtback.errors import ConfigError, DatasetError, DtbackError, TrainingDiverged
 from dtback.model.memory import apply_checkpointing, make_adamw
 from dtback.training.batches import draw_pair_references, epoch_batches, make_batch
 from dtback.training import distributed
@@ -94,6 +94,10 @@ def check_distributed(cfg: Config, accelerator: Accelerator) -> None:
                           "yet): shard the bfloat16 base with fsdp, or use ddp with the memory modes")
 
 
+# What gloo says in the ranks left waiting in a collective when another rank's process ends (its error stops it).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
 def check_same_data(accelerator: Accelerator, fingerprint: str, images: int) -> None:
     """Every rank read the same training images (a file removed or damaged while the ranks set up, storage one
     machine sees otherwise): else every rank stops with the same message, before any step. Ranks with other data
@@ -156,7 +160,13 @@ def _train(cfg: Config, resume: str | Path | None, progress_bar: bool) -> TrainR
     if main:
         prepare_run_folder(output_dir)  # a file, a read-only folder: said now, before any work
     with run_folder_lock(output_dir) if main else contextlib.nullcontext():
-        return _run(cfg, accelerator, resume, progress_bar)
+        try:
+            return _run(cfg, accelerator, resume, progress_bar)
+        except RuntimeError as err:  # torch.distributed's DistBackendError is one
+            if accelerator.num_processes > 1 and any(sign in str(err) for sign in PEER_GONE):
+                raise DtbackError(f"another rank stopped (its own error is above, or in its log) while this one "
+                                  f"waited for it; nothing more was trained ({PEER_GONE[0]})") from None
+            raise
 
 
 def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progress_bar: bool) -> TrainResult:

@@ -510,8 +510,11 @@ def test_a_shard_of_another_cache_format_version_is_skipped(tmp_path: Path) -> N
     assert "version '99'" in reason and f"reads version {cache_module.FORMAT_VERSION!r}" in reason
 
 
-def test_a_full_disk_is_one_error_naming_the_cache_and_keeps_the_entries(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("raised", ["oserror", "safetensors"])
+def test_a_full_disk_is_one_error_naming_the_cache_and_keeps_the_entries(tmp_path, monkeypatch, raised) -> None:
     import errno
+
+    from safetensors import SafetensorError
 
     from dtback.errors import DtbackError
 
@@ -522,6 +525,8 @@ def test_a_full_disk_is_one_error_naming_the_cache_and_keeps_the_entries(tmp_pat
 
     def full(tensors, path, metadata=None):
         Path(path).write_bytes(b"x" * 10)
+        if raised == "safetensors":  # what safetensors' writer raises on a full disk (its I/O error, wrapped)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cache_module, "save_file", full)

@@ -381,10 +381,11 @@ class EmbeddingCache:
         try:
             with atomic_path(final) as tmp:  # unique per process and call: two writers never share a temp file
                 save_file(tensors, str(tmp), metadata=metadata)
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # a full disk reaches safetensors' writer as SafetensorError
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
             raise CacheWriteError(
                 f"embedding cache {self.folder}: cannot write a shard of {len(self._buffer)} entries "
-                f"({err.strerror or err}); nothing was torn and the shards written before are kept. Free space or "
+                f"({reason}); nothing was torn and the shards written before are kept. Free space or "
                 "make the folder writable (identity.cache_dir), then run again: what those shards hold is not "
                 "computed again"
             ) from err

@@ -221,3 +221,15 @@ def test_a_safetensors_file_is_judged_whole_from_its_header_and_size(tmp_path):
     assert io.safetensors_problem(path).startswith("truncated or not a safetensors file: a header of")
     path.write_bytes((4).to_bytes(8, "little") + b"[1] ")
     assert io.safetensors_problem(path) == "not a safetensors file: its header is not the JSON table of tensors"
+
+
+def test_move_aside_keeps_every_damaged_copy(tmp_path):
+    first = tmp_path / "best_model.pt"
+    first.write_text("one")
+    assert io.move_aside(first) == tmp_path / "best_model.pt.damaged" and not first.exists()
+    first.write_text("two")
+    (tmp_path / "base").mkdir()
+    assert io.move_aside(first) == tmp_path / "best_model.pt.damaged-2"
+    assert io.move_aside(tmp_path / "base") == tmp_path / "base.damaged"
+    assert [(tmp_path / name).read_text() for name in ("best_model.pt.damaged", "best_model.pt.damaged-2")] == [
+        "one", "two"]

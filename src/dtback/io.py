@@ -162,6 +162,18 @@ def is_inside(child: Path | str, parent: Path | str) -> bool:
     return Path(os.path.realpath(child)).is_relative_to(os.path.realpath(parent))
 
 
+def move_aside(path: Path, suffix: str = ".damaged") -> Path:
+    """Rename ``path`` (a file or folder found damaged) to ``<name><suffix>``, or ``<name><suffix>-2``... when that
+    is taken: kept for the user, out of the way of what is written anew; never deleted. Returns the new path."""
+    path = Path(path)
+    aside, number = path.with_name(path.name + suffix), 1
+    while aside.exists():
+        number += 1
+        aside = path.with_name(f"{path.name}{suffix}-{number}")
+    os.replace(path, aside)
+    return aside
+
+
 def safetensors_problem(path: Path) -> str | None:
     """Why the safetensors file ``path`` cannot be read whole (None: it can), from its header and size alone: a file
     cut short (a full disk, an interrupted copy) says how many of its bytes are there."""

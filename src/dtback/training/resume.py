@@ -20,7 +20,6 @@ beside it, e.g. cut short by a full disk) is named as damaged, renamed aside and
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -29,7 +28,7 @@ from typing import Any, Iterator
 
 from dtback.config import Config, load_config
 from dtback.errors import ConfigError, DtbackError
-from dtback.io import output_problem, remove_stale_temporaries
+from dtback.io import move_aside, output_problem, remove_stale_temporaries
 from dtback.model.flux import damaged_weights
 from dtback.model.identity_flux import read_adapter
 from dtback.training.checkpoint import CHECKPOINTS, Progress
@@ -112,7 +111,6 @@ def write_run_config(cfg: Config, path: Path) -> None:
     cfg.save(path)
 
 
-DAMAGED = ".damaged"  # the suffix a damaged best model (or base/) is renamed aside with
 
 
 def _best_model_problem(best: Path) -> str | None:
@@ -125,20 +123,10 @@ def _best_model_problem(best: Path) -> str | None:
     return None
 
 
-def _move_aside(path: Path) -> Path:
-    """Rename ``path`` to ``<name>.damaged`` (``.damaged-2``... when taken): kept for the user, out of the way."""
-    aside, number = path.with_name(path.name + DAMAGED), 1
-    while aside.exists():
-        number += 1
-        aside = path.with_name(f"{path.name}{DAMAGED}-{number}")
-    os.replace(path, aside)
-    return aside
-
-
 def set_aside_damaged_best(best: Path, base: Path | None, progress: Progress) -> None:
     """On resume, before training: a ``best`` model file that does not read, or a ``base`` folder (the simple
     model's base the best model goes with) with a safetensors file that does not read whole, is named as damaged in
-    one warning and renamed aside (:func:`_move_aside`), and ``progress`` forgets its best score, so the next
+    one warning and renamed aside (:func:`dtback.io.move_aside`), and ``progress`` forgets its best score, so the next
     validation writes a new best model (and ``base/``) instead of a damaged one being kept; nothing is deleted."""
     damaged = []  # (the path renamed aside, the damaged file, why)
     problem = _best_model_problem(best)
@@ -148,7 +136,7 @@ def set_aside_damaged_best(best: Path, base: Path | None, progress: Progress) ->
     if found is not None:
         damaged.append((base, *found))
     for path, file, why in damaged:
-        aside = _move_aside(path)
+        aside = move_aside(path)
         logger.warning("%s is damaged (%s): %s renamed to %s, the next validation writes a new best model%s", file,
                        why, path.name, aside.name, " and base/" if path == base else "")
     if damaged:

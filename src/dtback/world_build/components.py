@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dtback.errors import DtbackError
-from dtback.io import output_problem, write_json
+from dtback.io import move_aside, output_problem, write_json
 from dtback.world.base import BASE_FOLDER
 from dtback.world.people import WORLD_VERSION
 from dtback.world.vae import VAE_FOLDER, load_world_vae, round_trip, world_vae_folder
@@ -84,8 +83,7 @@ def _read_summary(path: Path) -> dict[str, Any]:
         problem = "not a JSON object with a components table"
     except (OSError, UnicodeError, ValueError) as err:
         problem = str(err)
-    aside = path.with_name(path.name + ".damaged")
-    os.replace(path, aside)
+    aside = move_aside(path)
     log.warning("%s is unreadable (%s): kept as %s; a new summary holds the figures of this build", path, problem,
                 aside.name)
     return {}

@@ -233,3 +233,32 @@ def test_move_aside_keeps_every_damaged_copy(tmp_path):
     assert io.move_aside(tmp_path / "base") == tmp_path / "base.damaged"
     assert [(tmp_path / name).read_text() for name in ("best_model.pt.damaged", "best_model.pt.damaged-2")] == [
         "one", "two"]
+
+
+def test_files_written_here_get_the_usual_mode_not_safetensors_0600(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    assert io.FILE_MODE == 0o666 & ~_umask()
+    with io.atomic_path(tmp_path / "a.safetensors") as tmp:
+        save_file({"w": torch.ones(2)}, str(tmp))  # created 0o600 by safetensors, whatever the umask
+    with io.replace_folder(tmp_path / "adapter") as folder:
+        save_file({"w": torch.ones(2)}, str(folder / "weights.safetensors"))
+    modes = [os.stat(path).st_mode & 0o777 for path in (tmp_path / "a.safetensors",
+                                                        tmp_path / "adapter" / "weights.safetensors")]
+    assert modes == [io.FILE_MODE, io.FILE_MODE]
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def test_a_hard_link_to_a_users_file_keeps_the_users_mode(tmp_path):
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"jpeg")
+    os.chmod(photo, 0o640)
+    with io.atomic_path(tmp_path / "dataset" / "photo.jpg") as tmp:
+        os.link(photo, tmp)  # the builder links photos instead of copying them where it can
+    assert os.stat(photo).st_mode & 0o777 == 0o640 and (tmp_path / "dataset" / "photo.jpg").read_bytes() == b"jpeg"

@@ -21,12 +21,33 @@ import errno
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 TMP_MARK = ".tmp-"
+
+
+def _file_mode() -> int:
+    umask = os.umask(0o022)  # read by setting: os has no getter; put back at once (at import, one thread)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# The mode a file gets when a program creates it here (0o644 under the usual umask 022). safetensors' writer
+# creates its files 0o600 whatever the umask, so adapters, checkpoints and caches were unreadable to the rest of a
+# team on shared storage; every file written through this module is given this mode before it is renamed in place.
+FILE_MODE = _file_mode()
+
+
+def usual_mode(path: Path) -> None:
+    """Give the file ``path`` :data:`FILE_MODE`: a regular file this process just wrote, never a symlink's target
+    nor a hard link (a builder's hard link shares its mode with the user's own photo, which is not ours to change)."""
+    info = os.lstat(path)
+    if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and stat.S_IMODE(info.st_mode) != FILE_MODE:
+        os.chmod(path, FILE_MODE)
 
 
 def temporary_name(path: Path) -> Path:
@@ -83,6 +104,7 @@ def atomic_path(path: Path, fsync: bool = True) -> Iterator[Path]:
     tmp = temporary_name(path)
     try:
         yield tmp
+        usual_mode(tmp)
         if fsync:
             fsync_file(tmp)
         os.replace(tmp, path)
@@ -120,7 +142,8 @@ def replace_folder(folder: Path) -> Iterator[Path]:
     try:
         yield tmp
         for file in tmp.rglob("*"):
-            if file.is_file():
+            if file.is_file() and not file.is_symlink():
+                usual_mode(file)
                 fsync_file(file)
         old = None
         if folder.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 import torch
@@ -150,7 +151,8 @@ def test_save_load_into_a_fresh_base_is_identical(load_base, tmp_path, name):
     assert torch.equal(run(loaded, fresh, identity_inputs()), expected)
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full (a device that is always full) is Linux's")
+@pytest.mark.skipif(not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)),
+                    reason="/dev/full (a device that is always full) is Linux's")
 def test_a_full_disk_under_a_pt_adapter_is_an_oserror_naming_no_space():
     from dtback.model.identity_flux import _torch_save
 

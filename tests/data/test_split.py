@@ -91,3 +91,8 @@ def test_prepare_writes_split_and_report_and_refuses_a_changed_split(index, tmp_
     prepare_dataset(data, seed=0, run_dir=run, progress=False)  # a resumed run: same split, accepted
     with pytest.raises(DatasetError, match="split.json was written for a different split"):
         prepare_dataset(data, seed=1, run_dir=run, progress=False)
+    with pytest.raises(DatasetError) as other_rank:  # a rank after the main one: its own view of the files differs
+        prepare_dataset(data, seed=1, run_dir=run, progress=False, after_main=True)
+    assert str(other_rank.value).startswith(f"this rank splits {index.root} otherwise than the main rank did into "
+                                            f"{run / 'split.json'} (train +[")
+    assert "the ranks see other files" in str(other_rank.value) and "delete the split file" not in str(other_rank.value)

@@ -88,5 +88,6 @@ def test_a_rank_that_stops_alone_in_setup_leaves_the_others_one_line(tmp_path):
     errors = rank_errors(output)
     assert len(errors) == 2, output[-4000:]
     assert errors[0].startswith("error (rank 0 of 2): another rank stopped"), output[-4000:]
+    assert errors[1].startswith("error (rank 1 of 2): this rank splits") and "-['b/c3']" in errors[1]
     assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output, output[-4000:]
     assert not (run_dir / "checkpoints").exists()

@@ -25,11 +25,14 @@ class PreparedData:
     report_path: Path
 
 
-def prepare_dataset(cfg: DataConfig, seed: int, run_dir: Path, progress: bool = True) -> PreparedData:
+def prepare_dataset(cfg: DataConfig, seed: int, run_dir: Path, progress: bool = True,
+                    after_main: bool = False) -> PreparedData:
     """Scan ``cfg.data_dir``, split by character and write ``split.json`` and ``dataset_report.json`` to ``run_dir``.
 
     A run folder that already has a split (a resumed run) must get the same split again, otherwise validation
-    characters could leak into training; a mismatch is an error that names both.
+    characters could leak into training; a mismatch is an error that names both. ``after_main``: this is a rank
+    of several that prepares after the main one accepted (or wrote) the split, so a mismatch is this rank's view of
+    the files, which its message says.
     """
     index = scan_dataset(cfg, seed, progress=progress)
     split = split_characters(index, cfg, seed)
@@ -37,10 +40,17 @@ def prepare_dataset(cfg: DataConfig, seed: int, run_dir: Path, progress: bool = 
     if split_path.exists():
         saved = read_split(split_path)
         if (saved.train, saved.val) != (split.train, split.val):
+            changes = (f"train +{sorted(set(split.train) - set(saved.train))[:5]} "
+                       f"-{sorted(set(saved.train) - set(split.train))[:5]}, "
+                       f"val +{sorted(set(split.val) - set(saved.val))[:5]} -{sorted(set(saved.val) - set(split.val))[:5]}")
+            if after_main:
+                raise DatasetError(
+                    f"this rank splits {cfg.data_dir} otherwise than the main rank did into {split_path} ({changes}): "
+                    "the ranks see other files (an image missing or unreadable here; the warnings above name the "
+                    "skips); make data.data_dir the same for every rank and run again"
+                )
             raise DatasetError(
-                f"{split_path} was written for a different split than {cfg.data_dir} gives now "
-                f"(train +{sorted(set(split.train) - set(saved.train))[:5]} -{sorted(set(saved.train) - set(split.train))[:5]}, "
-                f"val +{sorted(set(split.val) - set(saved.val))[:5]} -{sorted(set(saved.val) - set(split.val))[:5]}); "
+                f"{split_path} was written for a different split than {cfg.data_dir} gives now ({changes}); "
                 "use a new output.output_dir, or delete the split file to start over"
             )
     else:

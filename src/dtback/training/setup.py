@@ -301,7 +301,8 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
         run_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: the trainer writes it once a resume is accepted
     with accelerator.main_process_first():
         backends.world_data(cfg.data, progress=show)
-        prepared = prepare_dataset(cfg.data, cfg.seed, run_dir, progress=show)
+        prepared = prepare_dataset(cfg.data, cfg.seed, run_dir, progress=show,
+                                   after_main=not accelerator.is_main_process)
     characters = prepared.split.characters(prepared.index, "train") + prepared.split.characters(prepared.index, "val")
     cache_dir = cfg.cache_dir()
     world = backends.world_folder(cfg)

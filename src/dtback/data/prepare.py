@@ -40,9 +40,9 @@ def prepare_dataset(cfg: DataConfig, seed: int, run_dir: Path, progress: bool = 
     if split_path.exists():
         saved = read_split(split_path)
         if (saved.train, saved.val) != (split.train, split.val):
-            changes = (f"train +{sorted(set(split.train) - set(saved.train))[:5]} "
-                       f"-{sorted(set(saved.train) - set(split.train))[:5]}, "
-                       f"val +{sorted(set(split.val) - set(saved.val))[:5]} -{sorted(set(saved.val) - set(split.val))[:5]}")
+            changes = ", ".join(f"{part} +{sorted(set(now) - set(before))[:5]} -{sorted(set(before) - set(now))[:5]}"
+                                for part, now, before in (("train", split.train, saved.train),
+                                                          ("val", split.val, saved.val)))
             if after_main:
                 raise DatasetError(
                     f"this rank splits {cfg.data_dir} otherwise than the main rank did into {split_path} ({changes}): "

@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors import SafetensorError
+
 TMP_MARK = ".tmp-"
 
 
@@ -183,6 +185,15 @@ def is_inside(child: Path | str, parent: Path | str) -> bool:
     symlinks followed first (``os.path.realpath``, so a part that does not exist yet is taken as written, and a
     symlink loop answers instead of raising), then compared by whole names (``/a/bc`` is not inside ``/a/b``)."""
     return Path(os.path.realpath(child)).is_relative_to(os.path.realpath(parent))
+
+
+# What a writer raises on a full disk or a read-only folder: OSError, or safetensors' own error type, which wraps it.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def write_failure(err: BaseException) -> str:
+    """The reason in one of :data:`WRITE_ERRORS`, for a message: ``No space left on device``, not ``[Errno 28] ...``."""
+    return err.strerror if isinstance(err, OSError) and err.strerror else str(err)
 
 
 def move_aside(path: Path, suffix: str = ".damaged") -> Path:

@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dtback.errors import ConfigError, DtbackError
-from dtback.io import atomic_path, is_temporary, output_problem, write_json
+from dtback.io import WRITE_ERRORS, atomic_path, is_temporary, output_problem, write_failure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -381,11 +381,10 @@ class EmbeddingCache:
         try:
             with atomic_path(final) as tmp:  # unique per process and call: two writers never share a temp file
                 save_file(tensors, str(tmp), metadata=metadata)
-        except (OSError, SafetensorError) as err:  # a full disk reaches safetensors' writer as SafetensorError
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        except WRITE_ERRORS as err:
             raise CacheWriteError(
                 f"embedding cache {self.folder}: cannot write a shard of {len(self._buffer)} entries "
-                f"({reason}); nothing was torn and the shards written before are kept. Free space or "
+                f"({write_failure(err)}); nothing was torn and the shards written before are kept. Free space or "
                 "make the folder writable (identity.cache_dir), then run again: what those shards hold is not "
                 "computed again"
             ) from err

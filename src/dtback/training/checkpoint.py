@@ -27,11 +27,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from dtback.errors import CheckpointError
-from dtback.io import remove_stale_temporaries, replace_folder, write_json
+from dtback.io import WRITE_ERRORS, remove_stale_temporaries, replace_folder, write_failure, write_json
 from dtback.model.flux import base_content_id
 
 logger = logging.getLogger(__name__)
@@ -248,11 +247,10 @@ def save_checkpoint(run_dir: Path, progress: Progress, model, snapshot: Snapshot
             state = {"progress": asdict(progress), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
                      "ema": ema_meta, "rng": rng_state(), "record": record or {}}
             write_json(tmp / "state.json", state, indent=1, fsync=False)  # replace_folder fsyncs every file
-    except (OSError, SafetensorError) as err:  # a full disk reaches safetensors' writer as its own error type
+    except WRITE_ERRORS as err:
         last = latest_checkpoint(run_dir)
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise CheckpointError(
-            f"could not write checkpoint {target} ({reason}); nothing torn was left. "
+            f"could not write checkpoint {target} ({write_failure(err)}); nothing torn was left. "
             f"The last good checkpoint is {last or 'none'}."
         ) from err
     for old in list_checkpoints(run_dir)[:-keep]:

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator
 import torch
 from accelerate.utils import broadcast_object_list
 from PIL import Image
-from safetensors import SafetensorError
 
 from dtback import backends
 from dtback.config import Config
@@ -28,7 +27,7 @@ from dtback.data.prepare import prepare_dataset
 from dtback.errors import DtbackError
 from dtback.identity.crops import BodyCropRule
 from dtback.identity.precompute import IdentityPrecomputer
-from dtback.io import write_json
+from dtback.io import WRITE_ERRORS, write_failure, write_json
 from dtback.model.adapters import check_model_fits_base
 from dtback.model.flux import base_content_id, local_base_folder, max_sequence_length, save_pipeline_atomic
 from dtback.model.identity_flux import IdentityPreservingFlux
@@ -284,10 +283,9 @@ def _written(path: Path, run_dir: Path) -> Iterator[None]:
     a full disk or a read-only folder, ends the run in one line naming it; the checkpoints stay intact."""
     try:
         yield
-    except (OSError, SafetensorError) as err:  # a full disk reaches safetensors' writer as its own error type
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    except WRITE_ERRORS as err:
         raise DtbackError(
-            f"could not write {path} ({reason}); training stopped. The checkpoints are intact, the last good one is "
+            f"could not write {path} ({write_failure(err)}); training stopped. The checkpoints are intact, the last good one is "
             f"{latest_checkpoint(run_dir) or 'none'}: resume from it once {path.parent} has room and can be written"
         ) from err
 

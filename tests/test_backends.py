@@ -90,10 +90,12 @@ def test_body_weights_cut_short_are_named_not_a_safetensors_traceback(tmp_path):
 
     folder = save_tiny_dinov2(tmp_path / "dino")
     weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-64])  # the header is whole, the last tensor's bytes are not
     identity = IdentityConfig(face_backend="dlib", body_model=str(folder), device="cpu")
     with pytest.raises(MissingModelError) as caught:
         backends_module.body_encoder(identity)
     message = str(caught.value)
     assert f"identity.body_model={folder}" in message and "cannot be read" in message
+    assert f"model.safetensors: truncated: {len(whole) - 64} of its {len(whole)} bytes" in message
     assert "dtback download --only body" in message and "\n" not in message

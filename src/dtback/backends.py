@@ -74,10 +74,21 @@ def body_encoder(identity: IdentityConfig, world: Path | None = None) -> BodyEnc
         encoder = BodyEncoder.from_pretrained(identity.body_model, crop_rule=BodyCropRule.from_config(identity))
     except SafetensorError as err:  # weights cut short (an interrupted copy, a partial hub snapshot) or not safetensors
         raise MissingModelError(
-            f"identity.body_model={identity.body_model}: its weights cannot be read ({err}); they are damaged or "
-            "cut short: download them again (dtback download --only body) and point identity.body_model at that folder"
+            f"identity.body_model={identity.body_model}: its weights cannot be read ({_weights_problem(identity, err)}); "
+            "they are damaged or cut short: download them again (dtback download --only body) and point "
+            "identity.body_model at that folder"
         ) from err
     return encoder.to(device)
+
+
+def _weights_problem(identity: IdentityConfig, err: Exception) -> str:
+    """Which file of a local body model folder does not read whole and why (its byte count), else ``err``'s text."""
+    folder = flux.local_base_folder(identity.body_model)
+    damaged = flux.damaged_weights(folder) if folder is not None else None
+    if damaged is None:
+        return str(err)
+    weights, problem = damaged
+    return f"{weights.relative_to(folder).as_posix()}: {problem}"
 
 
 def simple_vae(model: ModelConfig, world: Path | None = None) -> AutoencoderKL | None:

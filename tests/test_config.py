@@ -139,8 +139,43 @@ def test_all_errors_are_reported_at_once(tmp_path):
 
 
 def test_string_numbers_from_yaml_are_accepted(tmp_path):
-    # PyYAML reads 1e-4 (no dot) as a string; it must still mean 0.0001.
+    # PyYAML's YAML 1.1 reads 1e-4 (no dot) as a string; it must still mean 0.0001, and a quoted one too.
     assert load_config(write(tmp_path, "training:\n  learning_rate: 1e-4\n")).training.learning_rate == 1e-4
+    assert load_config(None, ['training.learning_rate="2e-4"']).training.learning_rate == 2e-4
+
+
+def test_yaml_scalars_read_as_yaml_1_2_core_numbers_words_and_booleans(tmp_path):
+    # YAML 1.1 reads 1:30 as sexagesimal 90, no/off/yes/on as booleans and 2024-05-01 as a date.
+    assert load_config(None, ["data.caption_template=no"]).data.caption_template == "no"
+    assert load_config(None, ["data.world.bundle=off"]).data.world.bundle == "off"
+    assert load_config(None, ["data.world.bundle=2024-05-01"]).data.world.bundle == "2024-05-01"
+    assert load_config(None, ["data.val_characters=[yes/no, on/off]"]).data.val_characters == ["yes/no", "on/off"]
+    path = write(tmp_path, "data:\n  caption_template: off\n  world:\n    bundle: yes\n    generate_if_missing: off\n")
+    cfg = load_config(path)
+    assert (cfg.data.caption_template, cfg.data.world.bundle, cfg.data.world.generate_if_missing) == ("off", "yes", False)
+    assert load_config(None, ["data.world.generate_if_missing=no"]).data.world.generate_if_missing is False
+    assert load_config(None, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    message = error_of(write(tmp_path, "training:\n  checkpoint_every: 1:30\n"))
+    assert "training.checkpoint_every: Input should be a valid integer" in message and "(got '1:30')" in message
+    assert "(got '1:30')" in error_of(None, ["training.learning_rate=1:30"])
+    lr = load_config(None, ["training.learning_rate=5e-5", "training.weight_decay=1E2", "training.ema_decay=.5"])
+    assert (lr.training.learning_rate, lr.training.weight_decay, lr.training.ema_decay) == (5e-5, 100.0, 0.5)
+    cfg = load_config(None, ["seed=1_000", "data.world.seed=0o17", "training.batch_size=0b11"])
+    assert (cfg.seed, cfg.data.world.seed, cfg.training.batch_size) == (1000, 15, 3)
+
+
+def test_an_explicit_tag_on_a_bad_number_is_a_config_error_not_a_traceback():
+    assert "--set seed=!!int abc: value is not valid YAML: 'abc' is not an integer" in error_of(None, ["seed=!!int abc"])
+    assert "'x' is not a float" in error_of(None, ["training.learning_rate=!!float x"])
+
+
+def test_strings_that_look_like_numbers_or_booleans_survive_the_saved_config(tmp_path):
+    # The run's config.yaml is read back (resume, evaluate): "1e5" must be quoted for the core schema, "no" for 1.1.
+    cfg = load_config(None, ['data.world.bundle="1e5"', "data.caption_template=no"])
+    cfg.save(tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "bundle: '1e5'" in text and "caption_template: 'no'" in text
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 def test_overrides_dotted_and_seed_alias():

@@ -34,8 +34,7 @@ MAX_SEED = 2**32 - 1
 
 class _Section(BaseModel):
     """Rules for every key of the tree: no unknown keys, no infinite or NaN floats, and numbers given as numbers
-    (a YAML ``true`` is not 1, ``4.0`` or ``"4"`` is not an int; ``1e-4``, which PyYAML reads as a string, is still a
-    float)."""
+    (a YAML ``true`` is not 1, ``4.0`` or ``"4"`` is not an int; a float key also takes a quoted number, ``"1e-4"``)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -79,7 +78,7 @@ def _number_problem(annotation: Any, value: Any) -> str | None:
     if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
         return f"Input should be a number, not the boolean {str(value).lower()}"
     if int in kinds and not kinds & {float, str, bool} and value is not None and not isinstance(value, int):
-        return f"Input should be a valid integer (a whole number, written without quotes or a decimal point)"
+        return "Input should be a valid integer (a whole number, written without quotes or a decimal point)"
     return None
 
 
@@ -467,7 +466,7 @@ class TrainingConfig(_Section):
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _no_is_false(cls, value):
-        # YAML 1.1 reads a bare `no` (`--set training.mixed_precision=no`, `mixed_precision: no`) as false.
+        # The loader reads a bare `no` as the word; `false` (or a config written for YAML 1.1) still means "no".
         return "no" if value is False else value
 
     cudnn_attention: bool = Field(
@@ -625,7 +624,7 @@ class Config(_Section):
         return Path(self.identity.cache_dir) if self.identity.cache_dir is not None else self.output.output_dir / "cache"
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_QuotingDumper, sort_keys=False)
 
     def save(self, path: Path) -> None:
         write_text(path, self.to_yaml())  # atomic: a reader sees the old config or the new one
@@ -732,20 +731,56 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# YAML 1.1 reads a leading zero as octal (010 -> 8) and 09 as a string; people writing a seed or a size mean decimal,
-# as YAML 1.2 does. Only the leading-zero form changes: 0x10, 0b10 and plain numbers keep their meaning.
-_LEADING_ZERO_INT = re.compile(r"^[-+]?0[0-9_]+$")
+# Scalars are read as YAML 1.2's core schema reads them, not as PyYAML's YAML 1.1: a person writing `010` means ten
+# (1.1: octal 8), `1:30` is no number (1.1: sexagesimal 90), `no`, `off`, `yes` and `on` are words (1.1: booleans;
+# a caption template "no" or a bundle "off" stays a string, while a boolean key still takes them, through pydantic),
+# `1e-4` is a float (1.1: a string) and `2024-05-01` is a folder name, not a date. Kept from 1.1 because nobody
+# means anything else by them: `_` between digits (`1_000`) and the 0x / 0o / 0b prefixes.
+_CORE_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_CORE_INT = re.compile(r"^[-+]?(?:0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+|[0-9][0-9_]*)$")
+_CORE_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                         r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_YAML_11_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float", "timestamp")}
+_CORE_RESOLVERS = [("tag:yaml.org,2002:bool", _CORE_BOOL, "tTfF"), ("tag:yaml.org,2002:int", _CORE_INT, "-+0123456789"),
+                   ("tag:yaml.org,2002:float", _CORE_FLOAT, "-+.0123456789")]
+_BASES = {"0x": 16, "0o": 8, "0b": 2}
 
 
-def _construct_leading_zero_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-    text = loader.construct_scalar(node)
-    if _LEADING_ZERO_INT.match(text):
-        return int(text.replace("_", ""), 10)
-    return yaml.SafeLoader.construct_yaml_int(loader, node)
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.lstrip("+"))
+    try:
+        return sign * int(digits[2:], _BASES[digits[:2].lower()]) if digits[:2].lower() in _BASES \
+            else sign * int(digits, 10)
+    except ValueError:  # an explicit `!!int abc`: a YAML error naming the line, not a traceback
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
 
 
-_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", _LEADING_ZERO_INT, list("-+0"))
-_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_leading_zero_int)
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    try:
+        return yaml.SafeLoader.construct_yaml_float(loader, node)
+    except ValueError:  # an explicit `!!float abc`
+        raise yaml.constructor.ConstructorError(None, None, f"{loader.construct_scalar(node)!r} is not a float",
+                                                node.start_mark) from None
+
+
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_11_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _regexp, _first in _CORE_RESOLVERS:
+    _UniqueKeyLoader.add_implicit_resolver(_tag, _regexp, list(_first))
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+class _QuotingDumper(yaml.SafeDumper):
+    """``yaml.safe_dump`` that quotes every string either schema would read as something else (``"1e5"`` for the
+    core schema, ``"no"`` for YAML 1.1): the run's ``config.yaml`` reads back the same here and in any YAML tool."""
+
+
+for _tag, _regexp, _first in _CORE_RESOLVERS:
+    _QuotingDumper.add_implicit_resolver(_tag, _regexp, list(_first))
 
 
 def _lift_seed_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:

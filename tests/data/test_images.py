@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from dtback.data.images import ImageSkip, SkipReason, decode, load_rgb, probe_image, shown
+from dtback.data.images import ImageSkip, SkipReason, claimed_format, decode, load_rgb, probe_image, shown
 from helpers import write_image, write_noise
 
 BIG = 10**8
@@ -155,6 +155,33 @@ def test_non_image_files(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
     assert reason_of(path) is SkipReason.NOT_AN_IMAGE
+
+
+@pytest.mark.parametrize("text", [b"P1 hello, a caption\n", b"P2 notes", b"Python notes\n", b"Pfizer, 2021\n",
+                                  b"P1 2 apples\n", b"BMW car photo, parked by the sea\n"])
+def test_a_text_that_starts_like_a_netpbm_or_bmp_signature_is_not_an_image(tmp_path, text):
+    # Pillow's checks for PPM ("P" + one of "0123456fy") and BMP ("BM") take these for images, whose header then
+    # fails: a caption or a note saved under an image's name was counted as a corrupt or truncated image.
+    path = tmp_path / "caption.jpg"
+    path.write_bytes(text)
+    with pytest.raises(ImageSkip) as caught:
+        decode(path, BIG)
+    assert (caught.value.reason, caught.value.detail) == (SkipReason.NOT_AN_IMAGE,
+                                                          "content is not a recognised image format")
+    assert claimed_format(path) is None  # so dataset inspect lists a README.txt beside the bundles, not as an image
+
+
+def test_netpbm_and_bmp_images_keep_their_signature_even_plain_text_or_cut_short(tmp_path):
+    plain = tmp_path / "plain.pbm"
+    plain.write_bytes(b"P1\n# two by two\n2 2\n0 1\n1 0\n")  # netpbm's own text form is an image
+    assert decode(plain, BIG)[0].size == (2, 2) and claimed_format(plain) == "PPM"
+    for name, data in (("cut.ppm", b"P6\n"), ("cut.bmp", b"BM"), ("head.ppm", b"P5 32 32\n255\n")):
+        (tmp_path / name).write_bytes(data)
+        assert claimed_format(tmp_path / name) == ("BMP" if name.endswith("bmp") else "PPM")
+        assert reason_of(tmp_path / name) in (SkipReason.CORRUPT, SkipReason.TRUNCATED)
+    bmp = write_noise(tmp_path / "noise.bmp", fmt="BMP")
+    bmp.write_bytes(bmp.read_bytes()[:40])
+    assert claimed_format(bmp) == "BMP" and reason_of(bmp) is SkipReason.TRUNCATED
 
 
 def test_damaged_pixel_data_is_corrupt(tmp_path):

@@ -8,6 +8,7 @@ with a reason from :class:`SkipReason`, so a scan can count it and move on.
 from __future__ import annotations
 
 import errno
+import re
 import stat
 import struct
 import unicodedata
@@ -130,8 +131,10 @@ def decode(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
         raise ImageSkip(path, SkipReason.UNREADABLE, str(err)) from None
     if size == 0:
         raise ImageSkip(path, SkipReason.ZERO_BYTE, "file is empty")
+    opened = False
     try:
         with Image.open(path) as image:
+            opened = True
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageSkip(
@@ -156,6 +159,10 @@ def decode(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
     except PermissionError as err:
         raise ImageSkip(path, SkipReason.UNREADABLE, str(err)) from None
     except DECODE_ERRORS as err:
+        if not opened and claimed_format(path) is None:
+            # A plugin took the first bytes for its signature and then choked on the header ("P1 hello" for a PPM):
+            # a text, not a damaged image.
+            raise ImageSkip(path, SkipReason.NOT_AN_IMAGE, "content is not a recognised image format") from None
         message = str(err) or type(err).__name__
         truncated = "truncated" in message.lower() or _riff_shorter_than_declared(path, size)
         reason = SkipReason.TRUNCATED if truncated else SkipReason.CORRUPT
@@ -167,9 +174,10 @@ def claimed_format(path: Path) -> str | None:
     or None when none does; says nothing about the rest of the file. Unreadable files claim nothing."""
     try:
         with open(path, "rb") as handle:
-            prefix = handle.read(16)  # what Image.open hands each plugin's check
+            head = handle.read(_HEAD_BYTES)
     except OSError:
         return None
+    prefix = head[:16]  # what Image.open hands each plugin's check
     Image.init()
     for name in Image.ID:
         accept = Image.OPEN[name][1]
@@ -179,9 +187,36 @@ def claimed_format(path: Path) -> str | None:
             verdict = accept(prefix)
         except DECODE_ERRORS:  # a check that reads past a short prefix: no signature there
             continue
-        if verdict and not isinstance(verdict, str):  # a string: "this format, but support is not installed"
-            return name
+        if not verdict or isinstance(verdict, str):  # a string: "this format, but support is not installed"
+            continue
+        if name in _HEADER_CHECKS and not _HEADER_CHECKS[name](head):
+            continue
+        return name
     return None
+
+
+# Two-letter signatures that words start with ("P1 hello", "Python notes", "Pfizer" for netpbm, "BMW" for BMP): a
+# note or caption saved under an image's name must be "not an image", not "a damaged PPM". For these the header's
+# next fields must be there too; a file that ends before them may still be a cut-off image and keeps its claim.
+_HEAD_BYTES = 512
+
+
+def _netpbm_header(head: bytes) -> bool:
+    """``P1``..``P6`` / ``Pf`` ..., whitespace, then width and height in decimal, comments (``# ...``) between."""
+    rest = head[2:]
+    if rest and rest[:1] not in b" \t\r\n":
+        return False
+    tokens = re.sub(rb"#[^\n]*(\n|$)", b" ", rest).split()
+    return all(token.isdigit() for token in tokens[:2])
+
+
+def _bmp_header(head: bytes) -> bool:
+    """``BM``, file size, reserved, pixel offset, then the size of the DIB header (12 to 124 bytes in every BMP
+    version); the letters of a text are a number in the hundreds of millions there."""
+    return len(head) < 18 or 12 <= struct.unpack("<I", head[14:18])[0] <= 124
+
+
+_HEADER_CHECKS = {"PPM": _netpbm_header, "BMP": _bmp_header}
 
 
 def _bmff_shorter_than_declared(path: Path, size: int) -> bool:

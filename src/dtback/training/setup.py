@@ -36,11 +36,12 @@ from dtback.training import distributed
 from dtback.training.checkpoint import Progress, latest_checkpoint
 from dtback.training.features import FeatureStore, build_feature_store
 from dtback.training.identity_loss import IdentityLoss
+from dtback.training.trackers import TrackerWrites
 from dtback.training.validation import (
     CONDITIONS, ValidationSet, make_validation_set, run_validation, selection_metric, similarity_scorer,
 )
 from dtback.viz import make_grid, plot_curves, sample_grid_path, save_sample_grid, write_report
-from dtback.viz.runlog import append_jsonl, as_number
+from dtback.viz.runlog import append_jsonl
 from dtback.world.reader import validation_scorer
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class RunParts:
     base_trainable: bool
     is_main: bool
     scorers: list = field(default_factory=list)
-    accelerator: Any = None  # the run's Accelerator: its trackers (training.log_with) get the logs
+    trackers: TrackerWrites | None = None  # the run's accelerate trackers (training.log_with): they get the logs
     sharded_module: Any = None  # the FSDP-sharded training module (training.distributed: fsdp), None otherwise
     record: dict = field(default_factory=dict)  # the config and data fingerprint every checkpoint records
     # FLUX.2 pipelines shift their noise levels by the sampling step count too: training shifts as validation samples
@@ -83,26 +84,8 @@ class RunParts:
         self._track(int(terms["step"]), {k: v for k, v in terms.items() if k not in ("step", "epoch")})
 
     def _track(self, step: int, values: dict[str, Any]) -> None:
-        """The numbers among ``values`` to accelerate's trackers at ``step`` (accelerate logs from the main process
-        only; nothing when training.log_with is empty). NaN is logged as is: a NaN loss is worth seeing."""
-        numbers = {key: number for key, value in values.items() if (number := as_number(value)) is not None}
-        if self.accelerator is not None and numbers:
-            self.accelerator.log(numbers, step=step)
-
-    def _track_image(self, tag: str, image: Image.Image, step: int) -> None:
-        """``image`` (a sample grid) to each started tracker that takes images: TensorBoard through its writer, the
-        others through their ``log_images`` (accelerate's mlflow, comet_ml, dvclive and trackio trackers take none)."""
-        for tracker in self.accelerator.trackers if self.accelerator is not None else ():
-            if tracker.name == "tensorboard":
-                import numpy as np  # noqa: PLC0415
-
-                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-                tracker.writer.add_image(tag, pixels, global_step=step, dataformats="HWC")
-                tracker.writer.flush()
-            elif tracker.name in ("aim", "clearml"):  # one image per tag
-                tracker.log_images({tag: image}, step=step)
-            elif hasattr(tracker, "log_images"):  # wandb, swanlab: a list of images per tag
-                tracker.log_images({tag: [image]}, step=step)
+        if self.trackers is not None:
+            self.trackers.scalars(step, values)
 
     def validate(self, progress: Progress, ema, accelerator, params: list[torch.nn.Parameter]) -> None:
         """Held-out metrics and grid with the EMA weights (main process); keeps ``best_model.pt`` up to date.
@@ -156,7 +139,8 @@ class RunParts:
         self._preview(sample_grid_path(self.run_dir, progress.step),
                       lambda: save_sample_grid(self.run_dir, progress.step, grid))
         self._track(progress.step, {k: v for k, v in metrics.items() if k.startswith("val/")})
-        self._track_image("validation/grid", grid, progress.step)
+        if self.trackers is not None:
+            self.trackers.image("validation/grid", grid, progress.step)
         self.report()
         logger.info("validation at step %d: %s", progress.step,
                     ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("val/")))
@@ -260,7 +244,8 @@ class RunParts:
     def finish(self, progress: Progress) -> None:
         summary = {"steps": progress.step, "best_step": progress.best_step, "best_metric": progress.best_metric,
                    "train_images": len(self.train_images), "val_characters": len(self.val_set.characters),
-                   "skipped_images": self.store.skipped, "skipped_previews": self.skipped_previews}
+                   "skipped_images": self.store.skipped, "skipped_previews": self.skipped_previews,
+                   "skipped_tracker_writes": self.trackers.skipped if self.trackers is not None else 0}
         validations = _read_last_jsonl(self.run_dir / VALIDATION_FILE)
         if validations:
             summary["last_validation"] = validations
@@ -269,12 +254,9 @@ class RunParts:
         self.report()
 
     def close(self) -> None:
-        """Finish the trackers now, also when the run failed (TensorBoard's event file flushed and closed, a wandb
-        run ended); the trainer's ``accelerator.end_training()`` then has none left to finish."""
-        if self.accelerator is not None:
-            trackers, self.accelerator.trackers = self.accelerator.trackers, []
-            for tracker in trackers:
-                tracker.finish()
+        """Finish the trackers now, also when the run failed (:meth:`TrackerWrites.finish`)."""
+        if self.trackers is not None:
+            self.trackers.finish()
 
 
 @contextlib.contextmanager
@@ -361,7 +343,7 @@ def setup(cfg: Config, accelerator, progress_bar: bool = True) -> RunParts:
     reader_scorer = validation_scorer(Path(cfg.data.data_dir), world, store.characters)
     if reader_scorer is not None:  # the data is the identity world: its attribute reader scores too
         parts.scorers.append(reader_scorer)
-    parts.accelerator = accelerator  # logs go to its trackers (training.log_with), which the trainer starts
+    parts.trackers = TrackerWrites(accelerator)  # logs go to its trackers (training.log_with), which the trainer starts
     logger.info("training on %d images of %d characters; %d held-out characters", len(train_images),
                 n_train_chars, len(val_characters))
     return parts

@@ -224,3 +224,46 @@ def test_shown_names_fit_on_one_line():
     assert shown(os.fsdecode(b"caf\xe9/x\n")) == "caf\\xe9/x\\n"
     assert shown("Zoë 名前 a b.png") == "Zoë 名前 a b.png"  # printable names are left as they are
     assert shown(shown("a\nb")) == "a\\nb"
+
+
+def _heic(path, stored: Image.Image, orientation: int | None = None):
+    """``stored`` saved as HEIC through pillow-heif (what an iPhone writes), with an EXIF orientation if given."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    # pillow-heif's own writer: the test does not depend on its Pillow plugin being registered (dtback's job)
+    pillow_heif.from_pillow(stored).save(path, quality=95, exif=exif.tobytes())
+    return path
+
+
+def test_an_iphone_heic_photo_is_read_upright(tmp_path):
+    # Stored 64x32 with the left half red, orientation 6 ("rotate 90 clockwise to display"), as a phone held upright
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 32, 32))
+    path = _heic(tmp_path / "IMG_0001.HEIC", stored, orientation=6)
+    image, fmt = decode(path, BIG)
+    assert fmt == "HEIF" and image.mode == "RGB" and image.size == (32, 64)
+    top, bottom = image.getpixel((16, 8)), image.getpixel((16, 56))
+    assert top[0] > 200 and top[2] < 60, top  # the stored left (red) half is on top, as for a JPEG
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.999])
+def test_a_heic_cut_short_is_truncated_even_where_libheif_decodes_it(tmp_path, kept):
+    # libheif decodes a HEIC missing its last bytes into a picture with a damaged bottom, without an error
+    path = _heic(tmp_path / "cut.heic", Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3),
+                                                                                          dtype=np.uint8)))
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * kept)])
+    with pytest.raises(ImageSkip) as info:
+        load_rgb(path, BIG)
+    assert info.value.reason is SkipReason.TRUNCATED and "\n" not in str(info.value)
+
+
+def test_a_heic_without_pillow_heif_says_what_to_install(tmp_path, monkeypatch):
+    path = _heic(tmp_path / "IMG_0002.HEIC", Image.new("RGB", (32, 32), (200, 10, 10)))
+    monkeypatch.setattr(Image, "ID", [name for name in Image.ID if name != "HEIF"])  # an install without the plugin
+    with pytest.raises(ImageSkip) as info:
+        load_rgb(path, BIG)
+    assert info.value.reason is SkipReason.NOT_AN_IMAGE and "pip install pillow-heif" in info.value.detail

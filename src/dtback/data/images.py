@@ -1,7 +1,7 @@
 """Safe image decoding: open by content, apply EXIF orientation, convert any mode to 8-bit RGB.
 
-Real photo folders hold JPEGs named ``.png``, WebP named ``.jpg``, 16-bit scans, CMYK prints, transparent PNGs,
-half-copied files and the odd text file. :func:`load_rgb` turns each into an RGB image or raises :class:`ImageSkip`
+Real photo folders hold JPEGs named ``.png``, WebP named ``.jpg``, iPhone HEICs, 16-bit scans, CMYK prints,
+transparent PNGs, half-copied files and the odd text file. :func:`load_rgb` turns each into an RGB image or raises :class:`ImageSkip`
 with a reason from :class:`SkipReason`, so a scan can count it and move on.
 """
 
@@ -17,6 +17,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # iPhones save photos as HEIC; Pillow reads HEIF only through pillow-heif's plugin (a dependency of dtback)
+    from pillow_heif import register_heif_opener
+except ImportError:  # an install without it: HEIC photos are then skipped, saying what to install
+    register_heif_opener = None
+else:
+    register_heif_opener()
 
 
 class SkipReason(str, Enum):
@@ -142,12 +149,19 @@ def decode(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
                 )
             image.load()
             fmt = image.format or "unknown"
+            if fmt in _BMFF_FORMATS and _bmff_shorter_than_declared(path, size):
+                # libheif decodes a HEIC missing its last bytes into a picture with a damaged bottom, without a word
+                raise ImageSkip(path, SkipReason.TRUNCATED, f"a {fmt} file that ends inside one of its boxes (cut "
+                                                            "short)")
             upright = ImageOps.exif_transpose(image)
             return to_rgb(upright), fmt
     except UnidentifiedImageError:
         # Pillow says "cannot identify" both for a text file and for an image cut short before its header ends (an
         # AVIF, a GIF inside its colour table): the first bytes tell the two apart.
         claimed = claimed_format(path)
+        if claimed is None and _is_heif(path):
+            raise ImageSkip(path, SkipReason.NOT_AN_IMAGE, "a HEIF/HEIC photo (an iPhone's format) and pillow-heif is "
+                                                           "not installed: pip install pillow-heif") from None
         if claimed is None:
             raise ImageSkip(path, SkipReason.NOT_AN_IMAGE, "content is not a recognised image format") from None
         if _bmff_shorter_than_declared(path, size):
@@ -163,8 +177,9 @@ def decode(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
             # A plugin took the first bytes for its signature and then choked on the header ("P1 hello" for a PPM):
             # a text, not a damaged image.
             raise ImageSkip(path, SkipReason.NOT_AN_IMAGE, "content is not a recognised image format") from None
-        message = str(err) or type(err).__name__
-        truncated = "truncated" in message.lower() or _riff_shorter_than_declared(path, size)
+        message = " ".join(str(err).split()) or type(err).__name__  # libheif's messages end in a newline
+        truncated = ("truncated" in message.lower() or _riff_shorter_than_declared(path, size)
+                     or _bmff_shorter_than_declared(path, size))
         reason = SkipReason.TRUNCATED if truncated else SkipReason.CORRUPT
         raise ImageSkip(path, reason, message) from None
 
@@ -217,6 +232,21 @@ def _bmp_header(head: bytes) -> bool:
 
 
 _HEADER_CHECKS = {"PPM": _netpbm_header, "BMP": _bmp_header}
+
+
+_BMFF_FORMATS = frozenset({"HEIF", "AVIF"})  # Pillow's names of the ISO base media file formats it reads
+# Major brands of HEIF still images and sequences (ISO/IEC 23008-12); AVIF's own brands are Pillow's.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+
+
+def _is_heif(path: Path) -> bool:
+    """Whether ``path`` starts as a HEIF file: an ``ftyp`` box whose major brand is a HEIF one."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
 def _bmff_shorter_than_declared(path: Path, size: int) -> bool:

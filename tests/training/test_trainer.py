@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from dtback.io import is_temporary
 from dtback.config import load_config
 from dtback.errors import ConfigError
-from dtback.model.identity_flux import IdentityPreservingFlux
+from dtback.model.identity_flux import IdentityPreservingFlux, read_adapter
 from dtback.training import trainer as trainer_module
 from dtback.training.trackers import flat_hparams
 from dtback.training.trainer import TrainingDiverged, train
@@ -399,3 +400,26 @@ def test_a_bf16_cpu_run_trains_close_to_float32_on_the_same_float32_latents(tiny
         assert first_bf16[key] == pytest.approx(first_fp32[key], rel=0.05, abs=0.01)
     assert first_bf16["loss/flow"] != first_fp32["loss/flow"]  # autocast did run
     assert len(list((cache / "latents").glob("*/encoder.json"))) == 1
+
+
+def test_a_damaged_best_model_of_a_finished_run_is_written_anew_at_its_end(tiny_config, tmp_path, caplog):
+    # Validated at steps 2 and 4, no EMA: the best model is the live adapter of the step validated.
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(run_dir, **{"training.validate_every": 2, "training.ema_decay": "null"})
+    train(cfg, resume=None, progress_bar=False)
+    best = run_dir / "best_model.pt"
+    best.write_bytes(b"torn")  # a full disk or an interrupted copy
+    with caplog.at_level(logging.WARNING):
+        result = train(cfg, resume="auto", progress_bar=False)  # at its last step: no step left to validate at
+    assert result.steps == 4 and "renamed to best_model.pt.damaged" in caplog.text
+    assert result.best_model == best  # was None: the run ended with no best model at all
+    validations = [json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines()]
+    assert [(v["step"], v["best_step"]) for v in validations][-1] == (4, 4)  # the final weights, validated now
+    _, state = read_adapter(best)
+    _, expected = read_adapter(run_dir / "checkpoints" / "checkpoint-000004" / "adapter")
+    assert sorted(state) == sorted(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+    assert json.loads((run_dir / "summary.json").read_text())["best_step"] == 4
+    # A best model that reads is kept as it is: no validation is added when the run has nothing left to train.
+    kept = best.read_bytes()
+    train(cfg, resume="auto", progress_bar=False)
+    assert best.read_bytes() == kept and len((run_dir / "validation.jsonl").read_text().splitlines()) == 3

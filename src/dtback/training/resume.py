@@ -14,7 +14,8 @@ The run's ``config.yaml`` is written only after these checks pass, so a refused 
 and only when it does not already hold the config (a resume with the run's own file keeps it byte for byte). A
 resumed run's best model that no longer reads (``best_model.pt``, or a weight file of the simple model's ``base/``
 beside it, e.g. cut short by a full disk) is named as damaged, renamed aside and written anew at the next validation
-(:func:`set_aside_damaged_best`).
+(:func:`set_aside_damaged_best`), or at the run's end when it has no step left to validate at
+(:func:`best_model_missing`).
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def set_aside_damaged_best(best: Path, base: Path | None, progress: Progress) ->
     """On resume, before training: a ``best`` model file that does not read, or a ``base`` folder (the simple
     model's base the best model goes with) with a safetensors file that does not read whole, is named as damaged in
     one warning and renamed aside (:func:`dtback.io.move_aside`), and ``progress`` forgets its best score, so the next
-    validation writes a new best model (and ``base/``) instead of a damaged one being kept; nothing is deleted."""
+    validation writes a new best model (and ``base/``) instead of a damaged one being kept; nothing is deleted. A run
+    resumed at its last step validates its final weights at its end for it (:func:`best_model_missing`)."""
     damaged = []  # (the path renamed aside, the damaged file, why)
     problem = _best_model_problem(best)
     if problem is not None:
@@ -141,6 +143,21 @@ def set_aside_damaged_best(best: Path, base: Path | None, progress: Progress) ->
                        why, path.name, aside.name, " and base/" if path == base else "")
     if damaged:
         progress.best_metric = progress.best_step = None
+
+
+def best_model_missing(accelerator, best: Path, validates: bool) -> bool:
+    """Whether a run that ``validates`` has no ``best`` model file (the main process looks; every rank gets its
+    answer). The trainer then validates the final weights at the run's end, which makes them the best model: a run
+    resumed at its last step whose best model was damaged and set aside has no step left to validate at, and would
+    otherwise end with none."""
+    if not validates:
+        return False
+    missing = accelerator.is_main_process and not best.exists()
+    if accelerator.num_processes < 2:
+        return missing
+    from accelerate.utils import broadcast_object_list  # noqa: PLC0415
+
+    return bool(broadcast_object_list([missing])[0])
 
 
 LOCK_FILE = ".dtback.lock"

@@ -34,7 +34,8 @@ from dtback.training import distributed
 from dtback.training.checkpoint import Progress, first_non_finite, latest_checkpoint, save_checkpoint, take_snapshot
 from dtback.training.checkpoint_load import load_checkpoint, resume_point
 from dtback.training.resume import (
-    check_data, check_resume, prepare_run_folder, run_folder_lock, set_aside_damaged_best, write_run_config,
+    best_model_missing, check_data, check_resume, prepare_run_folder, run_folder_lock, set_aside_damaged_best,
+    write_run_config,
 )
 from dtback.training.setup import BEST_MODEL, TRAINED_BASE, RunParts, setup
 from dtback.training.step import TrainModule, compute_loss, step_generator
@@ -230,6 +231,7 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     bar = tqdm(total=steps, initial=progress.step, desc="training", unit="step",
                disable=not (progress_bar and accelerator.is_main_process))
     last_checkpoint = start
+    validated_at = None  # the step last validated by this run
     timer = time.perf_counter()
     try:
         while progress.step < steps and not stop.requested:
@@ -257,9 +259,14 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
                 _check_finite_weights(accelerator, trainable, ema, progress, run_dir)
             if validating:
                 parts.validate(progress, ema, accelerator, list(trainable.values()))
+                validated_at = progress.step
             if saving:
                 last_checkpoint = _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, scheduler,
                                               ema, t.keep_checkpoints) or last_checkpoint
+        if not stop.requested and validated_at != progress.step and \
+                best_model_missing(accelerator, run_dir / BEST_MODEL, bool(parts.val_set.characters)):
+            _check_finite_weights(accelerator, trainable, ema, progress, run_dir)
+            parts.validate(progress, ema, accelerator, list(trainable.values()))
         if stop.requested:
             _check_finite_weights(accelerator, trainable, ema, progress, run_dir)
             last_checkpoint = _checkpoint(accelerator, run_dir, progress, parts, trainable, optimizer, scheduler, ema,

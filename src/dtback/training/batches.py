@@ -81,9 +81,9 @@ def make_batch(store: FeatureStore, targets: list[int], references: list[list[in
     face_mask = present & store.face_valid[ref_index]
     face_reference = body_reference = None
     if store.face_embeds is not None:
-        face_reference = _masked_mean(store.face_embeds[ref_index], face_mask)
+        face_reference = normalized_masked_mean(store.face_embeds[ref_index], face_mask)
     if store.body_pooled is not None:
-        body_reference = _masked_mean(store.body_pooled[ref_index], present & store.body_valid[ref_index])
+        body_reference = normalized_masked_mean(store.body_pooled[ref_index], present & store.body_valid[ref_index])
     target_index = torch.tensor(targets)
     return Batch(
         targets=targets, latents=packed, latent_size=(height, width), image_ids=image_ids,
@@ -94,7 +94,9 @@ def make_batch(store: FeatureStore, targets: list[int], references: list[list[in
     )
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def normalized_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The unit-length mean of the embeddings ``values`` (B, R, D) over the references ``mask`` (B, R) marks present
+    (B, D): one identity reference per sample, for training batches and validation alike."""
     weights = mask.to(values.dtype).unsqueeze(-1)
     mean = (values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
     return torch.nn.functional.normalize(mean, dim=-1)

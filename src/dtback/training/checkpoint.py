@@ -77,7 +77,10 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch's optimiser ``state_dict()`` as a checkpoint stores it: its tensors flat by ``<parameter index>.<name>``
+    (``optimizer.safetensors``), and the rest, param groups and scalars by the same keys, as JSON (``state.json``);
+    :func:`unflatten_optimizer_state` turns them back."""
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for name, value in _flat_items(values):
@@ -98,7 +101,8 @@ def _flat_items(values: dict, prefix: str = ""):
             yield f"{prefix}{name}", value
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The optimiser ``state_dict()`` that :func:`flatten_optimizer_state` flattened into ``tensors`` and ``meta``."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         index, name = key.split(".", 1)
@@ -108,6 +112,10 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
             node = node.setdefault(parent, {})
         node[leaf] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# The names tests/model/test_memory.py still imports (another room's file): the same functions.
+_optimizer_tensors, _optimizer_state = flatten_optimizer_state, unflatten_optimizer_state
 
 
 def rng_state() -> dict[str, Any]:
@@ -238,7 +246,7 @@ def save_checkpoint(run_dir: Path, progress: Progress, model, snapshot: Snapshot
             with _recording_base(model, content_id):
                 model.save_pretrained(tmp / "adapter", state=snapshot.adapter)
             save_file(snapshot.trainable, tmp / "trainable.safetensors")
-            opt_tensors, opt_meta = _optimizer_tensors(snapshot.optimizer)
+            opt_tensors, opt_meta = flatten_optimizer_state(snapshot.optimizer)
             save_file(opt_tensors, tmp / "optimizer.safetensors")
             ema_meta = None
             if snapshot.ema is not None:

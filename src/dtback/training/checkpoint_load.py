@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from dtback.errors import CheckpointError, DtbackError
 from dtback.training.checkpoint import (
-    CHECKPOINTS, Progress, _optimizer_state, first_non_finite, list_checkpoints, optimizer_order, set_rng_state,
+    CHECKPOINTS, Progress, first_non_finite, list_checkpoints, optimizer_order, set_rng_state,
+    unflatten_optimizer_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def load_checkpoint(checkpoint: Checkpoint | Path, trainable: dict[str, torch.nn
     if problem is not None:
         raise CheckpointError(f"checkpoint {folder} cannot be resumed from: {problem}")
     state, weights = contents.state, contents.weights
-    optimizer_state = _optimizer_state(contents.opt_tensors, state["optimizer"])
+    optimizer_state = unflatten_optimizer_state(contents.opt_tensors, state["optimizer"])
     if module is None:
         with _not_fitting(folder, "optimizer"):  # checks its groups against the live ones: before the weights
             optimizer.load_state_dict(optimizer_state)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from dtback.evaluation.metrics import body_similarity, face_similarity
 from dtback.model.identity_flux import IdentityPreservingFlux
-from dtback.training.batches import _masked_mean, reference_inputs
+from dtback.training.batches import normalized_masked_mean, reference_inputs
 from dtback.training.features import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def similarity_scorer(store: FeatureStore, val: ValidationSet, face_encoder, bod
     index = {c: i for i, c in enumerate(val.characters)}
     if store.face_embeds is not None:
         rows = [torch.tensor(r) for r in val.references]
-        face_ref = torch.stack([_masked_mean(store.face_embeds[r][None], store.face_valid[r][None])[0] for r in rows])
+        face_ref = torch.stack([normalized_masked_mean(store.face_embeds[r][None], store.face_valid[r][None])[0]
+                                for r in rows])
     if store.body_pooled is not None:
         body_ref = torch.stack([F.normalize(store.body_pooled[torch.tensor(r)].mean(0), dim=-1) for r in val.references])
 

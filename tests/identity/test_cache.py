@@ -325,6 +325,88 @@ def test_shard_damaged_after_open_is_skipped_on_get(tmp_path: Path, caplog: pyte
     assert any(str(shard) in r.getMessage() for r in caplog.records)
 
 
+def damaged_cache(folder: Path) -> tuple[Path, Path]:
+    """A cache of entries 0 and 1 in two shards, the first cut short (a full disk, an interrupted copy); returns the
+    damaged shard and the good one."""
+    with open_cache(folder, shard_size=1) as cache:
+        cache.put(key_of(0), make_entry(0))
+        cache.put(key_of(1), make_entry(1))
+    damaged, good = cache.shards
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    return damaged, good
+
+
+def test_a_damaged_shard_is_set_aside_once_and_the_next_run_is_quiet(tmp_path: Path, caplog) -> None:
+    damaged, good = damaged_cache(tmp_path)
+    torn = damaged.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="dtback.identity.cache"):
+        first = open_cache(tmp_path)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"embedding cache: skipping {damaged}: unreadable shard: ")
+    assert warning.endswith(f"; renamed to {damaged.name}.damaged (damaged shards set aside: 1): later runs do not "
+                            "read it, and its entries are computed anew")
+    assert first.set_aside == [damaged.with_name(damaged.name + ".damaged")]
+    assert damaged.with_name(damaged.name + ".damaged").read_bytes() == torn and not damaged.exists()  # kept aside
+    assert key_of(0) not in first and first.keys() == [key_of(1)]
+    first.put(key_of(0), make_entry(0))  # computed anew
+    first.flush()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dtback.identity.cache"):
+        second = open_cache(tmp_path)  # was the same warning on every run, the entry never written again
+    assert caplog.records == [] and second.skipped == {} and second.set_aside == []
+    assert_entry_equal(second.get(key_of(0)), make_entry(0))
+
+
+def test_a_shard_another_process_set_aside_first_is_not_counted(tmp_path: Path, monkeypatch, caplog) -> None:
+    # Two ranks or two runs sharing the cache both found it damaged; the other renamed it between our read and ours.
+    damaged, _ = damaged_cache(tmp_path)
+    real = cache_module.move_aside
+
+    def the_other_first(path: Path) -> Path:
+        real(path)
+        return real(path)
+
+    monkeypatch.setattr(cache_module, "move_aside", the_other_first)
+    with caplog.at_level(logging.WARNING, logger="dtback.identity.cache"):
+        cache = open_cache(tmp_path)
+    assert caplog.records[0].getMessage().endswith("; another process set it aside first")
+    assert cache.set_aside == [] and cache.keys() == [key_of(1)]
+    assert sorted(p.name for p in cache.folder.glob("shard-*")) == sorted([_.name, damaged.name + ".damaged"])
+
+
+def test_a_shard_that_cannot_be_renamed_aside_is_still_skipped(tmp_path: Path, monkeypatch, caplog) -> None:
+    damaged, _ = damaged_cache(tmp_path)
+
+    def read_only(path: Path) -> Path:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache_module, "move_aside", read_only)
+    with caplog.at_level(logging.WARNING, logger="dtback.identity.cache"):
+        cache = open_cache(tmp_path)
+    assert caplog.records[0].getMessage().endswith("; it cannot be renamed aside (Permission denied): skipped again "
+                                                   "on every run until it is removed")
+    assert damaged in cache.skipped and damaged.exists() and cache.keys() == [key_of(1)]
+
+
+def test_shards_unreadable_for_now_or_of_another_version_are_never_renamed(tmp_path: Path, monkeypatch) -> None:
+    damaged, good = damaged_cache(tmp_path)
+    damaged.write_bytes(good.read_bytes())  # whole again
+    real = cache_module.safe_open
+
+    def no_permission(path, **kwargs):
+        if Path(path) == damaged:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(cache_module, "safe_open", no_permission)
+    namespace = open_cache(tmp_path).namespace
+    save_file({f"{key_of(5)}/face": torch.zeros(3)}, str(damaged.parent / "shard-future.safetensors"),
+              metadata={"format": cache_module.FORMAT_NAME, "version": "99", "namespace": namespace})
+    cache = open_cache(tmp_path)
+    assert set(cache.skipped) == {damaged, damaged.parent / "shard-future.safetensors"} and cache.set_aside == []
+    assert not list(damaged.parent.glob("*.damaged"))  # a newer dtback's shard, a permission to fix: left in place
+
+
 # ------------------------------------------------------------------------------------------------ two processes
 
 WORKER_SOURCE = textwrap.dedent(

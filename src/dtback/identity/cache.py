@@ -14,6 +14,11 @@ Why shards and no index file: each writer only ever creates new files with uniqu
 (:func:`dtback.io.atomic_path`), so a kill leaves at worst a temp file (ignored, cleaned when stale) and two
 processes never overwrite each other. Readers find entries by listing the folder and reading shard headers only;
 tensors are loaded on :meth:`EmbeddingCache.get`. Shards are safetensors, so reading never unpickles anything.
+
+A shard found damaged (cut short, not safetensors) is renamed aside once (``<name>.damaged``, kept) so later runs
+neither read nor warn about it again, and its entries are computed anew. In a distributed run the ranks open their
+caches one after the other, the main process first (:mod:`dtback.training.setup`), so only the first to see it
+renames it; a process that finds it gone (another set it aside first) says so and counts nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dtback.errors import ConfigError, DtbackError
-from dtback.io import WRITE_ERRORS, atomic_path, is_temporary, output_problem, write_failure, write_json
+from dtback.io import (
+    WRITE_ERRORS, atomic_path, is_temporary, move_aside, output_problem, write_failure, write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,8 @@ _KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]+")
 # What opening or reading a damaged shard can raise: safetensors' own error for bad headers/sizes, OSError for
 # unreadable or vanished files, ValueError/UnicodeError for metadata that is not what we wrote.
 _SHARD_READ_ERRORS = (SafetensorError, OSError, ValueError, UnicodeError)
+# Those that say the file itself is damaged (an OSError may pass: a permission, a file another process moved).
+_SHARD_DAMAGE = (SafetensorError, ValueError, UnicodeError)
 
 
 class CacheWriteError(DtbackError, OSError):
@@ -165,6 +174,7 @@ class EmbeddingCache:
     leaving a ``with`` block (also when it is left by an exception, so finished work is kept).
 
     Damaged or foreign shard files are skipped with a warning; ``skipped`` maps each such file to the reason.
+    Damaged ones are renamed aside (module docstring); ``set_aside`` lists their new paths.
     """
 
     def __init__(
@@ -184,6 +194,7 @@ class EmbeddingCache:
         self.folder = self.root / self.namespace
         self.shard_size = shard_size
         self.skipped: dict[Path, str] = {}
+        self.set_aside: list[Path] = []
         self._index: dict[str, Path] = {}
         self._seen_shards: set[Path] = set()
         self._shard_names: dict[Path, dict[str, list[str]]] = {}
@@ -234,7 +245,7 @@ class EmbeddingCache:
                 metadata = handle.metadata() or {}
                 names = list(handle.keys())
         except _SHARD_READ_ERRORS as err:
-            self._skip(shard, f"unreadable shard: {type(err).__name__}: {err}")
+            self._skip(shard, f"unreadable shard: {type(err).__name__}: {err}", isinstance(err, _SHARD_DAMAGE))
             return None
         if metadata.get("format") != FORMAT_NAME:
             self._skip(shard, f"not a {FORMAT_NAME} shard (metadata format={metadata.get('format')!r})")
@@ -252,10 +263,23 @@ class EmbeddingCache:
         self._shard_names[shard] = grouped  # get() reads only its key's tensors instead of scanning every name
         return set(grouped)
 
-    def _skip(self, shard: Path, reason: str) -> None:
-        """Record a shard that cannot be used, and warn with its path."""
+    def _skip(self, shard: Path, reason: str, damaged: bool = False) -> None:
+        """Record a shard that cannot be used, and warn with its path; a ``damaged`` one is renamed aside first."""
         self.skipped[shard] = reason
-        log.warning("embedding cache: skipping %s: %s", shard, reason)
+        log.warning("embedding cache: skipping %s: %s%s", shard, reason, self._set_aside(shard) if damaged else "")
+
+    def _set_aside(self, shard: Path) -> str:
+        """Rename the damaged ``shard`` aside (:func:`dtback.io.move_aside`); what became of it, for the warning."""
+        try:
+            aside = move_aside(shard)
+        except FileNotFoundError:
+            return "; another process set it aside first"
+        except OSError as err:
+            return (f"; it cannot be renamed aside ({write_failure(err)}): skipped again on every run until it is "
+                    "removed")
+        self.set_aside.append(aside)
+        return (f"; renamed to {aside.name} (damaged shards set aside: {len(self.set_aside)}): later runs do not read "
+                "it, and its entries are computed anew")
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         """Return the tensors stored for ``key`` (field → tensor, on CPU), or ``None`` when not cached."""
@@ -269,7 +293,7 @@ class EmbeddingCache:
             with safe_open(shard, framework="pt") as handle:
                 return {name[len(prefix):]: handle.get_tensor(name) for name in self._shard_names[shard][key]}
         except _SHARD_READ_ERRORS as err:
-            self._drop_shard(shard, f"unreadable shard on get({key!r}): {type(err).__name__}: {err}")
+            self._drop_shard(shard, f"unreadable shard on get({key!r}): {type(err).__name__}: {err}", err)
             return self.get(key)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, torch.Tensor] | None]:
@@ -294,7 +318,7 @@ class EmbeddingCache:
                         found[key] = {name[len(key) + 1:]: handle.get_tensor(name)
                                       for name in self._shard_names[shard][key]}
             except _SHARD_READ_ERRORS as err:
-                self._drop_shard(shard, f"unreadable shard on get_many: {type(err).__name__}: {err}")
+                self._drop_shard(shard, f"unreadable shard on get_many: {type(err).__name__}: {err}", err)
                 found.update(self.get_many(wanted))
         return found
 
@@ -309,13 +333,14 @@ class EmbeddingCache:
             with safe_open(shard, framework="pt") as handle:
                 metadata = handle.metadata() or {}
         except _SHARD_READ_ERRORS as err:
-            self._drop_shard(shard, f"unreadable shard on get_meta({key!r}): {type(err).__name__}: {err}")
+            self._drop_shard(shard, f"unreadable shard on get_meta({key!r}): {type(err).__name__}: {err}", err)
             return self.get_meta(key)
         return json.loads(metadata.get(META_PREFIX + key, "{}"))
 
-    def _drop_shard(self, shard: Path, reason: str) -> None:
-        """Forget a shard that went bad after it was indexed; its keys fall back to other shards or miss."""
-        self._skip(shard, reason)
+    def _drop_shard(self, shard: Path, reason: str, err: Exception) -> None:
+        """Forget a shard that went bad after it was indexed (``err``: why); its keys fall back to other shards or
+        miss."""
+        self._skip(shard, reason, isinstance(err, _SHARD_DAMAGE))
         lost = [key for key, where in self._index.items() if where == shard]
         for key in lost:
             del self._index[key]

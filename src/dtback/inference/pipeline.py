@@ -37,9 +37,10 @@ from PIL import Image
 from dtback import backends, devices
 from dtback.errors import AdapterMismatchError, DtbackError, MissingModelError, NoFaceError
 from dtback.identity.resampler import IdentityInputs
+from dtback.inference.adapter_file import read_checked_adapter
 from dtback.inference.loras import check_lora_weights
 from dtback.model.flux import DTYPE_KWARG, base_content_id, damaged_weights, local_base_folder
-from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, RunRecord, read_adapter
+from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class IdentityFluxPipeline:
         (:meth:`enable_offload`)."""
         adapter = Path(adapter)
         device = str(offload_device(offload, device)) if offload != "none" else (device or "cpu")
-        spec, _ = read_adapter(adapter)
+        spec, _ = read_checked_adapter(adapter)  # a damaged or edited file named before its base is loaded
         source = resolve_base(adapter, spec.extra.base_model, base)
         check_base_content(adapter, spec.extra, source, chosen=bool(base))
         dtype = dtype or devices.resolve_dtype("auto", device)

@@ -27,7 +27,7 @@ from dtback.config import Config, load_config
 from dtback.data.images import ImageSkip, is_utf8, load_rgb, shown
 from dtback.data.layout import CONTACT_SHEET, SIDECAR_SUFFIXES, scan_dataset
 from dtback.data.split import SPLIT_FILE, read_split, split_characters
-from dtback.world.files import read_manifest, world_settings
+from dtback.world.files import MANIFEST, read_manifest, world_command, world_settings
 from dtback.world.people import caption_for
 from dtback.errors import DatasetError, DtbackError
 from dtback.io import is_inside, read_text_now
@@ -224,7 +224,14 @@ def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, expl
             raise DtbackError(f"--data-dir is needed: {run_dir / 'config.yaml'} (the run's config) does not exist")
         data_dir = Path(cfg.data.data_dir)
     if not data_dir.is_dir():
-        raise DatasetError(f"dataset folder {data_dir} does not exist (pass --data-dir)")
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise DatasetError(f"dataset folder {data_dir} {what} (pass --data-dir: a folder of "
+                           "<bundle>/<character>/<image>)")
+    manifest = read_manifest(data_dir)
+    if manifest is not None and not manifest.get("complete"):
+        # Its characters past the kill point are missing: scores would silently cover a part of the world.
+        raise DatasetError(f"{data_dir / MANIFEST}: an unfinished identity world (its generation was interrupted: "
+                           f"complete is not true); finish it with `{world_command(data_dir, manifest)}`")
     keys, source = held_out_keys(run_dir, cfg, data_dir, explicit)
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:  # the shuffled baseline would hand a character its own references and read as "with identity"

@@ -119,6 +119,13 @@ def _write_image(rendered, image_path: Path) -> None:
         rendered.image.save(tmp, format="PNG")
 
 
+def world_command(out: Path, settings: dict[str, Any]) -> str:
+    """The ``dtback world`` command that writes (or finishes) the world of ``settings`` (a manifest's) in ``out``."""
+    return (f"dtback world --out {out} --characters {settings.get('characters')} --images-per-character "
+            f"{settings.get('images_per_character')} --size {settings.get('size')} --seed {settings.get('seed')} "
+            f"--bundle {settings.get('bundle')}")
+
+
 def read_manifest(root: Path) -> dict[str, Any] | None:
     """``<root>/world.json`` as a dict, or None when ``root`` holds no world manifest."""
     path = Path(root) / MANIFEST

@@ -25,7 +25,7 @@ from PIL import Image
 
 from dtback.config import Config, load_config
 from dtback.data.images import ImageSkip, is_utf8, load_rgb, shown
-from dtback.data.layout import CONTACT_SHEET, SIDECAR_SUFFIXES, scan_dataset
+from dtback.data.layout import CONTACT_SHEET, SIDECAR_SUFFIXES, DatasetIndex, scan_dataset
 from dtback.data.split import SPLIT_FILE, read_split, split_characters
 from dtback.world.files import MANIFEST, read_manifest, world_command, world_settings
 from dtback.world.people import caption_for
@@ -153,8 +153,10 @@ def check_not_trained(run_dir: Path, cfg: Config | None, data_dir: Path, keys: l
     return found
 
 
-def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: list[str]) -> tuple[list[str], str]:
-    """``bundle/character`` keys of the held-out characters and where they came from (see the module docstring)."""
+def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: list[str],
+                  skipped: list[dict[str, str]] | None = None) -> tuple[list[str], str]:
+    """``bundle/character`` keys of the held-out characters and where they came from (see the module docstring).
+    On another dataset, the characters and folders its scan leaves out are appended to ``skipped``."""
     if explicit:
         return list(explicit), "--characters"
     split_path = run_dir / SPLIT_FILE
@@ -163,8 +165,10 @@ def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: l
         # A reference and one gallery image are enough to be evaluated.
         data_cfg = cfg.data.model_copy(update={"data_dir": data_dir, "max_chars_per_bundle": None,
                                                "min_images_per_char": 2})
-        keys = [c.key for c in scan_dataset(data_cfg, cfg.seed, progress=False).characters]
-        return keys, f"every character of {data_dir} (another dataset than the run's {cfg.data.data_dir})"
+        index = scan_dataset(data_cfg, cfg.seed, progress=False)
+        if skipped is not None:
+            skipped.extend(scan_losses(index))
+        return [c.key for c in index.characters], f"every character of {data_dir} (another dataset than the run's {cfg.data.data_dir})"
     if split_val is not None:
         return _in_their_bundle(split_val, cfg, data_dir), str(split_path)
     if cfg is None:
@@ -177,6 +181,17 @@ def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: l
     data_cfg = cfg.data.model_copy(update={"data_dir": data_dir})
     split = split_characters(scan_dataset(data_cfg, cfg.seed, progress=False), data_cfg, cfg.seed)
     return list(split.val), f"config data.val_fraction={cfg.data.val_fraction} (seed {cfg.seed})"
+
+
+def scan_losses(index: DatasetIndex) -> list[dict[str, str]]:
+    """What the scan of a dataset left out, as ``skipped`` entries: dropped characters (too few images, ...) and
+    skipped files or folders outside the kept characters (a folder name that is not UTF-8, ...). The files of kept
+    characters are not listed: :func:`read_character` records those itself."""
+    kept = tuple(f"{c.key}/" for c in index.characters)
+    losses = [{"path": drop.character, "reason": drop.reason, "detail": drop.detail} for drop in index.drops]
+    losses += [{"path": skip.path, "reason": skip.reason, "detail": skip.detail} for skip in index.skips
+               if not skip.path.startswith(kept)]
+    return losses
 
 
 def another_dataset(cfg: Config, data_dir: Path, split_val: list[str]) -> bool:
@@ -232,7 +247,8 @@ def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, expl
         # Its characters past the kill point are missing: scores would silently cover a part of the world.
         raise DatasetError(f"{data_dir / MANIFEST}: an unfinished identity world (its generation was interrupted: "
                            f"complete is not true); finish it with `{world_command(data_dir, manifest)}`")
-    keys, source = held_out_keys(run_dir, cfg, data_dir, explicit)
+    skipped: list[dict[str, str]] = []
+    keys, source = held_out_keys(run_dir, cfg, data_dir, explicit, skipped)
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:  # the shuffled baseline would hand a character its own references and read as "with identity"
         raise DtbackError(f"{source} names {', '.join(map(shown, twice))} more than once: each held-out character once")
@@ -248,11 +264,16 @@ def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, expl
             f"no held-out characters in {source} (was the run trained with data.val_fraction: 0?); pass "
             "--characters bundle/character (repeatable)"
         )
-    held = HeldOut(data_dir=data_dir, characters=[], source=source, trained=trained)
+    held = HeldOut(data_dir=data_dir, characters=[], source=source, trained=trained, skipped=skipped)
     for key in keys:
         if limit is not None and len(held.characters) >= limit:
             break
-        character = read_character(data_dir, key, held.skipped, references)
+        if not explicit and not (data_dir / key).is_dir():
+            # The run's held-out people that a smaller world of its seed does not draw: the others are evaluated.
+            held.skipped.append({"path": shown(key), "reason": "not_in_dataset",
+                                 "detail": f"held out by the run ({source}) but {data_dir} has no such folder"})
+            continue
+        character = read_character(data_dir, key, held.skipped, references, world=manifest is not None)
         if character is not None:
             held.characters.append(character)
     if len(held.characters) < 2:
@@ -264,10 +285,10 @@ def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, expl
 
 
 def read_character(data_dir: Path, key: str, skipped: list[dict[str, str]],
-                   references: int = 1) -> HeldOutCharacter | None:
+                   references: int = 1, world: bool = False) -> HeldOutCharacter | None:
     """Read one character folder: the first ``references`` readable images (sorted by name) are its references,
-    the rest its gallery. Unreadable images, and characters without a gallery image beyond the references, are
-    recorded in ``skipped`` and left out."""
+    the rest its gallery. Unreadable images, characters without a gallery image beyond the references and, on a
+    ``world``, characters without any readable attributes are recorded in ``skipped`` and left out."""
     folder = data_dir / key
     if not folder.is_dir():
         raise DatasetError(f"held-out character {shown(key)}: no folder {shown(folder)} (does --data-dir match the "
@@ -286,22 +307,31 @@ def read_character(data_dir: Path, key: str, skipped: list[dict[str, str]],
                         "detail": f"{len(images)} readable image(s); {references} reference(s) and a gallery image "
                                   "are needed"})
         return None
+    truth = next(filter(None, (world_truth(path) for path, _ in images)), None)
+    if world and truth is None:
+        skipped.append({"path": shown(key), "reason": "no_world_metadata",
+                        "detail": f"none of its {len(images)} images has a readable .json sidecar with its "
+                                  "attributes"})
+        return None
     return HeldOutCharacter(
         key=key, reference_paths=[p for p, _ in images[:references]],
         references=[image for _, image in images[:references]], gallery_paths=[p for p, _ in images[references:]],
-        gallery=[image for _, image in images[references:]], truth=world_truth(images[0][0]),
+        gallery=[image for _, image in images[references:]], truth=truth,
     )
 
 
 def world_truth(image_path: Path) -> dict[str, dict[str, str]] | None:
-    """The true attributes in the identity world's sidecar ``<image>.json``; None for other datasets."""
+    """The true attributes in the identity world's sidecar ``<image>.json``; None when it is missing, unreadable
+    (cut short, edited) or holds none: every image of a character carries the same, so the caller asks the next."""
     sidecar = image_path.with_suffix(".json")
     if not sidecar.is_file():
         return None
     try:
         attributes: Any = json.loads(sidecar.read_text(encoding="utf-8")).get("attributes")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-        raise DatasetError(f"{sidecar}: unreadable world metadata ({type(err).__name__}: {err})") from None
+        logger.warning("%s: unreadable world metadata (%s: %s); reading the character's next image's", sidecar,
+                       type(err).__name__, err)
+        return None
     if not isinstance(attributes, dict) or not {"face", "body"} <= set(attributes):
         return None
     return attributes

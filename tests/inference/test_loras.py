@@ -103,12 +103,67 @@ def test_the_file_checked_is_the_file_diffusers_loads(lora_file, tmp_path):
     with pytest.raises(DtbackError, match=rf"LoRA folder {single} holds 2 weight files \(other.safetensors, "
                                           r"style.safetensors\): pass the file to load"):
         lora_weights_file(single)
-    pickled = tmp_path / "style.bin"
-    torch.save({KEY_A: torch.full((4, 128), math.nan)}, pickled)
-    assert lora_weights_file(pickled) is None and check_lora_weights(pickled) is None  # diffusers reads pickles
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({KEY_A: torch.zeros(4, 128)}, pickled / "pytorch_lora_weights.bin")  # diffusers' name for pickles
+    assert lora_weights_file(pickled) == pickled / "pytorch_lora_weights.bin"
+    assert lora_weights_file(pickled / "pytorch_lora_weights.bin") == pickled / "pytorch_lora_weights.bin"
+
+
+def test_a_pickled_lora_is_checked_too_and_never_unpickled_as_objects(lora_file, tmp_path):
+    # A .bin LoRA went to diffusers unchecked: NaN weights gave black images, a pickle of objects a late error.
+    nan = tmp_path / "style.bin"
+    torch.save({KEY_A: torch.full((4, 128), math.nan)}, nan)
+    with pytest.raises(DtbackError, match=rf"^LoRA {nan}: key {KEY_A} holds 512 NaN/inf of 512 values"):
+        check_lora_weights(nan)
+    good = tmp_path / "good.bin"
+    torch.save(load_file(lora_file), good)
+    assert check_lora_weights(good) == good
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.bin"
+    torch.save({KEY_A: Hostile(marker)}, hostile)
+    with pytest.raises(DtbackError, match=rf"^LoRA {hostile}: not a tensors-only LoRA file \(damaged, or it holds "
+                                          r"Python objects beyond tensors, which dtback never unpickles\)"):
+        check_lora_weights(hostile)
+    assert not marker.exists()
+    torch.save({KEY_A: [1, 2]}, tmp_path / "lists.bin")
+    with pytest.raises(DtbackError, match=f"key '{KEY_A}' holds a list, not a tensor"):
+        check_lora_weights(tmp_path / "lists.bin")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(DtbackError, match=r"empty.bin: not a tensors-only LoRA file \(EOFError"):
+        check_lora_weights(tmp_path / "empty.bin")
+
+
+def test_a_lora_folder_without_weights_or_a_safetensors_file_cut_short_is_refused(lora_file, tmp_path):
+    with pytest.raises(DtbackError, match=rf"^LoRA folder {tmp_path} holds no LoRA weights \(no .safetensors file, "
+                                          r"no pytorch_lora_weights.bin\): pass the LoRA file$"):
+        check_lora_weights(tmp_path)
     unreadable = tmp_path / "notes.safetensors"
     unreadable.write_text("not a LoRA")
-    assert check_lora_weights(unreadable) == unreadable  # diffusers names what is wrong with it
+    with pytest.raises(DtbackError, match=rf"^LoRA {unreadable}: truncated or not a safetensors file"):
+        check_lora_weights(unreadable)
+    data = lora_file.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-10])
+    with pytest.raises(DtbackError, match=rf"^LoRA {cut}: truncated: {len(data) - 10} of its {len(data)} bytes$"):
+        check_lora_weights(cut)
+
+
+class Hostile:
+    """Unpickled as an object, it would write ``marker``: weights_only loading must refuse it instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_lora_loads_through_diffusers_like_its_safetensors(fresh, lora_file, tmp_path):
+    pickled = tmp_path / "style.bin"
+    torch.save(load_file(lora_file), pickled)
+    name = fresh.load_lora_weights(pickled, scale=0.5)
+    assert fresh.loras == {name: 0.5} and name == "style"
 
 
 def test_generate_refuses_a_bad_lora_in_one_line_before_loading_the_base(run_dir, lora_file, tmp_path, capsys,

@@ -249,7 +249,7 @@ class IdentityFluxPipeline:
             self.pipeline.remove_all_hooks()  # accelerate puts sequentially offloaded weights back in place
         try:
             try:
-                self.pipeline.load_lora_weights(str(file or path), adapter_name=name)
+                self.pipeline.load_lora_weights(str(file), adapter_name=name)
             except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
                 raise DtbackError(f"LoRA {path}: not a FLUX LoRA that diffusers can load "
                                   f"({err.__class__.__name__}: {err})") from err

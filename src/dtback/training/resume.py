@@ -4,7 +4,9 @@ A checkpoint stores the config it was trained with and a fingerprint of its trai
 resume the new config is compared with it, key by key:
 
 - **harmless** keys (:data:`HARMLESS`: how often to log, validate and checkpoint, the trackers, devices, caches, the
-  number of ranks and how the step's micro-batches are spread over them) are applied, and each change is logged;
+  number of ranks and how the step's micro-batches are spread over them) are applied, and each change is logged; the
+  micro-batches of a step (ranks x ``training.gradient_accumulation_steps``) stay the checkpoint's
+  (:func:`check_batch_split`);
 - every other change (shapes, data, schedule, losses, seeds) would silently do something else than the run that
   wrote the checkpoint (a size mismatch at load, a learning rate that the restored scheduler ignores, another
   dataset under the same character names): the run is refused before any work, naming every such key with both
@@ -90,6 +92,28 @@ def check_resume(checkpoint: Path | str, previous: dict[str, Any] | None, curren
         raise ConfigError(f"cannot resume {checkpoint}: the run was trained with another setting of "
                           f"{'; '.join(refused)}. {NEW_RUN}")
     return harmless
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 'es' if word.endswith('ch') else 's'}"
+
+
+def check_batch_split(checkpoint: Path | str, record: dict[str, Any], ranks: int, accumulation: int) -> None:
+    """Before any work: this launch's ``ranks`` x ``accumulation`` micro-batches per optimiser step must be the
+    checkpoint's (``record``: its ``ranks`` and ``micro_batches_per_step``; absent in older checkpoints): the same
+    global batch spread otherwise (8 GPUs -> 4 with twice the accumulation) trains the same run, another batch
+    would not (and would move the epochs' step counts under the restored schedule)."""
+    before, trained_ranks = record.get("micro_batches_per_step"), record.get("ranks")
+    now = ranks * accumulation
+    if not isinstance(before, int) or not isinstance(trained_ranks, int) or before == now:
+        return
+    fix = (f"set training.gradient_accumulation_steps to {before // ranks} on {_count(ranks, 'rank')}"
+           if before % ranks == 0 else
+           f"launch on {' or '.join(str(n) for n in range(1, before + 1) if before % n == 0)} ranks")
+    raise ConfigError(
+        f"cannot resume {checkpoint}: it was trained with {_count(before, 'micro-batch')} per optimiser step "
+        f"({_count(trained_ranks, 'rank')} x training.gradient_accumulation_steps {before // trained_ranks}), this "
+        f"launch gives {now} ({_count(ranks, 'rank')} x {accumulation}): {fix}. {NEW_RUN}")
 
 
 def check_data(checkpoint: Path | str, before: str | None, now: str) -> None:

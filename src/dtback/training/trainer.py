@@ -34,7 +34,7 @@ from dtback.training import distributed
 from dtback.training.checkpoint import Progress, first_non_finite, latest_checkpoint, save_checkpoint, take_snapshot
 from dtback.training.checkpoint_load import load_checkpoint, resume_point
 from dtback.training.resume import (
-    best_model_missing, check_data, check_resume, prepare_run_folder, run_folder_lock, set_aside_damaged_best,
+    best_model_missing, check_batch_split, check_data, check_resume, prepare_run_folder, run_folder_lock, set_aside_damaged_best,
     write_run_config,
 )
 from dtback.training.setup import BEST_MODEL, TRAINED_BASE, RunParts, setup
@@ -182,6 +182,8 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
     start = checkpoint.folder if checkpoint is not None else None
     record = checkpoint.record if checkpoint is not None else {}
     harmless = check_resume(start, record.get("config"), cfg.model_dump(mode="json")) if start is not None else []
+    if start is not None:
+        check_batch_split(start, record, accelerator.num_processes, t.gradient_accumulation_steps)
     set_seed(cfg.seed)
     parts = setup(cfg, accelerator, progress_bar)
     data_fingerprint = parts.store.fingerprint()
@@ -192,7 +194,8 @@ def _run(cfg: Config, accelerator: Accelerator, resume: str | Path | None, progr
         write_run_config(cfg, parts.run_dir / "config.yaml")
         for change in harmless:
             logger.info("resume applies a changed setting: %s", change)
-    parts.record = {"config": cfg.model_dump(mode="json"), "data": data_fingerprint}
+    parts.record = {"config": cfg.model_dump(mode="json"), "data": data_fingerprint, "ranks": accelerator.num_processes,
+                    "micro_batches_per_step": accelerator.num_processes * t.gradient_accumulation_steps}
     start_trackers(accelerator, cfg)
     run_dir = parts.run_dir
     module = TrainModule(parts.pipeline.transformer, parts.model)

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from dtback.config import DataConfig, WorldConfig
 from dtback.data.images import DECODE_ERRORS
 from dtback.world.people import WORLD_VERSION, render_image, sample_characters
 from dtback.errors import DatasetError, MissingModelError
-from dtback.io import atomic_path, write_json, write_text
+from dtback.io import atomic_path, remove_stale_temporaries, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def write_world(out: Path, cfg: WorldConfig, progress: bool = True) -> WorldSumm
         for character in characters:
             folder = out / cfg.bundle / character.name
             folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(folder)  # PNGs a killed run left half written (hidden, an hour old)
             for j in range(cfg.images_per_character):
                 image_path = folder / f"{j:03d}.png"
                 if image_path.is_file() and _is_whole(image_path, cfg.size):
@@ -140,6 +142,19 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     return data
 
 
+def stored_world(root: Path, manifest: dict[str, Any], world: WorldConfig) -> WorldConfig:
+    """The settings of the world in ``root`` from its ``manifest``: an unfinished world is finished as it was
+    started (``dtback world --seed 5`` killed, then a training on that folder), not as ``world`` would draw one."""
+    keys = ("characters", "images_per_character", "size", "seed", "bundle")
+    try:
+        stored = WorldConfig(**{**world.model_dump(), **{key: manifest.get(key) for key in keys}})
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise DatasetError(f"{root / MANIFEST}: an unfinished world whose settings do not read ({problems}); delete "
+                           "the folder to generate a new one") from None
+    return stored
+
+
 def _check_resumable(out: Path, settings: dict[str, Any]) -> None:
     if not out.exists():
         return
@@ -163,7 +178,8 @@ def ensure_world(data: DataConfig, progress: bool = True) -> Path:
     """Make sure ``data.data_dir`` exists, generating the identity world there when it is missing.
 
     - missing folder and ``data.world.generate_if_missing``: the world of ``data.world`` is generated, with a message;
-    - a world left unfinished by an interrupted run (``world.json`` with ``complete: false``): it is completed;
+    - a world left unfinished by an interrupted run (``world.json`` with ``complete: false``): it is completed with
+      the settings of its manifest (those it was started with, whatever ``data.world`` says);
     - any other existing folder (a real photo dataset, a finished world): used as it is.
 
     Returns ``data.data_dir``. Raises :class:`DatasetError` when the folder is missing and generation is off.
@@ -177,13 +193,14 @@ def ensure_world(data: DataConfig, progress: bool = True) -> Path:
             f"data_dir {root} does not exist and data.world.generate_if_missing is false; point data_dir at photos "
             "laid out as <bundle>/<character>/<image>, or generate a world with `dtback world --out DIR`"
         )
-    world = data.world
-    verb = "completing the unfinished" if manifest is not None else "generating the"
+    world = data.world if manifest is None else stored_world(root, manifest, data.world)
+    verb = "completing the unfinished identity world with its own settings" if manifest is not None else \
+        "generating the identity world"
     # A data_dir of the user's own that is missing is more likely a typo than a wish for the world: say it loudly.
     level = logging.INFO if manifest is not None or root == DataConfig.model_fields["data_dir"].default else \
         logging.WARNING
     log.log(
-        level, "data_dir %s %s: %s identity world (%d characters x %d images, %d px, seed %d)%s ...",
+        level, "data_dir %s %s: %s (%d characters x %d images, %d px, seed %d)%s ...",
         root, "is unfinished" if manifest is not None else "is missing", verb, world.characters,
         world.images_per_character, world.size, world.seed,
         "" if level == logging.INFO else "; if you meant photos, check the path (data.world.generate_if_missing="

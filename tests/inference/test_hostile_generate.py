@@ -188,3 +188,27 @@ def test_a_base_that_is_a_file_or_missing_and_a_lora_of_other_weights_exit_2(run
     err = capsys.readouterr().err
     assert f"LoRA {trainable}" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prompts_or_settings_file_that_is_a_folder_missing_or_not_utf8_is_named(run_dir, tmp_path, capsys,
+                                                                                   no_model_loading):
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    for flag, path, message in (
+        ("--prompts-file", tmp_path, f"--prompts-file {tmp_path} is a folder, not a text file"),  # was "Errno 21: 6"
+        ("--settings", tmp_path, f"--settings {tmp_path} is a folder, not a text file"),
+        ("--prompts-file", tmp_path / "nope.txt", f"--prompts-file {tmp_path / 'nope.txt'} does not exist"),
+        ("--prompts-file", latin1, f"--prompts-file {latin1}: not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8"),
+    ):
+        assert main([*generate_args(run_dir, tmp_path), flag, str(path)]) == EXIT_BAD_INPUT
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_byte_order_mark_does_not_start_the_first_prompt(tmp_path):
+    from dtback.cli import build_parser  # noqa: PLC0415
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeffa person\r\n\r\n  on a beach \n".encode("utf-8"))  # as Windows' Notepad saves it
+    args = build_parser().parse_args(["generate", "--prompts-file", str(prompts)])
+    assert generate_module.resolve_settings(args).prompt == ["a person", "on a beach"]

@@ -170,12 +170,32 @@ def validate_settings(data: dict[str, Any], origins: dict[str, str] | None = Non
         raise ConfigError("invalid generate settings:\n  " + "\n  ".join(lines)) from None
 
 
+def read_text_argument(flag: str, path: Path) -> str:
+    """The text of the file a flag names (``--prompts-file``, ``--settings``), or a :class:`ConfigError` naming the
+    flag and the file: missing, a folder, not UTF-8, unreadable. A byte-order mark (Windows editors write one) is
+    dropped: it would otherwise start the first prompt."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder, not a text file")
+    if not path.exists():
+        raise ConfigError(f"{flag} {path} does not exist")
+    try:
+        text = read_text_now(path)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{flag} {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                          "save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: unreadable ({err.strerror or err})") from None
+    return text.removeprefix("\ufeff")
+
+
 def read_settings_file(path: Path) -> dict[str, Any]:
     """The JSON object of a ``settings.json`` (unvalidated: see :func:`validate_settings`)."""
+    text = read_text_argument("--settings", path)
     try:
-        data = json.loads(read_text_now(Path(path)))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"--settings {path}: unreadable ({err})") from err
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--settings {path}: unreadable (not JSON: {err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--settings {path}: expected a JSON object of settings, got {type(data).__name__}")
     return data
@@ -248,10 +268,7 @@ def resolve_settings(args: argparse.Namespace) -> GenerateSettings:
         data["prompt"] = list(args.prompt)
         origins.pop("prompt", None)
     if args.prompts_file is not None:
-        try:
-            lines = read_text_now(args.prompts_file).splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise DtbackError(f"--prompts-file {args.prompts_file}: unreadable ({err})") from err
+        lines = read_text_argument("--prompts-file", args.prompts_file).splitlines()
         prompts = data.get("prompt") or []
         if isinstance(prompts, list):  # otherwise validation names the settings file's bad "prompt"
             data["prompt"] = prompts + [line.strip() for line in lines if line.strip()]

@@ -3,8 +3,11 @@ message naming it, before any model is loaded; an adapter runs only on the base 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +215,35 @@ def test_a_byte_order_mark_does_not_start_the_first_prompt(tmp_path):
     prompts.write_bytes("\ufeffa person\r\n\r\n  on a beach \n".encode("utf-8"))  # as Windows' Notepad saves it
     args = build_parser().parse_args(["generate", "--prompts-file", str(prompts)])
     assert generate_module.resolve_settings(args).prompt == ["a person", "on a beach"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(run_dir, tmp_path, capsys, monkeypatch,
+                                                                           no_model_loading):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access  # as a read-only folder answers for a user who is not root
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    args = generate_args(run_dir, tmp_path)
+    args[args.index("--output") + 1] = str(locked / "out")
+    assert main(args) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip() == f"error: --output {locked / 'out'} cannot be written: {locked} is not " \
+                                              "writable"
+
+
+def test_a_disk_that_fills_while_writing_images_names_the_file_and_keeps_the_ones_before(run_dir, tmp_path, capsys,
+                                                                                        monkeypatch):
+    real = generate_module.atomic_path
+
+    def fill_at_second_image(path, *args, **kwargs):
+        if path.name == "001_00.png":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "atomic_path", fill_at_second_image)
+    out = tmp_path / "out"
+    args = generate_args(run_dir, tmp_path, "--prompt", "a person on a beach", "--height", "32", "--width", "32")
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"error: --output: cannot write {out / '001_00.png'} (No space left on " \
+                                           "device); the 1 images written before it are kept"
+    assert "Traceback" not in err and sorted(p.name for p in out.iterdir()) == ["000_00.png"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from dtback.config import FLUX_PIXEL_MULTIPLE, MAX_SEED, DataConfig
 from dtback.data.images import ImageSkip, load_rgb
 from dtback.errors import ConfigError, DtbackError
-from dtback.io import atomic_path, output_problem, read_text_now, write_json
+from dtback.io import WRITE_ERRORS, atomic_path, output_problem, read_text_now, write_failure, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ def generate(settings: GenerateSettings, output: Path, progress: bool = True) ->
     from dtback.inference.pipeline import IdentityFluxPipeline, default_steps  # noqa: PLC0415
 
     settings.check_inputs()
-    problem = output_problem(Path(output), "folder")
+    problem = output_problem(Path(output), "folder") or _not_writable(Path(output))
     if problem:
         raise DtbackError(f"--output {problem}")
     device = str(devices.available_device(settings.device))  # before any model is loaded
@@ -325,8 +326,8 @@ def generate(settings: GenerateSettings, output: Path, progress: bool = True) ->
         settings.reference_faces = list(report.faces)
         references = inputs
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[str] = []
+    _write(out, lambda: out.mkdir(parents=True, exist_ok=True), written)
     for p, prompt in enumerate(tqdm(settings.prompt, desc="prompts", disable=not progress)):
         images = pipe(prompt, references, face_scale=settings.face_scale, body_scale=settings.body_scale,
                       identity_start=settings.identity_start, identity_end=settings.identity_end,
@@ -336,9 +337,31 @@ def generate(settings: GenerateSettings, output: Path, progress: bool = True) ->
                       true_cfg_scale=settings.true_cfg, negative_prompt=settings.negative_prompt)
         for i, image in enumerate(images):
             path = out / f"{p:03d}_{i:02d}.png"
-            with atomic_path(path) as tmp:
-                image.save(tmp, format="PNG")
+            _write(path, lambda: _save_png(image, path), written)
             written.append(path.name)
     settings.images = written
-    write_json(out / SETTINGS_FILE, settings.to_json(), indent=2)
+    _write(out / SETTINGS_FILE, lambda: write_json(out / SETTINGS_FILE, settings.to_json(), indent=2), written)
     return out
+
+
+def _not_writable(output: Path) -> str | None:
+    """Why ``output`` cannot be written (None: it can, as far as permissions say), before any model is loaded."""
+    existing = next((folder for folder in (output, *output.parents) if folder.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{output} cannot be written: {existing} is not writable"
+    return None
+
+
+def _save_png(image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def _write(path: Path, write, written: list[str]) -> None:
+    """``write()``; a full disk or a folder turned read-only ends in one line naming the file, and what was written
+    before it stays (each file is whole: atomic)."""
+    try:
+        write()
+    except WRITE_ERRORS as err:
+        kept = f"; the {len(written)} images written before it are kept" if written else ""
+        raise DtbackError(f"--output: cannot write {path} ({write_failure(err)}){kept}") from None

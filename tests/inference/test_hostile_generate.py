@@ -9,8 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dtback.cli import EXIT_BAD_INPUT, main
 from dtback.inference import generate as generate_module
@@ -247,3 +249,39 @@ def test_a_disk_that_fills_while_writing_images_names_the_file_and_keeps_the_one
     assert err.strip().splitlines()[-1] == f"error: --output: cannot write {out / '001_00.png'} (No space left on " \
                                            "device); the 1 images written before it are kept"
     assert "Traceback" not in err and sorted(p.name for p in out.iterdir()) == ["000_00.png"]
+
+
+def test_a_missing_or_oversized_reference_is_named_without_training_keys(run_dir, tmp_path, capsys, monkeypatch,
+                                                                         no_model_loading):
+    args = generate_args(run_dir, tmp_path)
+    args[args.index("--reference") + 1] = str(tmp_path / "nope.png")
+    assert main(args) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip() == f"error: --reference {tmp_path / 'nope.png'} does not exist"
+    monkeypatch.setattr(generate_module, "MAX_REFERENCE_PIXELS", 1000)
+    assert main(generate_args(run_dir, tmp_path)) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err  # max_image_pixels is training's key: generate has no setting to raise
+    assert err.strip().endswith("; a reference may have at most 1,000 pixels: downscale it"), err
+
+
+def test_a_negative_prompt_without_true_cfg_is_said_to_be_unused(run_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="dtback.inference.generate"):
+        assert main(generate_args(run_dir, tmp_path, "--height", "32", "--width", "32", "--negative-prompt",
+                                  "blurry")) == 0
+    assert "--negative-prompt is not used: it is the prompt of true CFG's negative branch, which --true-cfg 1 (the " \
+           "default) switches off" in caplog.text
+
+
+def test_the_seed_help_says_what_seeds_the_images(run_dir, tmp_path, capsys):
+    from dtback.cli import build_parser  # noqa: PLC0415
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    assert "prompt p uses seed + p (default 0)" in " ".join(capsys.readouterr().out.split())
+    size = ["--height", "32", "--width", "32"]
+    both = generate_args(run_dir, tmp_path, "--prompt", "a person on a beach", "--seed", "5", *size)
+    assert main(both) == 0
+    alone = generate_args(run_dir, tmp_path / "alone", "--seed", "6", *size)
+    alone[alone.index("--prompt") + 1] = "a person on a beach"
+    assert main(alone) == 0
+    second, same = Image.open(tmp_path / "out" / "001_00.png"), Image.open(tmp_path / "alone" / "out" / "000_00.png")
+    assert np.array_equal(np.asarray(second), np.asarray(same))

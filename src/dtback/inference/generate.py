@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm.auto import tqdm
 
 from dtback.config import FLUX_PIXEL_MULTIPLE, MAX_SEED, DataConfig
-from dtback.data.images import ImageSkip, load_rgb
+from dtback.data.images import ImageSkip, SkipReason, load_rgb
 from dtback.errors import ConfigError, DtbackError
 from dtback.io import WRITE_ERRORS, atomic_path, output_problem, read_text_now, write_failure, write_json
 
@@ -116,6 +116,9 @@ class GenerateSettings(BaseModel):
             raise DtbackError("no prompt: give --prompt TEXT (repeatable) or a non-empty --prompts-file")
         if not self.reference and not self.no_identity:
             raise DtbackError("no reference image: give --reference IMAGE (repeatable), or --no-identity")
+        for path in [] if self.no_identity else self.reference:
+            if not Path(path).exists() and not Path(path).is_symlink():  # a broken link is named by the decoder
+                raise DtbackError(f"--reference {path} does not exist")
         for path in self.lora:
             if not Path(path).exists():
                 raise DtbackError(f"--lora {path} does not exist")
@@ -213,24 +216,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="FLUX base folder or hub id (default: the one the adapter records)")
     parser.add_argument("--reference", action="append", type=Path, help="reference image of the character (repeatable)")
     parser.add_argument("--prompt", action="append", help="prompt (repeatable)")
-    parser.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    parser.add_argument("--prompts-file", type=Path,
+                        help="a UTF-8 text file with one prompt per line (blank lines skipped), after any --prompt")
     parser.add_argument("--output", type=Path, default=Path("out"), help="output folder (default: out/)")
-    parser.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i")
+    parser.add_argument("--seed", type=int, help=f"seed of the first prompt's images, 0..{MAX_SEED}; prompt p uses "
+                        "seed + p (default 0)")
     parser.add_argument("--face-scale", type=float, help="face identity strength (default: the adapter's)")
     parser.add_argument("--body-scale", type=float, help="body identity strength (default: the adapter's)")
     parser.add_argument("--identity-start", type=float, help="fraction of the steps before identity starts (0)")
     parser.add_argument("--identity-end", type=float, help="fraction of the steps after which identity stops (1)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: 28, or 20 for the simple model)")
-    parser.add_argument("--guidance", type=float, help="guidance (distilled for FLUX.1-dev)")
+    parser.add_argument("--guidance", type=float, help="guidance (distilled for FLUX.1-dev), >= 0 (default 3.5)")
     parser.add_argument("--true-cfg", type=float,
                         help="true classifier-free guidance scale; > 1 adds a negative branch without identity and "
                         "doubles the transformer calls (default 1: off)")
     parser.add_argument("--negative-prompt",
-                        help="prompt of the true-CFG negative branch (default: the prompt itself, so the guidance is "
-                        "on identity alone)")
-    parser.add_argument("--height", type=int, help="pixels, multiple of 16 (default: the training size)")
-    parser.add_argument("--width", type=int, help="pixels, multiple of 16 (default: the training size)")
-    parser.add_argument("--num-images", type=int, help="images per prompt")
+                        help="prompt of the true-CFG negative branch, used only with --true-cfg > 1 (default: the "
+                        "prompt itself, so the guidance is on identity alone)")
+    parser.add_argument("--height", type=int,
+                        help=f"pixels, a multiple of 16 up to {MAX_SIDE} (default: the training size)")
+    parser.add_argument("--width", type=int,
+                        help=f"pixels, a multiple of 16 up to {MAX_SIDE} (default: the training size)")
+    parser.add_argument("--num-images", type=int, help=f"images per prompt, 1..{MAX_IMAGES} (default 1)")
     parser.add_argument("--require-face", action="store_true", default=None,
                         help="refuse references without a detectable face (default: warn and use the body only)")
     parser.add_argument("--no-identity", action="store_true", default=None, help="the plain base, for comparison")
@@ -284,7 +291,10 @@ def load_references(paths: list[str]):
         try:
             images.append(load_rgb(Path(path), MAX_REFERENCE_PIXELS))
         except ImageSkip as skip:
-            raise DtbackError(f"--reference {path}: {skip.reason.value} ({skip.detail})") from None
+            # The decoder names training's key (max_image_pixels); generate has no such setting to raise.
+            hint = f"; a reference may have at most {MAX_REFERENCE_PIXELS:,} pixels: downscale it" \
+                if skip.reason is SkipReason.TOO_MANY_PIXELS else ""
+            raise DtbackError(f"--reference {path}: {skip.reason.value} ({skip.detail}){hint}") from None
     return images
 
 
@@ -300,6 +310,9 @@ def generate(settings: GenerateSettings, output: Path, progress: bool = True) ->
     from dtback.inference.pipeline import IdentityFluxPipeline, default_steps  # noqa: PLC0415
 
     settings.check_inputs()
+    if settings.negative_prompt is not None and settings.true_cfg == 1:
+        logger.warning("--negative-prompt is not used: it is the prompt of true CFG's negative branch, which "
+                       "--true-cfg 1 (the default) switches off; give --true-cfg > 1 to use it")
     problem = output_problem(Path(output), "folder") or _not_writable(Path(output))
     if problem:
         raise DtbackError(f"--output {problem}")

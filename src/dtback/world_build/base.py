@@ -27,6 +27,7 @@ from dtback.training.trainer import train
 from dtback.world.base import INFO_FILE, REBUILD
 from dtback.world.people import WORLD_VERSION, render_image, sample_characters
 from dtback.world.vae import load_world_vae, to_model_range, world_vae_folder
+from dtback.world_build.train import check_recipe
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,14 @@ class BaseRecipe:
     # training.mixed_precision: bf16 autocast where the CPU or GPU has bf16 instructions (float32 with a warning
     # elsewhere); the world's latents are encoded in float32 either way.
     mixed_precision: str = "bf16"
+
+    def __post_init__(self) -> None:
+        # A character needs a target and a reference image; the hidden size is heads x 32.
+        check_recipe(self, {"characters": 2, "images_per_character": 2, "world_seed": 0, "steps": 1, "batch": 1,
+                            "warmup": 0, "seed": 0, "width": SIMPLE_TRANSFORMER["attention_head_dim"],
+                            "double_blocks": 0, "single_blocks": 0},
+                     positive=("lr",), fractions=("ema_decay",), below_one=("ema_decay",),
+                     multiples={"width": SIMPLE_TRANSFORMER["attention_head_dim"]})
 
     def transformer(self) -> dict[str, Any]:
         """Overrides of :data:`~dtback.model.flux.SIMPLE_TRANSFORMER` for :func:`build_simple_pipeline`."""

@@ -19,7 +19,9 @@ import torch
 from dtback.world.encoders import BODY, DETECTOR, FACE, WorldBodyEncoder, WorldFaceEncoder
 from dtback.world.nets import DetectorConfig, EmbedderConfig, save_net
 from dtback.world.people import WORLD_VERSION, Character, WorldSet, render_world_set, sample_characters
-from dtback.world_build.train import box_iou, roc_auc_same_vs_different, train_detector, train_embedder
+from dtback.world_build.train import (
+    box_iou, check_recipe, roc_auc_same_vs_different, train_detector, train_embedder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,12 @@ class EncoderRecipe:
     eval_characters: int = 40
     eval_images: int = 6
     eval_seed: int = 2001
+
+    def __post_init__(self) -> None:
+        # CosFace needs two characters; the held-out AUC needs pairs of the same and of different characters.
+        check_recipe(self, {"characters": 2, "images_per_character": 1, "size": 16, "seed": 0, "detector_steps": 1,
+                            "face_steps": 1, "body_steps": 1, "batch": 1, "eval_characters": 2, "eval_images": 2,
+                            "eval_seed": 0})
 
 
 def training_characters(recipe: EncoderRecipe) -> list[Character]:

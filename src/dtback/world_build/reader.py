@@ -18,7 +18,7 @@ from dtback.world.nets import DetectorConfig, save_net
 from dtback.world.people import WORLD_VERSION, WorldSet, render_world_set, sample_characters
 from dtback.world.reader import READER, IdentityReader, ReaderConfig, ReaderNet, attribute_labels
 from dtback.world_build.train import (
-    jitter_boxes, optimizer_step, photometric, train_detector, training_history, warmup_cosine,
+    check_recipe, jitter_boxes, optimizer_step, photometric, train_detector, training_history, warmup_cosine,
 )
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ class ReaderRecipe:
     eval_characters: int = 100
     eval_images: int = 4
     eval_seed: int = 4001
+
+    def __post_init__(self) -> None:
+        check_recipe(self, {"characters": 1, "images_per_character": 1, "size": 16, "seed": 0, "detector_steps": 1,
+                            "steps": 1, "batch": 1, "eval_characters": 1, "eval_images": 1, "eval_seed": 0},
+                     positive=("lr",), fractions=("decoded_share",))
 
 
 def train_reader(world: WorldSet, config: ReaderConfig, recipe: ReaderRecipe,

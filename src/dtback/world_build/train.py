@@ -10,6 +10,7 @@ jittered, flipped, blurred and re-lit so the encoders also hold on VAE-decoded a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -25,6 +26,36 @@ from dtback.world.nets import DetectorConfig, Embedder, EmbedderConfig, FaceDete
 from dtback.world.people import WorldSet
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------- recipes
+
+
+def check_recipe(recipe: Any, least: dict[str, int], positive: tuple[str, ...] = (), fractions: tuple[str, ...] = (),
+                 below_one: tuple[str, ...] = (), multiples: dict[str, int] | None = None) -> None:
+    """Refuse a recipe (a dataclass) that cannot train or measure, with a ValueError naming the recipe, the field
+    and the value: fields annotated ``int`` must be whole numbers and ``float`` finite ones, each of ``least`` at
+    least its bound, ``positive`` above 0, ``fractions`` within [0, 1], ``below_one`` below 1 and ``multiples`` a
+    multiple of their number. A recipe's ``__post_init__`` calls it, so a bad one stops before minutes of renders
+    (steps 0 trained nothing and recorded NaN losses)."""
+    for spec in dataclasses.fields(recipe):
+        name, value = spec.name, getattr(recipe, spec.name)
+        where = f"{type(recipe).__name__}.{name}={value!r}"
+        if spec.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{where}: must be a whole number")
+        if spec.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                     or not math.isfinite(value)):
+            raise ValueError(f"{where}: must be a finite number")
+        if name in least and value < least[name]:
+            raise ValueError(f"{where}: must be at least {least[name]}")
+        if name in positive and value <= 0:
+            raise ValueError(f"{where}: must be above 0")
+        if name in fractions and not 0 <= value <= 1:
+            raise ValueError(f"{where}: must be between 0 and 1")
+        if name in below_one and value >= 1:
+            raise ValueError(f"{where}: must be below 1")
+        if multiples and name in multiples and value % multiples[name]:
+            raise ValueError(f"{where}: must be a multiple of {multiples[name]}")
 
 
 # ---------------------------------------------------------------------------------------------------- augmentation

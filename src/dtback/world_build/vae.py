@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from dtback.io import replace_folder, write_json
 from dtback.world.people import WORLD_VERSION, WorldSet, render_world_set, sample_characters
 from dtback.world.vae import INFO_FILE, latent_statistics, reconstruction_psnr, to_model_range, world_vae_config
-from dtback.world_build.train import optimizer_step, training_history, warmup_cosine
+from dtback.world_build.train import check_recipe, optimizer_step, training_history, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ class VaeRecipe:
     eval_images: int = 4
     eval_seed: int = 6001
 
+    def __post_init__(self) -> None:
+        check_recipe(self, {"characters": 1, "images_per_character": 1, "size": 8, "seed": 0, "steps": 1, "batch": 1,
+                            "crop": 8, "kl_weight": 0, "latent_channels": 1, "eval_characters": 1, "eval_images": 1,
+                            "eval_seed": 0},
+                     positive=("lr",), fractions=("focus",), multiples={"size": 8, "crop": 8})  # latents are 8x smaller
 
 
 def render_pixels(characters: int, per_character: int, size: int, seed: int, exclude=()) -> torch.Tensor:

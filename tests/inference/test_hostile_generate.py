@@ -55,6 +55,7 @@ def generate_args(run_dir, tmp_path, *extra):
         (["--true-cfg", "nan"], "--true-cfg nan: Input should be a finite number"),
         (["--device", "cuda:7"], "--device cuda:7: this machine has no cuda device"),
         (["--device", "gpu0"], "--device 'gpu0' is not a device torch knows"),
+        (["--lora-scale", "0.5"], "--lora-scale 0.5 is given without a --lora to scale"),  # was dropped silently
     ],
 )
 def test_bad_generate_arguments_exit_2_before_loading(run_dir, tmp_path, capsys, no_model_loading, flags, message):

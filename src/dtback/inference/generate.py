@@ -100,6 +100,8 @@ class GenerateSettings(BaseModel):
         if self.identity_start > self.identity_end:
             raise ValueError(f"--identity-start {self.identity_start} must be <= --identity-end {self.identity_end}")
         scales, count = list(self.lora_scale), len(self.lora)
+        if scales and not count:  # it would be dropped without a word
+            raise ValueError(f"--lora-scale {scales[0]} is given without a --lora to scale")
         if len(scales) > 1 and len(scales) != count:
             raise ValueError(f"--lora-scale given {len(scales)} times for {count} --lora: give it once for all "
                              f"LoRAs or once per LoRA")

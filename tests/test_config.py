@@ -300,3 +300,29 @@ def test_an_embedding_cache_inside_the_data_is_refused(tmp_path):
     assert f"identity.cache_dir={photos / 'cache'} is inside data.data_dir={photos}" in error
     cfg = load_config(None, [f"data_dir={photos}", f"identity.cache_dir={tmp_path / 'photos-cache'}"])
     assert cfg.cache_dir() == tmp_path / "photos-cache"
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
+    # PyYAML's own message spans five lines, quoting the source under a caret.
+    message = error_of(write(tmp_path, "training:\n  batch_size: [4\n"))
+    assert message == f"{tmp_path / 'cfg.yaml'}: not valid YAML: while parsing a flow sequence: expected ',' or ']', " \
+                      "but got '<stream end>' at line 3, column 1"
+    assert error_of(None, ["data.val_characters=[a/b"]) == "--set data.val_characters=[a/b: value is not valid YAML: " \
+        "while parsing a flow sequence: expected ',' or ']', but got '<stream end>' at line 1, column 5"
+
+
+def test_setting_a_key_below_a_value_says_so(tmp_path):
+    # The validator said only "training.batch_size: Input should be a valid integer" for a value the user never gave.
+    assert error_of(None, ["training.batch_size.x=1"]) == "--set training.batch_size.x=1: training.batch_size is a " \
+        "value, not a section, so training.batch_size.x cannot be set (set training.batch_size=...)"
+    assert "data.nope: unknown key" in error_of(None, ["data.nope.x=1"])  # unknown names keep their suggestions
+
+
+def test_text_that_yaml_reads_as_a_mapping_says_to_quote_it(tmp_path):
+    message = error_of(None, ["data.caption_template={character}"])
+    assert message.endswith("data.caption_template: Input should be a valid string; YAML read the value as a mapping: "
+                            "put it in quotes"), message
+    assert error_of(None, ["data.caption_template={character} in a park"]).endswith(
+        "at line 1, column 13; text that starts with '{' must be in quotes")
+    assert load_config(None, ["data.caption_template='{character} in a park'"]).data.caption_template == \
+        "{character} in a park"

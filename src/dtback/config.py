@@ -697,7 +697,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except DuplicateKeyError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
     if data is None:
@@ -853,8 +853,37 @@ def _parse_override(override: str) -> tuple[str | None, Any]:
     try:
         value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {override}: value is not valid YAML: {err}") from None
+        # `{character} in a park` is a broken YAML mapping, not the caption template the user typed
+        hint = "; text that starts with '{' must be in quotes" if text.lstrip().startswith("{") else ""
+        raise ConfigError(f"--set {override}: value is not valid YAML: {_yaml_problem(err)}{hint}") from None
+    _check_key_path(key, override)
     return key, value
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line (its own text spans five, with the source quoted under a caret)."""
+    problem = getattr(err, "problem", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    context = getattr(err, "context", None)
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{context}: {problem}{where}" if context else f"{problem}{where}"
+
+
+def _check_key_path(dotted: str, override: str) -> None:
+    """Refuse ``--set a.b.c=...`` where ``a.b`` is a value of the tree, not a section (the validator would say only
+    that ``a.b`` is not a number); unknown names are left to the validator, which suggests the close ones."""
+    model: type[BaseModel] = Config
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        info = model.model_fields.get(part)
+        if info is None:
+            return
+        annotation = info.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {override}: {where} is a value, not a section, so {dotted} cannot be set "
+                              f"(set {where}=...)")
+        model = annotation
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -884,6 +913,10 @@ def _format_errors(err: ValidationError, raw: dict[str, Any], source: str, sourc
             lines.append(f"{origin}: {key}: unknown key{_suggestion(loc)}")
             continue
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "string_type" and isinstance(item.get("input"), (dict, list)):
+            # `{character} in a park` or `a: b` unquoted is a YAML mapping (and `[x]` a list), not the text typed
+            kind = "mapping" if isinstance(item["input"], dict) else "list"
+            message += f"; YAML read the value as a {kind}: put it in quotes"
         got = f" (got {_short_repr(item['input'])})" if "input" in item and not isinstance(item["input"], dict) else ""
         lines.append(f"{origin}: {key}: {message}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

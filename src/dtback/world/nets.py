@@ -16,17 +16,19 @@ Crops are cut by :func:`dtback.identity.crops.crop_square` (differentiable).
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dtback.errors import MissingModelError
-from dtback.io import atomic_path, write_json
+from dtback.io import atomic_path, safetensors_problem
 
 Net = TypeVar("Net", bound=nn.Module)
 FACE_CROP_SIDE, FACE_CROP_CENTRE = 1.5, 0.3
@@ -156,11 +158,18 @@ class FaceDetectorNet(nn.Module):
 
 def save_net(net: nn.Module, folder: Path, name: str, info: dict[str, Any]) -> None:
     """``<folder>/<name>.safetensors`` (weights, buffers included) and ``<name>.json`` (class, config, ``info``).
-    ``net.config`` must be a dataclass."""
+    ``net.config`` must be a dataclass.
+
+    Both files are written whole under temporary names first and renamed only then, so a kill while writing leaves
+    the old pair; both carry the same build id (the weights in their safetensors metadata), so the pair a kill
+    between the two renames leaves is refused by :func:`load_net` instead of loading with another build's figures."""
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    with atomic_path(Path(folder) / f"{name}.safetensors") as tmp:
-        save_file(state, str(tmp))
-    write_json(Path(folder) / f"{name}.json", {"class": type(net).__name__, "config": asdict(net.config), **info})
+    build = uuid.uuid4().hex
+    description = {"class": type(net).__name__, "config": asdict(net.config), **info, "build": build}
+    with atomic_path(Path(folder) / f"{name}.safetensors") as weights, \
+            atomic_path(Path(folder) / f"{name}.json") as meta:
+        save_file(state, str(weights), metadata={"build": build})
+        meta.write_text(json.dumps(description, indent=1) + "\n", encoding="utf-8")
 
 
 def load_net(folder: Path, name: str, cls: type[Net]) -> tuple[Net, dict[str, Any]]:
@@ -179,6 +188,23 @@ def load_net(folder: Path, name: str, cls: type[Net]) -> tuple[Net, dict[str, An
     except (OSError, ValueError, KeyError, TypeError) as err:
         problem = f"{type(err).__name__}: {err}"
         raise MissingModelError(f"{meta_path}: not a world component description ({problem})") from None
+    rebuild = f"rebuild it with `dtback world-components --out {folder}`"
+    problem = safetensors_problem(weights)
+    if problem is None and "build" in meta:  # components saved before build ids have none: nothing to compare
+        with safe_open(str(weights), "pt") as handle:
+            theirs = (handle.metadata() or {}).get("build")
+        if theirs != meta["build"]:
+            problem = f"and {meta_path.name} are of different builds (a build stopped between saving them)"
     net = cls(config)
-    net.load_state_dict(load_file(str(weights)))
+    if problem is None:
+        try:
+            net.load_state_dict(load_file(str(weights)))
+        except (RuntimeError, SafetensorError) as err:
+            # torch lists every missing, extra or misshapen tensor over many lines: the first says enough
+            details = " ".join(str(err).split()).split(f"for {cls.__name__}: ", 1)[-1].split(". ")
+            problem = f"its tensors do not fit the {cls.__name__} of {meta_path.name} ({details[0]}" + \
+                (f"; and {len(details) - 1} more)" if len(details) > 1 else ")")
+    if problem is not None:
+        raise MissingModelError(f"{weights} {problem}; {rebuild}" if problem.startswith("and ") else
+                                f"{weights}: {problem}; {rebuild}")
     return net.eval().requires_grad_(False), meta

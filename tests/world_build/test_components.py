@@ -157,3 +157,78 @@ def test_a_damaged_summary_is_set_aside_and_rewritten(tmp_path, monkeypatch, cap
     assert json.loads((tmp_path / "components.json").read_text())["components"]["vae"]["psnr"] == 20.5
     assert (tmp_path / "components.json.damaged").read_text() == '{"world_version": '
     assert "components.json" in caplog.text and "unreadable" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ a killed build
+
+# `dtback world-components --only vae` in a child process: a tiny recipe, and diffusers' writer stops after its first
+# file (flushed), as a kill inside save_pretrained leaves it; the child says so and waits to be killed.
+KILLED_BUILD = """
+import sys
+from diffusers import AutoencoderKL
+from dtback.cli import main
+from dtback.world.vae import world_vae_config
+from dtback.world_build import components, vae
+def save(self, folder, *args, **kwargs):
+    (folder / "config.json").write_text("{}")
+    print("half", flush=True)
+    sys.stdin.read()
+AutoencoderKL.save_pretrained = save
+recipe = vae.VaeRecipe(characters=4, images_per_character=2, size=32, steps=2, batch=2, crop=32, eval_characters=2,
+                       eval_images=1)
+tiny = world_vae_config(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=32)
+components.build_world_vae = lambda folder, progress: vae.build_world_vae(folder, recipe, tiny, progress=progress)
+main(["world-components", "--no-progress", "--only", "vae", "--out", sys.argv[1]])
+"""
+
+
+def tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_build_killed_while_saving_leaves_the_old_component_and_reruns_cleanly(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dtback.io import TMP_MARK
+    from dtback.world_build import components
+
+    folder = tmp_path / "components"
+    shutil.copytree(PACKAGED_WORLD_MODELS / "vae", folder / "vae")
+    shutil.copy(PACKAGED_WORLD_MODELS / "components.json", folder / "components.json")
+    before = tree(folder)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(folder)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "half\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    (left,) = [p for p in folder.iterdir() if TMP_MARK in p.name]  # the half-saved VAE, hidden beside the old one
+    assert left.name.startswith(".vae" + TMP_MARK) and left.is_dir()
+    assert {k: v for k, v in tree(folder).items() if TMP_MARK not in k} == before  # the old component, untouched
+    assert load_world_vae(folder / "vae").config.latent_channels == 4
+    os.utime(left, (time.time() - 7200,) * 2)  # an hour later, the next build clears it and runs as usual
+    monkeypatch.setattr(components, "_builders", lambda: {"vae": lambda folder, progress: {"psnr": 1.0}})
+    summary = components.build_world_components(folder, only=["vae"], progress=False)
+    assert summary["components"]["vae"]["psnr"] == 1.0 and not [p for p in folder.iterdir() if TMP_MARK in p.name]
+
+
+def test_a_build_clears_what_a_killed_one_left_an_hour_ago_and_keeps_a_live_ones(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from dtback.world_build import components
+
+    stale, live = tmp_path / ".vae.tmp-1-0000abcd", tmp_path / ".face_encoder.safetensors.tmp-2-0000abcd"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    live.write_bytes(b"\0")
+    os.utime(stale, (time.time() - 7200,) * 2)
+    monkeypatch.setattr(components, "_builders", lambda: {"vae": lambda folder, progress: {"psnr": 1.0}})
+    components.build_world_components(tmp_path, only=["vae"], progress=False)
+    assert not stale.exists() and live.exists()

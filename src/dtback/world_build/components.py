@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dtback.errors import DtbackError
-from dtback.io import move_aside, output_problem, write_json
+from dtback.io import move_aside, output_problem, remove_stale_temporaries, write_json
 from dtback.world.base import BASE_FOLDER
 from dtback.world.people import WORLD_VERSION
 from dtback.world.vae import VAE_FOLDER, load_world_vae, round_trip, world_vae_folder
@@ -101,6 +101,11 @@ def build_world_components(folder: Path, only: Sequence[str] = COMPONENTS, progr
     if problem is not None:  # before minutes of training, not when the first component is saved
         raise DtbackError(f"--out: {problem}")
     folder.mkdir(parents=True, exist_ok=True)
+    # A build killed while saving leaves its hidden temporary (a VAE or base folder, a weights file) beside the
+    # component it would have replaced, which is whole: clear those an hour old (a live build's are newer).
+    removed = remove_stale_temporaries(folder)
+    if removed:
+        log.info("removed %d temporary files or folders left in %s by an interrupted build", removed, folder)
     summary = _read_summary(folder / SUMMARY)
     summary_path = folder / SUMMARY
     if summary.get("world_version") != WORLD_VERSION:

@@ -3,13 +3,14 @@ the checkpoint's, however the launch spreads it."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
 
 from dtback.errors import ConfigError
-from dtback.training.checkpoint import list_checkpoints
-from dtback.training.resume import check_batch_split
+from dtback.training.checkpoint import Progress, list_checkpoints
+from dtback.training.resume import check_batch_split, set_aside_damaged_best
 from dtback.training.trainer import train
 
 
@@ -36,3 +37,48 @@ def test_a_resume_that_changes_the_accumulated_batch_is_refused_before_any_work(
         train(tiny_config(run_dir, **{"training.gradient_accumulation_steps": 2}), resume="auto", progress_bar=False)
     assert (run_dir / "config.yaml").read_bytes() == config  # was: steps 3 and 4 trained on twice the batch
     assert train(tiny_config(run_dir), resume="auto", progress_bar=False).steps == 4
+
+
+def test_a_best_model_left_bound_to_an_older_base_is_set_aside_on_resume(tiny_config, tmp_path, monkeypatch, caplog):
+    """A kill between writing base/ and best_model.pt (at a validation that improved) leaves the new base/ beside the
+    older best model, which goes with a base no longer there; generate refuses the pair."""
+    from dtback.model.flux import base_content_id
+    from dtback.model.identity_flux import read_adapter
+    from dtback.training import setup as run_setup
+
+    validated = {"training.validate_every": 2, "training.ema_decay": "null"}
+    written = []  # each best_model.pt the run writes, with the base/ beside it then
+    real_write = run_setup.RunParts._write_best
+
+    def keep_each(parts, *args, **kwargs):
+        real_write(parts, *args, **kwargs)
+        written.append(shutil.copy(parts.run_dir / "best_model.pt", tmp_path / f"best-{len(written)}.pt"))
+
+    monkeypatch.setattr(run_setup.RunParts, "_write_best", keep_each)
+    monkeypatch.setattr(run_setup, "selection_metric", lambda metrics: float(metrics["step"]))  # step 4 is better
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, **validated), resume=None, progress_bar=False)
+    monkeypatch.undo()
+    shutil.rmtree(list_checkpoints(run_dir)[-1])  # killed at step 4's validation: base/ written, then nothing
+    shutil.copy(written[0], run_dir / "best_model.pt")  # step 2's, bound to step 2's base
+    old_base = read_adapter(written[0])[0].extra.base_content_id
+    assert old_base != base_content_id(run_dir / "base")
+
+    monkeypatch.setattr(run_setup, "selection_metric", lambda metrics: -float(metrics["step"]))  # 4 does not beat 2
+    with caplog.at_level(logging.WARNING, logger="dtback.training.resume"):
+        train(tiny_config(run_dir, **validated), resume="auto", progress_bar=False)
+    (line,) = [record.getMessage() for record in caplog.records]
+    assert line.startswith(f"{run_dir / 'best_model.pt'} does not go with {run_dir / 'base'} (it was trained on a base "
+                           f"of content fingerprint {old_base[:16]}, base/ has ")
+    assert line.endswith("): best_model.pt renamed to best_model.pt.damaged, the next validation writes a new best "
+                         "model")
+    # Was kept: the run ended with a best model bound to a base that is no longer there.
+    spec, _ = read_adapter(run_dir / "best_model.pt")
+    assert spec.extra.base_content_id == base_content_id(run_dir / "base")
+    assert (run_dir / "best_model.pt.damaged").read_bytes() == written[0].read_bytes()
+    # A base/ gone altogether (removed by hand, a kill inside its swap) leaves the best model no base either.
+    shutil.rmtree(run_dir / "base")
+    progress = Progress(step=4, best_metric=-4.0, best_step=4)
+    set_aside_damaged_best(run_dir / "best_model.pt", run_dir / "base", progress)
+    assert "(the base/ it was trained on is missing)" in caplog.records[-1].getMessage()
+    assert (run_dir / "best_model.pt.damaged-2").is_file() and progress.best_step is None

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 from dtback.config import Config, load_config
 from dtback.errors import ConfigError, DtbackError
 from dtback.io import move_aside, output_problem, remove_stale_temporaries
-from dtback.model.flux import damaged_weights
+from dtback.model.flux import base_content_id, damaged_weights
 from dtback.model.identity_flux import read_adapter
 from dtback.training.checkpoint import CHECKPOINTS, Progress
 
@@ -148,23 +148,42 @@ def _best_model_problem(best: Path) -> str | None:
     return None
 
 
+def _other_base(best: Path, base: Path | None) -> str | None:
+    """Why the readable ``best`` model does not go with the whole ``base`` folder beside it (None: it does, or it
+    records no base): a run stopped between writing ``base/`` and ``best_model.pt`` leaves the new base beside the
+    older best model, whose own base is gone; a ``base`` that is missing is no base for it either."""
+    if base is None or not best.is_file():
+        return None
+    bound = getattr(read_adapter(best)[0].extra, "base_content_id", None)
+    if bound and not (base / "transformer" / "config.json").is_file():
+        return "the base/ it was trained on is missing"
+    found = base_content_id(base) if bound else None
+    if not bound or bound == found:
+        return None
+    return (f"it was trained on a base of content fingerprint {bound[:16]}, base/ has {found[:16]}: a run stopped "
+            "between writing base/ and best_model.pt")
+
+
 def set_aside_damaged_best(best: Path, base: Path | None, progress: Progress) -> None:
     """On resume, before training: a ``best`` model file that does not read, or a ``base`` folder (the simple
     model's base the best model goes with) with a safetensors file that does not read whole, is named as damaged in
-    one warning and renamed aside (:func:`dtback.io.move_aside`), and ``progress`` forgets its best score, so the next
+    one warning and renamed aside (:func:`dtback.io.move_aside`); so is a best model bound to another base than this
+    whole ``base`` (:func:`_other_base`). Then ``progress`` forgets its best score, so the next
     validation writes a new best model (and ``base/``) instead of a damaged one being kept; nothing is deleted. A run
     resumed at its last step validates its final weights at its end for it (:func:`best_model_missing`)."""
-    damaged = []  # (the path renamed aside, the damaged file, why)
+    damaged = []  # (the path renamed aside, what is wrong with which file, why)
     problem = _best_model_problem(best)
     if problem is not None:
-        damaged.append((best, best, problem))
+        damaged.append((best, f"{best} is damaged", problem))
     found = damaged_weights(base) if base is not None and base.is_dir() else None
     if found is not None:
-        damaged.append((base, *found))
-    for path, file, why in damaged:
+        damaged.append((base, f"{found[0]} is damaged", found[1]))
+    elif problem is None and (other := _other_base(best, base)) is not None:
+        damaged.append((best, f"{best} does not go with {base}", other))
+    for path, what, why in damaged:
         aside = move_aside(path)
-        logger.warning("%s is damaged (%s): %s renamed to %s, the next validation writes a new best model%s", file,
-                       why, path.name, aside.name, " and base/" if path == base else "")
+        logger.warning("%s (%s): %s renamed to %s, the next validation writes a new best model%s", what, why,
+                       path.name, aside.name, " and base/" if path == base else "")
     if damaged:
         progress.best_metric = progress.best_step = None
 

@@ -9,9 +9,9 @@ import skimage.data
 from PIL import Image, ImageFilter
 
 from dtback.config import BuildConfig
-from dtback.curate import faces
 from dtback.curate.faces import FaceRecord, difference_hash, face_verdict, measure, sharpness
 from dtback.data.images import load_rgb
+from dtback.identity import search
 from dtback.identity.face import DlibFaceEncoder
 
 
@@ -187,9 +187,9 @@ def test_a_large_photo_is_searched_on_a_smaller_copy_and_measured_at_full_size(e
     canvas = Image.new("RGB", (2400, 1600), (90, 110, 100))
     canvas.paste(astronaut.resize((1024, 1024), Image.Resampling.LANCZOS), (900, 300))
     pixels = np.asarray(canvas)
-    monkeypatch.setattr(faces, "SEARCH_MAX_SIDE", 10**6)
+    monkeypatch.setattr(search, "SEARCH_MAX_SIDE", 10**6)
     full = measure(encoder, pixels, upscale=True)
-    monkeypatch.setattr(faces, "SEARCH_MAX_SIDE", 960)
+    monkeypatch.setattr(search, "SEARCH_MAX_SIDE", 960)
     searched = _searches(encoder, monkeypatch)
     record = measure(encoder, pixels, upscale=True)
     assert searched == [(960, 640)]
@@ -218,7 +218,7 @@ def test_a_face_too_small_for_the_copy_of_a_large_photo_is_found_at_full_size(en
     its 2400 copy): ~24 px there, too small for HOG; the full-size search finds it, as before copies were used."""
     canvas = Image.new("RGB", (2400, 1600), (90, 110, 100))
     canvas.paste(astronaut.resize((320, 320), Image.Resampling.LANCZOS), (1000, 600))
-    monkeypatch.setattr(faces, "SEARCH_MAX_SIDE", 960)
+    monkeypatch.setattr(search, "SEARCH_MAX_SIDE", 960)
     searched = _searches(encoder, monkeypatch)
     record = measure(encoder, np.asarray(canvas), upscale=True)
     assert searched == [(960, 640), (2400, 1600)]
@@ -242,9 +242,9 @@ def test_real_photos_small_in_a_large_frame_keep_their_face_and_identity(encoder
         canvas = Image.new("RGB", (1500, 1000), (70, 90, 120))
         canvas.paste(load_rgb(path, 10**8).resize((285, 285), Image.Resampling.LANCZOS), (100 + 100 * index, 300))
         pixels = np.asarray(canvas)
-        monkeypatch.setattr(faces, "SEARCH_MAX_SIDE", 10**6)
+        monkeypatch.setattr(search, "SEARCH_MAX_SIDE", 10**6)
         full = measure(encoder, pixels, upscale=True)
-        monkeypatch.setattr(faces, "SEARCH_MAX_SIDE", 600)
+        monkeypatch.setattr(search, "SEARCH_MAX_SIDE", 600)
         record = measure(encoder, pixels, upscale=True)
         assert full.num_faces == record.num_faces == 1, path.name
         box_errors.append(float(np.abs(record.box - full.box).max() / (full.box[2] - full.box[0])))

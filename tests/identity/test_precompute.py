@@ -59,15 +59,14 @@ def test_precompute_fills_caches_then_is_a_no_op(mixed_root, body_dir, tmp_path)
 
 
 def test_cached_entries_hold_embeddings_boxes_and_tokens(mixed_root, body_dir, tmp_path):
-    from dtback.identity.cache import EmbeddingCache, content_hash
+    from dtback.identity.cache import content_hash
 
     data = DataConfig(data_dir=mixed_root, min_images_per_char=3)
     index = scan_dataset(data, seed=0, progress=False)
     identity = IdentityConfig(face_backend="dlib", body_model=str(body_dir), device="cpu")
     runner = IdentityPrecomputer(backends.face_encoder(identity), backends.body_encoder(identity), tmp_path / "c", 10**8)
     runner.run(index, progress=False)
-    face_cache = EmbeddingCache(tmp_path / "c" / "face", runner.face.encoder_id, runner.face.settings())
-    body_cache = EmbeddingCache(tmp_path / "c" / "body", runner.body.encoder_id, {"face": runner.face.encoder_id})
+    face_cache, body_cache = runner.face_cache, runner.body_cache
     blair = sorted((mixed_root / "lfw" / "Tony_Blair").iterdir())[0]
     face = face_cache.get(content_hash(blair))
     assert int(face["num_faces"]) == 1 and face["embedding"].shape == (128,)
@@ -137,3 +136,83 @@ def test_an_image_removed_during_the_run_is_a_counted_skip(tmp_path, body_dir):
     assert report.unreadable == ["b/c/001.png"]
     assert (report.face_encoder_calls, report.body_encoder_calls) == (3, 3)
     assert len(runner.face_cache) == 3 and len(runner.body_cache) == 3
+
+
+@pytest.fixture(scope="module")
+def dlib_face():
+    return backends.face_encoder(IdentityConfig(face_backend="dlib", device="cpu"))
+
+
+def _hand_made_turned(root):
+    """A hand-made folder of skimage's astronaut upright and stored turned 90, 180 and 270 degrees counter-clockwise
+    without an orientation tag (``np.rot90`` 1, 2, 3 times): upright, dlib finds no face scoring 0.3 in the turned
+    ones (tests/curate/test_faces.py)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    folder = root / "hand" / "astronaut"
+    folder.mkdir(parents=True)
+    pixels = skimage.data.astronaut()
+    for name, turns in (("up", 0), ("side", 1), ("down", 2), ("late", 3)):
+        Image.fromarray(np.ascontiguousarray(np.rot90(pixels, turns))).save(folder / f"{name}.png")
+    return pixels
+
+
+def test_a_sideways_photo_of_a_hand_made_folder_is_found_turned_cached_in_its_own_pixels_and_named(
+        tmp_path, dlib_face, monkeypatch, caplog):
+    """``dtback precompute`` on a hand-made folder: a face found only turned is cached (not a silent no_face), its
+    embedding that of the upright face, its box and landmarks in the file's own pixels (the aligned crop cut from the
+    file as it is embeds like the upright face), and the photo is named with what to do, on the first run and on
+    the second (cache hits). An upright face costs one detection: 4 images, 4 upright + 3 x 3 turned detections."""
+    import numpy as np
+
+    from dtback.identity.cache import content_hash
+    from dtback.identity.face import Face
+
+    pixels = _hand_made_turned(tmp_path / "data")
+    index = scan_dataset(DataConfig(data_dir=tmp_path / "data", min_images_per_char=3), seed=0, progress=False)
+    calls = []
+    detect = dlib_face.detect
+    monkeypatch.setattr(dlib_face, "detect", lambda image: calls.append(image.shape) or detect(image))
+    runner = IdentityPrecomputer(dlib_face, None, tmp_path / "cache", 10**8)
+    report = runner.run(index, progress=False)
+    assert report.faces_found == 4 and report.no_face == []
+    assert report.turned == {"hand/astronaut/side.png": 270, "hand/astronaut/down.png": 180,
+                             "hand/astronaut/late.png": 90}
+    assert len(calls) == 4 + 3 * 3
+    assert ("sideways: hand/astronaut/side.png: face found turned 270 degrees; rotate the file or build with dtback "
+            "dataset build") in report.notes()
+    assert "sideways: hand/astronaut/late.png" in caplog.text
+    assert report.to_json()["turned"]["hand/astronaut/down.png"] == 180
+
+    folder = tmp_path / "data" / "hand" / "astronaut"
+    upright = runner.face_cache.get(content_hash(folder / "up.png"))
+    side = runner.face_cache.get(content_hash(folder / "side.png"))
+    assert int(upright["rotation"]) == 0 and int(side["rotation"]) == 270
+    assert float(side["embedding"] @ upright["embedding"]) > 0.98
+    x1, y1, x2, y2 = upright["box"].tolist()  # np.rot90 once: (x, y) -> (y, 512 - x)
+    np.testing.assert_allclose(side["box"].numpy(), [y1, 512 - x2, y2, 512 - x1], atol=6)
+    turned_file = np.ascontiguousarray(np.rot90(pixels, 1))
+    chip = dlib_face.align(turned_file, Face(box=side["box"].numpy(), landmarks=side["landmarks"].numpy(), score=1.0))
+    assert float(dlib_face.embed([chip])[0] @ upright["embedding"].numpy()) > 0.98
+
+    again = IdentityPrecomputer(dlib_face, None, tmp_path / "cache", 10**8).run(index, progress=False)
+    assert again.face_encoder_calls == 0 and again.turned == report.turned
+
+
+def test_the_world_path_makes_no_second_look(tmp_path, monkeypatch):
+    """World faces are drawn upright and score at least the detector's threshold (0.4): precompute on a small world
+    never calls the second look, so the world path costs what it did."""
+    from dtback.config import WorldConfig
+    from dtback.identity import precompute
+    from dtback.world.files import write_world
+
+    write_world(tmp_path / "world", WorldConfig(characters=3, images_per_character=3, size=128, seed=0),
+                progress=False)
+    looks = []
+    monkeypatch.setattr(precompute, "second_look", lambda *args: looks.append(args))
+    index = scan_dataset(DataConfig(data_dir=tmp_path / "world", min_images_per_char=3), seed=0, progress=False)
+    face = backends.face_encoder(IdentityConfig(face_backend="world", device="cpu"))
+    report = IdentityPrecomputer(face, None, tmp_path / "cache", 10**8).run(index, progress=False)
+    assert report.images == 9 and report.faces_found == 9 and looks == [] and report.turned == {}

@@ -27,31 +27,34 @@ cached and the filters re-applied with other thresholds without running the enco
   astronaut: her face scores 1.16, a patch on her suit 0.12; in LFW a real second face of similar size scores 1.54
   against 1.73).
 
-A photo turned sideways or upside down without an EXIF orientation tag (a scan, an exported phone photo) shows no
-face to the detector: upright, dlib's HOG finds none in 38 of 38 such LFW / TV-still photos turned 90 degrees and
-37 of 38 turned 270, and in 27 of 38 turned 180 (its other 11 "faces" score 0.07-0.24, while upright faces of the
-shared photos score 0.49 or more). So when the upright search (and its 2x retry) finds no face scoring at least
-:data:`ROTATION_MIN_SCORE`, the picture is searched again turned by 90, 270 and 180 degrees at 1x, and the turn
-whose best face scores highest is used when it beats the upright one: every measurement is then of the turned,
-upright picture (``rotation``), and the builder writes that picture. Turned searches run on a copy whose long side
-is at most :data:`ROTATION_MAX_SIDE`, so they cost three detections of at most 1000 px, for pictures without an
-upright face only.
+A photo turned sideways or upside down without an EXIF orientation tag (a scan, an exported phone photo) shows no face
+to the detector: upright, dlib's HOG finds none in 38 of 38 such LFW / TV-still photos turned 90 degrees and 37 of 38
+turned 270, and in 27 of 38 turned 180 (its other 11 "faces" score 0.07-0.24, while upright faces of the shared photos
+score 0.49 or more). So when the upright search (and its 2x retry) finds no face scoring at least
+:data:`~dtback.identity.search.ROTATION_MIN_SCORE`, the picture is searched again turned by 90, 270 and 180 degrees at
+1x, and the turn whose best face scores highest is used when it beats the upright one: every measurement is then of
+the turned, upright picture (``rotation``), and the builder writes that picture. Turned searches run on a copy whose
+long side is at most :data:`~dtback.identity.search.ROTATION_MAX_SIDE`, so they cost three detections of at most 1000
+px, for pictures without an upright face only.
 
-A photo longer than :data:`SEARCH_MAX_SIDE` (2400 px; a 12-50 MP phone photo is 4000-8200 px long) is searched on a
-copy that long. HOG's time grows with the pixels it scans, four times the picture's at upsample 1: measuring a 6000
-x 4000 photo took 9.4 s (median of 50 LFW photos made that large), with the 2400 px copy 1.8 s (one CPU core). The
-copy finds face boxes down to ~40 px (:data:`FOUND_FACE_SIZE`: 32 px boxes in 19 of 20 LFW faces, 28 px in 7), so
-~40 / 2400 of the photo's long side: 100 px in a 6000 x 4000 photo (LFW faces of 80-200 px pasted into such photos:
-40 of 40 found; on a 2000 px copy 4 of the 10 faces of 80 px, on a 1600 px one 3 of the 10 of 100 px), 67 px in a
-4000 x 3000 one. A photo whose copy shows no face is searched again at full size (faces down to ~40 px, at the old
-cost): a smaller face is still found, while the common photo, whose face the copy shows, costs a fifth. The faces found are given in the photo's pixels, their landmarks placed again on the full
-picture (:meth:`FaceEncoder.refine`), and the face chip, embedding and sharpness are taken from it: landmarks within
-1 px of the full-size search's (6 px on 1600 px faces), embeddings at cosine 0.996 or more. The box may move by up
-to a quarter of its width (80 px faces; 0.14 at 125 px): HOG boxes snap to the 8 px cells of a pyramid level, and
-the full-size search's own box moves by as much as 20 px of 108 when the photo is shifted by 3 px. Sharpness, taken
-in the box, moves with it (0.5-1.6 times the full-size search's on those 50 photos; all 97 or more, against the
-threshold of 40). There is no 2x retry on such a photo: it would cost four times the full-size search.
-"""
+The search itself (looks, sizes, thresholds) lives in :mod:`dtback.identity.search`, shared with ``dtback
+precompute``.
+
+A photo longer than :data:`~dtback.identity.search.SEARCH_MAX_SIDE` (2400 px; a 12-50 MP phone photo is 4000-8200 px
+long) is searched on a copy that long. HOG's time grows with the pixels it scans, four times the picture's at upsample
+1: measuring a 6000 x 4000 photo took 9.4 s (median of 50 LFW photos made that large), with the 2400 px copy 1.8 s
+(one CPU core). The copy finds face boxes down to ~40 px (:data:`FOUND_FACE_SIZE`: 32 px boxes in 19 of 20 LFW faces,
+28 px in 7), so ~40 / 2400 of the photo's long side: 100 px in a 6000 x 4000 photo (LFW faces of 80-200 px pasted into
+such photos: 40 of 40 found; on a 2000 px copy 4 of the 10 faces of 80 px, on a 1600 px one 3 of the 10 of 100 px), 67
+px in a 4000 x 3000 one. A photo whose copy shows no face is searched again at full size (faces down to ~40 px, at the
+old cost): a smaller face is still found, while the common photo, whose face the copy shows, costs a fifth. The faces
+found are given in the photo's pixels, their landmarks placed again on the full picture (:meth:`FaceEncoder.refine`),
+and the face chip, embedding and sharpness are taken from it: landmarks within 1 px of the full-size search's (6 px on
+1600 px faces), embeddings at cosine 0.996 or more. The box may move by up to a quarter of its width (80 px faces;
+0.14 at 125 px): HOG boxes snap to the 8 px cells of a pyramid level, and the full-size search's own box moves by as
+much as 20 px of 108 when the photo is shifted by 3 px. Sharpness, taken in the box, moves with it (0.5-1.6 times the
+full-size search's on those 50 photos; all 97 or more, against the threshold of 40). There is no 2x retry on such a
+photo: it would cost four times the full-size search."""
 
 from __future__ import annotations
 
@@ -62,19 +65,15 @@ import torch
 from PIL import Image
 
 from dtback.config import BuildConfig
-from dtback.identity.face import Face, FaceEncoder, choose_face
+from dtback.identity.face import FaceEncoder, choose_face
+from dtback.identity.search import UPSCALE_MAX_SIDE, search_faces
 
 SHARPNESS_SIZE = 64
 SHARPNESS_INNER = 0.8
 SHARPNESS_CONTRAST = 32.0  # grey std below which sharpness is scaled up to this contrast (module docstring)
 ROUNDING_LAPLACIAN_VAR = 20 / 12  # Laplacian variance of uniform 8-bit rounding noise: 20 x 1/12
 HASH_SIZE = 8  # 8 x 8 difference hash: 64 bits
-UPSCALE_MAX_SIDE = 2000  # px: a larger image searched at 2x would cost too much; its faces are rarely that small
 OTHER_FACE_MIN_SCORE = 0.5  # of the chosen face's detector score, for another detection to count as a face
-ROTATION_MIN_SCORE = 0.3  # a best upright face scoring less is searched for turned (module docstring)
-ROTATIONS = (90, 270, 180)  # degrees counter-clockwise; sideways first, the common case
-ROTATION_MAX_SIDE = 1000  # px: turned searches run on a copy no longer than this (a sideways portrait's face is big)
-SEARCH_MAX_SIDE = 2400  # px: a longer photo is searched on a copy this long (module docstring)
 FOUND_FACE_SIZE = 40  # px: dlib's HOG at upsample 1 finds face boxes this small (32 px: 19 of 20 LFW faces; 28: 7)
 
 
@@ -151,26 +150,18 @@ class FaceRecord:
 
 def measure(encoder: FaceEncoder, image: np.ndarray, upscale: bool = False) -> FaceRecord:
     """Detect all faces of ``image`` (H, W, 3) uint8 RGB, choose one by the encoder's rule, embed it, measure it.
-    With ``upscale``, an image without a face whose long side is at most :data:`UPSCALE_MAX_SIDE` is searched
-    again at twice its size (small faces of full-body photos); one longer than :data:`SEARCH_MAX_SIDE` is searched
-    on a smaller copy first, at full size when the copy shows no face (module docstring). Boxes and landmarks are given in ``image``'s pixels, or in those of
-    ``image`` turned upright when no face was found upright (``rotation``, module docstring)."""
-    faces, scale, searched = _search(encoder, image, upscale)
-    rotation = 0
-    if _best_score(faces) < ROTATION_MIN_SCORE:
-        small = _resized(image, ROTATION_MAX_SIDE)
-        for angle in ROTATIONS:
-            turned = np.ascontiguousarray(np.rot90(small, angle // 90))
-            found = encoder.detect(turned)
-            if _best_score(found) > _best_score(faces):
-                faces, scale, searched, rotation = found, 1, turned, angle
-        if rotation:
-            image = np.ascontiguousarray(np.rot90(image, rotation // 90))
-            faces, searched = _at_full_size(encoder, image, faces, searched.shape), image
-    size = (image.shape[1], image.shape[0])
-    dhash = difference_hash(image)
-    if not faces:
+    The search is :func:`dtback.identity.search.search_faces` (module docstring): with ``upscale``, an image without
+    a face whose long side is at most :data:`UPSCALE_MAX_SIDE` is searched again at twice its size (small faces of
+    full-body photos); a large one on a smaller copy first. Boxes and
+    landmarks are given in ``image``'s pixels, or in those of ``image`` turned upright when no face was found
+    upright (``rotation``)."""
+    found = search_faces(encoder, image, upscale)
+    picture = found.searched if found.rotation else image  # the photo turned upright, at full size
+    size = (picture.shape[1], picture.shape[0])
+    dhash = difference_hash(picture)
+    if not found.faces:
         return FaceRecord(size=size, num_faces=0, dhash=dhash)
+    searched, faces = found.searched, found.faces
     face = choose_face(faces, (searched.shape[1], searched.shape[0]), encoder.choice)
     chip = encoder.align(searched, face)
     embedding = encoder.embed([chip])[0]
@@ -180,63 +171,15 @@ def measure(encoder: FaceEncoder, image: np.ndarray, upscale: bool = False) -> F
         num_faces=len(faces),
         dhash=dhash,
         embedding=embedding,
-        box=np.asarray(face.box, dtype=np.float32) / scale,
-        landmarks=np.asarray(face.landmarks, dtype=np.float32) / scale,
+        box=np.asarray(face.box, dtype=np.float32) / found.scale,
+        landmarks=np.asarray(face.landmarks, dtype=np.float32) / found.scale,
         face_patch=face_patch(chip),
         score=face.score,
         sharpness=sharpness(searched, face.box),
         other_face_ratio=max(others) / max(face.area, 1e-6) if others else 0.0,
-        upscaled=scale > 1,
-        rotation=rotation,
+        upscaled=found.scale > 1,
+        rotation=found.rotation,
     )
-
-
-def _search(encoder: FaceEncoder, image: np.ndarray, upscale: bool) -> tuple[list[Face], int, np.ndarray]:
-    """Faces of the upright ``image``: on a copy :data:`SEARCH_MAX_SIDE` long when it is longer (given in
-    ``image``'s pixels; on ``image`` itself when the copy shows none), else on ``image``, retried at 2x when there are none and ``upscale`` (up to
-    :data:`UPSCALE_MAX_SIDE`): (faces, scale, the image searched)."""
-    _check_rgb(image)
-    if max(image.shape[:2]) > SEARCH_MAX_SIDE:
-        small = _resized(image, SEARCH_MAX_SIDE)
-        faces = encoder.detect(small)  # a face too small for the copy: the full-size search, at its old cost
-        return (_at_full_size(encoder, image, faces, small.shape) if faces else encoder.detect(image)), 1, image
-    faces = encoder.detect(image)
-    if not faces and upscale and max(image.shape[:2]) <= UPSCALE_MAX_SIDE:
-        height, width = image.shape[:2]
-        larger = np.asarray(Image.fromarray(image).resize((width * 2, height * 2), Image.Resampling.LANCZOS))
-        return encoder.detect(larger), 2, larger
-    return faces, 1, image
-
-
-def _check_rgb(image: np.ndarray) -> None:
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
-
-
-def _resized(image: np.ndarray, max_side: int) -> np.ndarray:
-    """``image`` shrunk (Lanczos) so that its long side is at most ``max_side``; itself when it already is."""
-    shrink = max_side / max(image.shape[:2])
-    if shrink >= 1:
-        return image
-    size = (max(1, round(image.shape[1] * shrink)), max(1, round(image.shape[0] * shrink)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
-
-
-def _at_full_size(encoder: FaceEncoder, image: np.ndarray, faces: list[Face], searched: tuple[int, ...]) -> list[Face]:
-    """``faces`` found on a resized copy of ``image`` (of shape ``searched``), in ``image``'s pixels: box edges
-    scaled, landmarks placed again on ``image`` by the encoder (:meth:`FaceEncoder.refine`), so that the face chip
-    and the sharpness are taken from the full-resolution picture."""
-    fx, fy = image.shape[1] / searched[1], image.shape[0] / searched[0]
-    if fx == 1 and fy == 1:
-        return faces
-    edges = np.array([fx, fy, fx, fy], dtype=np.float32)
-    centres = np.array([fx, fy], dtype=np.float32)  # a pixel centre x maps to (x + 0.5) * f - 0.5
-    return [encoder.refine(image, Face(box=face.box * edges, landmarks=(face.landmarks + 0.5) * centres - 0.5,
-                                       score=face.score)) for face in faces]
-
-
-def _best_score(faces: list[Face]) -> float:
-    return max((face.score for face in faces), default=float("-inf"))
 
 
 def turn_upright(picture: Image.Image, rotation: int) -> Image.Image:

@@ -2,6 +2,15 @@
 
 Run by ``dtback precompute``. Entries are keyed by image content, so a second run makes no encoder call, and an
 image without a face is a counted skip of the face path only (the body path then crops the whole image).
+
+Hand-made folders hold what ``dtback dataset build`` would have turned upright: a photo turned without an EXIF
+orientation tag (a sideways scan, an exported phone photo) shows the detector no face. An image whose chosen face
+scores under :data:`~dtback.identity.search.ROTATION_MIN_SCORE` (none, or a weak one) is given the builder's second
+look (:func:`dtback.identity.search.second_look`: turned 90, 270 and 180 degrees), so an upright face costs nothing
+more. A face found turned is embedded from the upright picture (the identity vector does
+not depend on the orientation once the face is aligned) and cached with its box and landmarks in the file's own
+pixels, so body and training crops of the file as it is stay on the face; the photo is named in the report
+(``turned``) with what to do, because the file is still trained on as it lies.
 """
 
 from __future__ import annotations
@@ -21,15 +30,21 @@ from dtback.data.images import ImageSkip, load_rgb
 from dtback.data.layout import DatasetIndex
 from dtback.identity.body import BodyEncoderBase
 from dtback.identity.cache import EmbeddingCache, content_hash
-from dtback.identity.face import FaceEncoder, FaceResult
+from dtback.identity.face import FaceEncoder, FaceResult, choose_face
+from dtback.identity.search import ROTATION_MIN_SCORE, Search, in_file_pixels, second_look
 
 log = logging.getLogger(__name__)
 
 BODY_TOKEN_DTYPE = torch.float16  # patch tokens dominate the cache size; half precision halves it
+# Part of both caches' keys: bump when the face search changes which face an image gets, so entries cached by an
+# older search (a sideways photo's "no face", and the body crop of its whole image) are not reused.
+FACE_SEARCH_VERSION = "2"  # 2: second look, turned
 
 
-def face_entry(result: FaceResult | None) -> dict[str, torch.Tensor]:
-    """Cache fields of one image's face; ``num_faces`` 0 marks "no face" (cached too, so it is not re-detected)."""
+def face_entry(result: FaceResult | None, rotation: int = 0) -> dict[str, torch.Tensor]:
+    """Cache fields of one image's face; ``num_faces`` 0 marks "no face" (cached too, so it is not re-detected).
+    ``box`` and ``landmarks`` are in the file's pixels; ``rotation``: degrees counter-clockwise the file had to be
+    turned for the face to be found (0 upright)."""
     if result is None:
         return {"num_faces": torch.tensor(0)}
     return {
@@ -38,6 +53,7 @@ def face_entry(result: FaceResult | None) -> dict[str, torch.Tensor]:
         "box": torch.from_numpy(result.face.box.astype(np.float32)),
         "landmarks": torch.from_numpy(result.face.landmarks.astype(np.float32)),
         "score": torch.tensor(result.face.score, dtype=torch.float32),
+        "rotation": torch.tensor(rotation),
     }
 
 
@@ -51,6 +67,7 @@ class PrecomputeReport:
     body_encoder_calls: int = 0
     faces_found: int = 0
     no_face: list[str] = field(default_factory=list)
+    turned: dict[str, int] = field(default_factory=dict)  # image -> degrees counter-clockwise its face was found at
     seconds: float = 0.0
     face_cache: str = ""
     body_cache: str | None = None
@@ -62,6 +79,11 @@ class PrecomputeReport:
     def to_json(self) -> dict:
         return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
 
+    def notes(self) -> list[str]:
+        """One line per image whose face was found only by the second look, with what to do about it."""
+        return [f"sideways: {rel}: face found turned {angle} degrees; rotate the file or build with dtback dataset "
+                "build" for rel, angle in self.turned.items()]
+
 
 class IdentityPrecomputer:
     """Face and body encoders (built by :mod:`dtback.backends`) with their caches; :meth:`run` walks a dataset
@@ -71,11 +93,13 @@ class IdentityPrecomputer:
         self.face = face
         self.body = body
         self.max_image_pixels = max_image_pixels
-        self.face_cache = EmbeddingCache(cache_dir / "face", self.face.encoder_id, self.face.settings())
+        self.face_cache = EmbeddingCache(cache_dir / "face", self.face.encoder_id,
+                                         {**self.face.settings(), "search": FACE_SEARCH_VERSION})
         self.body_cache = None
         if self.body is not None:
-            # The person crop comes from the face box, so body entries depend on the face encoder too.
-            self.body_cache = EmbeddingCache(cache_dir / "body", self.body.encoder_id, {"face": self.face.encoder_id})
+            # The person crop comes from the face box, so body entries depend on the face encoder (and search) too.
+            self.body_cache = EmbeddingCache(cache_dir / "body", self.body.encoder_id,
+                                             {"face": self.face.encoder_id, "search": FACE_SEARCH_VERSION})
 
     def run(self, index: DatasetIndex, progress: bool = True, batch_size: int = 64) -> PrecomputeReport:
         report = PrecomputeReport(face_cache=str(self.face_cache.folder))
@@ -93,6 +117,8 @@ class IdentityPrecomputer:
                 bar.update(len(chunk) - moved)
             bar.close()
         report.seconds = time.perf_counter() - start
+        for note in report.notes()[:20]:  # the file is trained on as it lies: say so where the user looks
+            log.warning("%s", note)
         return report
 
     def _chunk(self, paths: list[Path], root: Path, report: PrecomputeReport, bar: Any = None) -> int:
@@ -118,7 +144,7 @@ class IdentityPrecomputer:
             moved = len(todo) if bar is not None else 0
             report.face_encoder_calls += len(todo)
             for (_, _, key), result in zip(todo, results):
-                self.face_cache.put(key, face_entry(result))
+                self.face_cache.put(key, face_entry(*self._second_look(np.asarray(images[key]), result)))
         faces = {}
         stored = self.face_cache.get_many([key for _, _, key in items])
         for path, rel, key in items:
@@ -128,6 +154,8 @@ class IdentityPrecomputer:
             faces[key] = face
             if int(face["num_faces"]) > 0:
                 report.faces_found += 1
+                if int(face["rotation"]):
+                    report.turned[rel] = int(face["rotation"])
             else:
                 report.no_face.append(rel)
         if self.body_cache is None:
@@ -145,6 +173,26 @@ class IdentityPrecomputer:
         for i, (_, _, key) in enumerate(todo):
             self.body_cache.put(key, {"pooled": pooled[i].float().cpu(), "tokens": tokens[i].to(BODY_TOKEN_DTYPE).cpu()})
         return moved
+
+    def _second_look(self, image: np.ndarray, result: FaceResult | None) -> tuple[FaceResult | None, int]:
+        """``(result, rotation)``: ``result`` of the upright image when its face scores at least
+        :data:`ROTATION_MIN_SCORE`, else the second look's face when it scores higher (module docstring), embedded
+        from the picture it was found in, its box and landmarks in ``image``'s pixels."""
+        if result is not None and result.face.score >= ROTATION_MIN_SCORE:
+            return result, 0
+        upright = Search(faces=self.face.detect(image) if result is not None else [], searched=image)
+        if upright.best_score >= ROTATION_MIN_SCORE:
+            return result, 0  # the chosen face is weak but another is not: the image is upright
+        found = second_look(self.face, image, upright)
+        if found is upright:
+            return result, 0
+        searched = found.searched
+        face = choose_face(found.faces, (searched.shape[1], searched.shape[0]), self.face.choice)
+        aligned = self.face.align(searched, face)
+        embedding = self.face.embed([aligned])[0]
+        turned_back = FaceResult(face=in_file_pixels(face, found), aligned=aligned, embedding=embedding,
+                                 num_faces=len(found.faces))
+        return turned_back, found.rotation
 
     def _hashed(self, path: Path, rel: str, report: PrecomputeReport) -> tuple[Path, str, str] | None:
         """``(path, rel, content key)``, or None, counted as unreadable, for an image that went away (or became

@@ -32,11 +32,11 @@ def test_held_out_characters_missing_from_a_world_of_the_runs_seed_are_counted_s
     smaller = world(tmp_path / "same_seed", seed=0, characters=3)
     held = load_held_out(run, run_config(run, None), smaller, [], None)
     assert [c.key for c in held.characters] == ["world/c0001", "world/c0002"]
-    assert held.skipped == [{"path": "world/c0004", "reason": "not_in_dataset",
+    assert held.skipped == [{"path": str(smaller / "world/c0004"), "reason": "not_in_dataset",
                              "detail": f"held out by the run ({run / 'split.json'}) but {smaller} has no such "
                                        "folder"}]
     tiny = world(tmp_path / "tiny", seed=0, characters=2)  # one held-out character left: too few, both named
-    with pytest.raises(DtbackError, match=r"found 1; skipped: .*'world/c0002', 'reason': 'not_in_dataset'"):
+    with pytest.raises(DtbackError, match=rf"found 1; skipped: 2 \(not_in_dataset: 2; e.g. {tiny}/world/c0002: held "):
         load_held_out(run, run_config(run, None), tiny, [], None)
 
 
@@ -50,7 +50,7 @@ def test_characters_the_scan_leaves_out_are_listed_as_skipped(world_run, tmp_pat
     held = load_held_out(world_run, run_config(world_run, None), other, [], None)
     assert [c.key for c in held.characters] == ["world/c0001", "world/c0002"]
     reasons = {entry["path"]: entry["reason"] for entry in held.skipped}
-    assert reasons == {"world/c0000": "too_few_images", "world/bad\\xff": "name_not_utf8"}
+    assert reasons == {f"{other}/world/c0000": "too_few_images", f"{other}/world/bad\\xff": "name_not_utf8"}
 
 
 def test_a_world_that_lost_a_sidecar_is_still_a_world(world_run, tmp_path):
@@ -65,7 +65,7 @@ def test_a_world_that_lost_a_sidecar_is_still_a_world(world_run, tmp_path):
     roster = json.loads((other / MANIFEST).read_text())["roster"]
     assert held.is_world and [c.key for c in held.characters] == ["world/c0000", "world/c0001", "world/c0003"]
     assert [c.truth for c in held.characters] == [roster[name] for name in ("c0000", "c0001", "c0003")]
-    assert held.skipped == [{"path": "world/c0002", "reason": "no_world_metadata",
+    assert held.skipped == [{"path": str(other / "world/c0002"), "reason": "no_world_metadata",
                              "detail": "none of its 3 images has a readable .json sidecar with its attributes"}]
 
 
@@ -86,3 +86,17 @@ def test_a_data_dir_that_is_a_file_is_named_as_one(world_run, tmp_path):
         load_held_out(world_run, run_config(world_run, None), file, [], None)
     with pytest.raises(DatasetError, match=f"dataset folder {tmp_path / 'nope'} does not exist"):
         load_held_out(world_run, run_config(world_run, None), tmp_path / "nope", [], None)
+
+
+def test_too_few_usable_characters_name_the_reasons_in_one_short_line(world_run, tmp_path):
+    """Every character of a 12-character world short of images for --references 3: the error counts the skips by
+    reason with one example each, where it printed every skip record (7 KB for 40 characters)."""
+    other = world(tmp_path / "other", characters=12)
+    (other / "world" / "c0005" / "000.png").write_bytes(b"")
+    with pytest.raises(DtbackError) as caught:
+        load_held_out(world_run, run_config(world_run, None), other, [], None, references=3)
+    message = str(caught.value)
+    assert message.endswith(f"found 0; skipped: 13 (too_few_images: 12; e.g. {other}/world/c0000: 3 readable "
+                            "image(s); 3 reference(s) and a gallery image are needed; zero_byte: 1; e.g. "
+                            f"{other}/world/c0005/000.png: file is empty)")
+    assert len(message) < 700

@@ -167,8 +167,9 @@ def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: l
                                                "min_images_per_char": 2})
         index = scan_dataset(data_cfg, cfg.seed, progress=False)
         if skipped is not None:
-            skipped.extend(scan_losses(index))
-        return [c.key for c in index.characters], f"every character of {data_dir} (another dataset than the run's {cfg.data.data_dir})"
+            skipped.extend(scan_losses(index, data_dir))
+        return [c.key for c in index.characters], \
+            f"every character of {data_dir} (another dataset than the run's {cfg.data.data_dir})"
     if split_val is not None:
         return _in_their_bundle(split_val, cfg, data_dir), str(split_path)
     if cfg is None:
@@ -183,15 +184,29 @@ def held_out_keys(run_dir: Path, cfg: Config | None, data_dir: Path, explicit: l
     return list(split.val), f"config data.val_fraction={cfg.data.val_fraction} (seed {cfg.seed})"
 
 
-def scan_losses(index: DatasetIndex) -> list[dict[str, str]]:
-    """What the scan of a dataset left out, as ``skipped`` entries: dropped characters (too few images, ...) and
+def scan_losses(index: DatasetIndex, data_dir: Path) -> list[dict[str, str]]:
+    """What the scan of ``data_dir`` left out, as ``skipped`` entries: dropped characters (too few images, ...) and
     skipped files or folders outside the kept characters (a folder name that is not UTF-8, ...). The files of kept
-    characters are not listed: :func:`read_character` records those itself."""
+    characters are not listed: :func:`read_character` records those itself. Paths as every entry has them: the
+    dataset folder joined with the scan's relative path (already shown with ``\\xNN`` escapes)."""
     kept = tuple(f"{c.key}/" for c in index.characters)
-    losses = [{"path": drop.character, "reason": drop.reason, "detail": drop.detail} for drop in index.drops]
-    losses += [{"path": skip.path, "reason": skip.reason, "detail": skip.detail} for skip in index.skips
-               if not skip.path.startswith(kept)]
+    losses = [{"path": f"{shown(data_dir)}/{drop.character}", "reason": drop.reason, "detail": drop.detail}
+              for drop in index.drops]
+    losses += [{"path": f"{shown(data_dir)}/{skip.path}", "reason": skip.reason, "detail": skip.detail}
+               for skip in index.skips if not skip.path.startswith(kept)]
     return losses
+
+
+def skipped_summary(skipped: list[dict[str, str]]) -> str:
+    """``skipped`` in a few words for a one-line error: the count per reason with one example each."""
+    if not skipped:
+        return "none"
+    by_reason: dict[str, list[dict[str, str]]] = {}
+    for entry in skipped:
+        by_reason.setdefault(entry["reason"], []).append(entry)
+    parts = [f"{reason}: {len(entries)}; e.g. {entries[0]['path']}: {entries[0]['detail']}"
+             for reason, entries in by_reason.items()]
+    return f"{len(skipped)} ({'; '.join(parts)})"
 
 
 def another_dataset(cfg: Config, data_dir: Path, split_val: list[str]) -> bool:
@@ -270,7 +285,7 @@ def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, expl
             break
         if not explicit and not (data_dir / key).is_dir():
             # The run's held-out people that a smaller world of its seed does not draw: the others are evaluated.
-            held.skipped.append({"path": shown(key), "reason": "not_in_dataset",
+            held.skipped.append({"path": shown(data_dir / key), "reason": "not_in_dataset",
                                  "detail": f"held out by the run ({source}) but {data_dir} has no such folder"})
             continue
         character = read_character(data_dir, key, held.skipped, references, world=manifest is not None)
@@ -279,7 +294,7 @@ def load_held_out(run_dir: Path, cfg: Config | None, data_dir: Path | None, expl
     if len(held.characters) < 2:
         raise DtbackError(
             f"need at least 2 held-out characters with {references + 1}+ readable images in {data_dir} (from {source}), found "
-            f"{len(held.characters)}; skipped: {held.skipped or 'none'}"
+            f"{len(held.characters)}; skipped: {skipped_summary(held.skipped)}"
         )
     return held
 
@@ -309,7 +324,7 @@ def read_character(data_dir: Path, key: str, skipped: list[dict[str, str]],
         return None
     truth = next(filter(None, (world_truth(path) for path, _ in images)), None)
     if world and truth is None:
-        skipped.append({"path": shown(key), "reason": "no_world_metadata",
+        skipped.append({"path": shown(folder), "reason": "no_world_metadata",
                         "detail": f"none of its {len(images)} images has a readable .json sidecar with its "
                                   "attributes"})
         return None

@@ -4,7 +4,10 @@ the checkpoint's, however the launch spreads it."""
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +85,50 @@ def test_a_best_model_left_bound_to_an_older_base_is_set_aside_on_resume(tiny_co
     set_aside_damaged_best(run_dir / "best_model.pt", run_dir / "base", progress)
     assert "(the base/ it was trained on is missing)" in caplog.records[-1].getMessage()
     assert (run_dir / "best_model.pt.damaged-2").is_file() and progress.best_step is None
+
+
+@pytest.mark.parametrize("name", ["config.yaml", ".dtback.lock", "metrics.jsonl", "validation.jsonl", "summary.json",
+                                  "best_model.pt"])
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_any_work(tiny_config, tmp_path, name):
+    run_dir = tmp_path / "run"
+    (run_dir / name).mkdir(parents=True)  # was a traceback after the caches, an error after a step, or at the end
+    with pytest.raises(ConfigError) as err:
+        train(tiny_config(run_dir), resume=None, progress_bar=False)
+    assert str(err.value) == (f"output.output_dir: {run_dir / name} is a folder, not a file: the run writes its "
+                              f"{name} there; move it away, or train into another output_dir")
+    assert sorted(p.name for p in run_dir.iterdir()) == [name]  # nothing written
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "metrics.jsonl", ".dtback.lock"])
+def test_a_part_of_the_run_folder_the_user_cannot_write_is_refused_before_any_work(tiny_config, tmp_path, monkeypatch,
+                                                                                    name):
+    # A folder copied from another user: the run dir is writable, what is in it is not. Was refused only at the
+    # first checkpoint or log line, after those steps were trained (or a traceback, for the lock file). As root
+    # too: the access check the refusal rests on says no.
+    from dtback.training import resume
+
+    run_dir = tmp_path / "run"
+    path = run_dir / name
+    path.parent.mkdir(parents=True)
+    path.mkdir() if name == "checkpoints" else path.write_text("")
+    real_access = os.access
+    monkeypatch.setattr(resume.os, "access", lambda p, mode: False if Path(p) == path else real_access(p, mode))
+    with pytest.raises(ConfigError, match=f"^output.output_dir: {re.escape(str(path))} is not writable by this user"):
+        train(tiny_config(run_dir), resume=None, progress_bar=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == [name]
+
+
+def test_a_run_config_that_cannot_be_read_is_rewritten_not_a_traceback(tiny_config, tmp_path, monkeypatch, caplog):
+    from dtback.training import resume
+
+    path = tmp_path / "config.yaml"
+    path.write_text("seed: 1\n")
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(resume, "load_config", unreadable)
+    with caplog.at_level(logging.INFO, logger="dtback.training.resume"):
+        resume.write_run_config(tiny_config(tmp_path / "run"), path)
+    assert f"{path} is rewritten: it does not load as a config (Permission denied)" in caplog.text
+    assert "seed: 42" in path.read_text()

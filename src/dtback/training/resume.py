@@ -35,6 +35,7 @@ from dtback.io import move_aside, output_problem, remove_stale_temporaries
 from dtback.model.flux import base_content_id, damaged_weights
 from dtback.model.identity_flux import read_adapter
 from dtback.training.checkpoint import CHECKPOINTS, Progress
+from dtback.training.setup import BEST_MODEL, METRICS_FILE, VALIDATION_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +132,9 @@ def write_run_config(cfg: Config, path: Path) -> None:
         try:
             if load_config(path).model_dump(mode="json") == cfg.model_dump(mode="json"):
                 return
-        except ConfigError as err:
-            logger.info("%s is rewritten: it does not load as a config (%s)", path, err)
+        except (ConfigError, OSError) as err:  # edited by hand into something else, or made unreadable
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            logger.info("%s is rewritten: it does not load as a config (%s)", path, reason)
     cfg.save(path)
 
 
@@ -204,10 +206,16 @@ def best_model_missing(accelerator, best: Path, validates: bool) -> bool:
 
 
 LOCK_FILE = ".dtback.lock"
+# The files a run writes in its folder: a folder or device in the place of one stopped the run at its first write
+# (after the caches were built, or steps trained); and what it writes into in place (appended logs, the lock, the
+# checkpoints' folder), which a folder copied from another user may not let it write.
+RUN_FILES = ("config.yaml", METRICS_FILE, VALIDATION_FILE, "summary.json", BEST_MODEL, LOCK_FILE)
+WRITTEN_IN_PLACE = (METRICS_FILE, VALIDATION_FILE, LOCK_FILE, CHECKPOINTS)
 
 
 def prepare_run_folder(run_dir: Path) -> None:
-    """Before any work: ``run_dir`` can be a run folder (not a file, not inside one, writable); clear message else."""
+    """Before any work: ``run_dir`` can be a run folder (not a file, not inside one, writable, and so are the files
+    and folders in it that the run writes: :data:`RUN_FILES`, :data:`WRITTEN_IN_PLACE`); clear message else."""
     problem = output_problem(run_dir, "folder")
     if problem is not None:
         raise ConfigError(f"output.output_dir: {problem}")
@@ -217,6 +225,16 @@ def prepare_run_folder(run_dir: Path) -> None:
         raise ConfigError(f"output.output_dir {run_dir} cannot be created: {err.strerror or err}") from err
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"output.output_dir {run_dir} is not writable by this user: choose another folder")
+    for name in RUN_FILES:
+        problem = output_problem(run_dir / name, "file")
+        if problem is not None:
+            raise ConfigError(f"output.output_dir: {problem.split(': name a file')[0]}: the run writes its {name} "
+                              "there; move it away, or train into another output_dir")
+    for name in WRITTEN_IN_PLACE:
+        path = run_dir / name
+        if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            raise ConfigError(f"output.output_dir: {path} is not writable by this user (the run writes into it): "
+                              "make it writable, or train into another output_dir")
 
 
 @contextlib.contextmanager

@@ -59,6 +59,9 @@ def test_a_world_that_lost_a_sidecar_is_still_a_world(world_run, tmp_path):
     other = world(tmp_path / "other")
     (other / "world" / "c0000" / "000.json").unlink()
     (other / "world" / "c0001" / "000.json").write_text('{"attributes": ')  # cut short
+    edited = json.loads((other / "world" / "c0003" / "000.json").read_text())
+    del edited["attributes"]["face"]["glasses"]  # scored as a KeyError after every image was generated
+    (other / "world" / "c0003" / "000.json").write_text(json.dumps(edited))
     for name in ("000.json", "001.json", "002.json"):
         (other / "world" / "c0002" / name).unlink()
     held = load_held_out(world_run, run_config(world_run, None), other, [], None)

@@ -29,6 +29,7 @@ from dtback.data.layout import CONTACT_SHEET, SIDECAR_SUFFIXES, DatasetIndex, sc
 from dtback.data.split import SPLIT_FILE, read_split, split_characters
 from dtback.world.files import MANIFEST, read_manifest, world_command, world_settings
 from dtback.world.people import caption_for
+from dtback.world.reader import truth_problem
 from dtback.errors import DatasetError, DtbackError
 from dtback.io import is_inside, read_text_now
 
@@ -347,7 +348,12 @@ def world_truth(image_path: Path) -> dict[str, dict[str, str]] | None:
         logger.warning("%s: unreadable world metadata (%s: %s); reading the character's next image's", sidecar,
                        type(err).__name__, err)
         return None
-    if not isinstance(attributes, dict) or not {"face", "body"} <= set(attributes):
+    if attributes is None:
+        return None
+    problem = truth_problem(attributes)
+    if problem:
+        logger.warning("%s: world metadata without a whole set of attributes (%s); reading the character's next "
+                       "image's", sidecar, problem)
         return None
     return attributes
 

@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 
 from dtback.identity.crops import crop_square
 from dtback.world.encoders import image_pixels, load_component
-from dtback.world.files import read_manifest, world_models_dir
+from dtback.world.files import MANIFEST, read_manifest, world_models_dir
 from dtback.world.nets import ConvTrunk, DetectorConfig, FaceDetectorNet, body_crop_boxes, face_crop_boxes
 from dtback.world.people import ATTRIBUTES, BODY_ATTRIBUTES, FACE_ATTRIBUTES, WorldSet
 
@@ -128,6 +128,22 @@ def attribute_hits(read: Mapping[str, str], truth: Mapping[str, Mapping[str, str
     return hits
 
 
+def truth_problem(truth: Any) -> str | None:
+    """Why ``truth`` is not a character's true attributes ``{"face": {...}, "body": {...}}`` holding every attribute
+    of the world as text (None: it is): a sidecar or ``world.json`` edited by hand, cut short, or of another world
+    version. Checked before scoring, which would otherwise stop at the first missing attribute."""
+    if not isinstance(truth, dict):
+        return f"expected an object with 'face' and 'body', got {type(truth).__name__}"
+    for part, names in (("face", FACE_ATTRIBUTES), ("body", BODY_ATTRIBUTES)):
+        values = truth.get(part)
+        if not isinstance(values, dict):
+            return f"'{part}' is not an object of attributes"
+        missing = sorted(name for name in names if not isinstance(values.get(name), str))
+        if missing:
+            return f"'{part}' lacks {', '.join(missing)}"
+    return None
+
+
 def attribute_accuracy(read: Mapping[str, str], truth: Mapping[str, Mapping[str, str]]) -> tuple[float, float]:
     """(face, body) fraction of attributes in ``read`` equal to ``truth`` (see :func:`attribute_hits`)."""
     hits = attribute_hits(read, truth)
@@ -150,7 +166,14 @@ def validation_scorer(data_dir: Path, world: Path | None, keys: Sequence[str]):
     if manifest is None or not manifest.get("complete"):
         return None
     reader = load_reader(world)
-    roster, bundle = manifest["roster"], manifest["bundle"]
+    roster, bundle = manifest.get("roster"), manifest.get("bundle")
+    roster = roster if isinstance(roster, dict) else {}
+    for name, truth in list(roster.items()):
+        problem = truth_problem(truth)
+        if problem:
+            log.warning("%s: roster entry %s: %s; left out of the reader's figures", Path(data_dir) / MANIFEST, name,
+                        problem)
+            del roster[name]
 
     def score(images: list, characters: list[int]) -> dict[str, float]:
         read = reader.read([np.asarray(image.convert("RGB")) for image in images])

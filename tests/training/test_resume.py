@@ -132,3 +132,19 @@ def test_a_run_config_that_cannot_be_read_is_rewritten_not_a_traceback(tiny_conf
         resume.write_run_config(tiny_config(tmp_path / "run"), path)
     assert f"{path} is rewritten: it does not load as a config (Permission denied)" in caplog.text
     assert "seed: 42" in path.read_text()
+
+
+def test_a_full_disk_writing_the_run_config_is_one_line_naming_it(tiny_config, tmp_path, monkeypatch):
+    from dtback.config import Config
+    from dtback.errors import DtbackError
+    from dtback.training import resume
+
+    def no_space(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Config, "save", no_space)
+    path = tmp_path / "config.yaml"
+    with pytest.raises(DtbackError) as err:  # was an OSError traceback once the caches were built
+        resume.write_run_config(tiny_config(tmp_path / "run"), path)
+    assert str(err.value) == (f"could not write {path} (No space left on device): nothing was trained; free space "
+                              f"or make {tmp_path} writable, then run again")

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 from dtback.config import Config, load_config
 from dtback.errors import ConfigError, DtbackError
-from dtback.io import move_aside, output_problem, remove_stale_temporaries
+from dtback.io import WRITE_ERRORS, move_aside, output_problem, remove_stale_temporaries, write_failure
 from dtback.model.flux import base_content_id, damaged_weights
 from dtback.model.identity_flux import read_adapter
 from dtback.training.checkpoint import CHECKPOINTS, Progress
@@ -135,7 +135,11 @@ def write_run_config(cfg: Config, path: Path) -> None:
         except (ConfigError, OSError) as err:  # edited by hand into something else, or made unreadable
             reason = err.strerror if isinstance(err, OSError) and err.strerror else err
             logger.info("%s is rewritten: it does not load as a config (%s)", path, reason)
-    cfg.save(path)
+    try:
+        cfg.save(path)
+    except WRITE_ERRORS as err:
+        raise DtbackError(f"could not write {path} ({write_failure(err)}): nothing was trained; free space or make "
+                          f"{path.parent} writable, then run again") from err
 
 
 

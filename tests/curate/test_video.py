@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from dtback.curate.video import VideoError, is_video, sample_frames, upright
+from dtback.curate.video import VideoError, is_video, matrix_turn, sample_frames, upright
 
 
 def write_counter_video(path: Path, seconds: float, fps: int, size=(64, 48)) -> Path:
@@ -70,16 +70,18 @@ def test_video_suffixes():
     assert not is_video(Path("x.jpg")) and not is_video(Path("x"))
 
 
-def write_marked_video(path: Path, rotation: int | None, size=(64, 48)) -> Path:
+def write_marked_video(path: Path, rotation: int | None, size=(64, 48), hflip: bool = False,
+                       vflip: bool = False) -> Path:
     """Two frames, white in their top-left 16 x 8 px corner and black elsewhere, stored with ``rotation`` (degrees
-    counter-clockwise) in the stream's display matrix, as a phone stores a portrait video's landscape frames."""
+    counter-clockwise) in the stream's display matrix, as a phone stores a portrait video's landscape frames, and
+    mirrored after it when ``hflip`` (left-right) or ``vflip`` (top-bottom)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=2)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         stream.options = {"qscale": "2"}
         if rotation is not None:
-            stream.set_display_rotation(rotation)
+            stream.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
         pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
         pixels[:8, :16] = 255
         for _ in range(2):
@@ -115,3 +117,34 @@ def test_upright_rounds_a_rotation_to_a_quarter_turn():
     np.testing.assert_array_equal(upright(pixels, 270), np.rot90(pixels, 3))
     np.testing.assert_array_equal(upright(pixels, -180), np.rot90(pixels, 2))
     np.testing.assert_array_equal(upright(pixels, 91.0), np.rot90(pixels, 1))
+
+
+@pytest.mark.parametrize(("rotation", "hflip", "vflip", "shape", "corner"), [
+    (0, True, False, (48, 64, 3), "top-right"),  # a front camera's mirror: PyAV's rotation says -180 (upside down)
+    (0, False, True, (48, 64, 3), "bottom-left"),
+    (90, True, False, (64, 48, 3), "bottom-right"),  # turned a quarter counter-clockwise (bottom-left), mirrored
+    (-90, True, False, (64, 48, 3), "top-left"),  # a quarter clockwise (top-right), mirrored
+    (90, False, True, (64, 48, 3), "top-left"),  # a quarter counter-clockwise (bottom-left), mirrored top-bottom
+    (180, True, False, (48, 64, 3), "bottom-left"),
+])
+def test_a_video_mirrored_in_its_metadata_comes_out_as_a_player_shows_it(tmp_path, rotation, hflip, vflip, shape,
+                                                                         corner):
+    """Display matrices with a mirror (written by PyAV's set_display_rotation with hflip / vflip): the frames come out
+    turned, then mirrored, as the matrix applied to each pixel's coordinates shows them (checked for all 16
+    combinations of 0/90/180/-90 degrees and the two flips when this was written)."""
+    video = write_marked_video(tmp_path / "selfie.mp4", rotation, hflip=hflip, vflip=vflip)
+    frames = list(sample_frames(video, fps=2.0))
+    assert len(frames) == 2 and all(frame.pixels.shape == shape for frame in frames)
+    assert all(_bright_corner(frame.pixels) == corner for frame in frames)
+    assert frames[0].pixels.flags["C_CONTIGUOUS"]
+
+
+def test_matrix_turn_reads_rotation_and_mirror_and_refuses_what_is_not_a_display_matrix():
+    one = 1 << 16
+    assert matrix_turn([one, 0, 0, 0, one, 0, 0, 0, 1 << 30]) == (0.0, False)
+    assert matrix_turn([-one, 0, 0, 0, one, 0, 0, 0, 1 << 30]) == (0.0, True)  # left-right mirror
+    rotation, mirrored = matrix_turn([0, -one, 0, -one, 0, 0, 0, 0, 1 << 30])  # PyAV's 90 degrees + hflip
+    assert (round(rotation), mirrored) == (90, True)
+    assert matrix_turn([0] * 9) == (0.0, False) and matrix_turn([one, 0, 0]) == (0.0, False)
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    np.testing.assert_array_equal(upright(pixels, 90, mirrored=True), np.rot90(pixels, 1)[:, ::-1])

@@ -34,8 +34,8 @@ from dtback.training import distributed
 from dtback.training.checkpoint import Progress, first_non_finite, latest_checkpoint, save_checkpoint, take_snapshot
 from dtback.training.checkpoint_load import load_checkpoint, resume_point
 from dtback.training.resume import (
-    best_model_missing, check_batch_split, check_data, check_resume, prepare_run_folder, run_folder_lock, set_aside_damaged_best,
-    write_run_config,
+    best_model_missing, check_batch_split, check_data, check_resume, prepare_run_folder, run_folder_lock,
+    set_aside_damaged_best, write_run_config,
 )
 from dtback.training.setup import BEST_MODEL, TRAINED_BASE, RunParts, setup
 from dtback.training.step import TrainModule, compute_loss, step_generator

@@ -146,7 +146,7 @@ def test_generate_cli_bad_lora_and_offload_get_their_messages(run_dir, lora_file
     not_lora = tmp_path / "notes.safetensors"
     not_lora.write_text("hello")
     assert main([*common, "--lora", str(not_lora)]) == EXIT_BAD_INPUT
-    assert f"LoRA {not_lora}: not a FLUX LoRA that diffusers can load" in capsys.readouterr().err
+    assert f"LoRA {not_lora}: truncated or not a safetensors file: a header of" in capsys.readouterr().err
     assert main([*common, "--lora", str(lora_file), "--lora", str(lora_file), "--lora-scale", "1", "--lora-scale",
                  "2", "--lora-scale", "3"]) == EXIT_BAD_INPUT
     assert "--lora-scale given 3 times for 2 --lora" in capsys.readouterr().err

@@ -189,7 +189,7 @@ def test_a_sideways_photo_of_a_hand_made_folder_is_found_turned_cached_in_its_ow
     folder = tmp_path / "data" / "hand" / "astronaut"
     upright = runner.face_cache.get(content_hash(folder / "up.png"))
     side = runner.face_cache.get(content_hash(folder / "side.png"))
-    assert int(upright["rotation"]) == 0 and int(side["rotation"]) == 270
+    assert int(upright["rotation"]) == 0 and int(side["rotation"]) == 270 and not bool(side["relit"])
     assert float(side["embedding"] @ upright["embedding"]) > 0.98
     x1, y1, x2, y2 = upright["box"].tolist()  # np.rot90 once: (x, y) -> (y, 512 - x)
     np.testing.assert_allclose(side["box"].numpy(), [y1, 512 - x2, y2, 512 - x1], atol=6)
@@ -216,3 +216,27 @@ def test_the_world_path_makes_no_second_look(tmp_path, monkeypatch):
     face = backends.face_encoder(IdentityConfig(face_backend="world", device="cpu"))
     report = IdentityPrecomputer(face, None, tmp_path / "cache", 10**8).run(index, progress=False)
     assert report.images == 9 and report.faces_found == 9 and looks == [] and report.turned == {}
+
+
+def test_an_over_exposed_photo_is_found_on_a_darkened_copy_and_named(people_dir, tmp_path, dlib_face):
+    """Penny (TV still) at 2x brightness, clipped: no face upright, also at 2x; found on the darkened copy, embedded
+    from the photo itself (cosine 0.92 to the original's, measured) and named as over-exposed."""
+    from PIL import ImageEnhance
+
+    from dtback.data.images import load_rgb
+    from dtback.identity.cache import content_hash
+
+    folder = tmp_path / "data" / "hand" / "penny"
+    folder.mkdir(parents=True)
+    photo = load_rgb(sorted((people_dir / "faceapi_bbt" / "penny").iterdir())[0], 10**8)
+    photo.save(folder / "a.png")
+    ImageEnhance.Brightness(photo).enhance(2.0).save(folder / "burnt.png")
+    index = scan_dataset(DataConfig(data_dir=tmp_path / "data", min_images_per_char=2), seed=0, progress=False)
+    runner = IdentityPrecomputer(dlib_face, None, tmp_path / "cache", 10**8)
+    report = runner.run(index, progress=False)
+    assert report.faces_found == 2 and report.overexposed == ["hand/penny/burnt.png"] and report.turned == {}
+    assert ("over-exposed: hand/penny/burnt.png: face found only on a darkened copy; a better-exposed photo trains "
+            "better") in report.notes()
+    burnt, original = (runner.face_cache.get(content_hash(folder / name)) for name in ("burnt.png", "a.png"))
+    assert bool(burnt["relit"]) and int(burnt["rotation"]) == 0
+    assert float(burnt["embedding"] @ original["embedding"]) > 0.9

@@ -37,8 +37,14 @@ the turned, upright picture (``rotation``), and the builder writes that picture.
 long side is at most :data:`~dtback.identity.search.ROTATION_MAX_SIDE`, so they cost three detections of at most 1000
 px, for pictures without an upright face only.
 
-The search itself (looks, sizes, thresholds) lives in :mod:`dtback.identity.search`, shared with ``dtback
-precompute``.
+An over-exposed photo (a face in sunlight, a flash too close) whose highlights are clipped shows HOG too little
+contrast: at 2.5x brightness 4 of the 38 photos gave no face at all, and 6 more only a weak one (0.13-0.29). So a
+picture without a face scoring :data:`~dtback.identity.search.ROTATION_MIN_SCORE` whose median grey is at least 192 is
+searched once more on a copy with the gamma that puts its median at mid-grey, counting faces from a score of 0.2 (the
+one false face it gave scored 0.13); the face is then measured and cut from the photo itself
+(:func:`dtback.identity.search.relit`; evidence in ``benchmarks/README.md``). The turned searches still run and win
+when they score higher: a light upside-down photo's darkened copy showed a weak upside-down "face" (0.36). The search
+itself (looks, sizes, thresholds) lives in :mod:`dtback.identity.search`, shared with ``dtback precompute``.
 
 A photo longer than :data:`~dtback.identity.search.SEARCH_MAX_SIDE` (2400 px; a 12-50 MP phone photo is 4000-8200 px
 long) is searched on a copy that long. HOG's time grows with the pixels it scans, four times the picture's at upsample
@@ -152,7 +158,7 @@ def measure(encoder: FaceEncoder, image: np.ndarray, upscale: bool = False) -> F
     """Detect all faces of ``image`` (H, W, 3) uint8 RGB, choose one by the encoder's rule, embed it, measure it.
     The search is :func:`dtback.identity.search.search_faces` (module docstring): with ``upscale``, an image without
     a face whose long side is at most :data:`UPSCALE_MAX_SIDE` is searched again at twice its size (small faces of
-    full-body photos); a large one on a smaller copy first. Boxes and
+    full-body photos); a large one on a smaller copy first; a light one without a face again darkened. Boxes and
     landmarks are given in ``image``'s pixels, or in those of ``image`` turned upright when no face was found
     upright (``rotation``)."""
     found = search_faces(encoder, image, upscale)

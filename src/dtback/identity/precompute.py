@@ -6,11 +6,12 @@ image without a face is a counted skip of the face path only (the body path then
 Hand-made folders hold what ``dtback dataset build`` would have turned upright: a photo turned without an EXIF
 orientation tag (a sideways scan, an exported phone photo) shows the detector no face. An image whose chosen face
 scores under :data:`~dtback.identity.search.ROTATION_MIN_SCORE` (none, or a weak one) is given the builder's second
-look (:func:`dtback.identity.search.second_look`: turned 90, 270 and 180 degrees), so an upright face costs nothing
-more. A face found turned is embedded from the upright picture (the identity vector does
+look (:func:`dtback.identity.search.second_look`: darkened when over-exposed, turned 90, 270 and 180 degrees), so an
+upright face costs nothing more. A face found turned is embedded from the upright picture (the identity vector does
 not depend on the orientation once the face is aligned) and cached with its box and landmarks in the file's own
 pixels, so body and training crops of the file as it is stay on the face; the photo is named in the report
-(``turned``) with what to do, because the file is still trained on as it lies.
+(``turned``) with what to do, because the file is still trained on as it lies. A face found only darkened is named
+too (``overexposed``).
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ log = logging.getLogger(__name__)
 BODY_TOKEN_DTYPE = torch.float16  # patch tokens dominate the cache size; half precision halves it
 # Part of both caches' keys: bump when the face search changes which face an image gets, so entries cached by an
 # older search (a sideways photo's "no face", and the body crop of its whole image) are not reused.
-FACE_SEARCH_VERSION = "2"  # 2: second look, turned
+FACE_SEARCH_VERSION = "2"  # 2: second look, darkened and turned
 
 
-def face_entry(result: FaceResult | None, rotation: int = 0) -> dict[str, torch.Tensor]:
+def face_entry(result: FaceResult | None, rotation: int = 0, relit: bool = False) -> dict[str, torch.Tensor]:
     """Cache fields of one image's face; ``num_faces`` 0 marks "no face" (cached too, so it is not re-detected).
     ``box`` and ``landmarks`` are in the file's pixels; ``rotation``: degrees counter-clockwise the file had to be
-    turned for the face to be found (0 upright)."""
+    turned for the face to be found (0 upright), ``relit``: found on a darkened copy only."""
     if result is None:
         return {"num_faces": torch.tensor(0)}
     return {
@@ -54,6 +55,7 @@ def face_entry(result: FaceResult | None, rotation: int = 0) -> dict[str, torch.
         "landmarks": torch.from_numpy(result.face.landmarks.astype(np.float32)),
         "score": torch.tensor(result.face.score, dtype=torch.float32),
         "rotation": torch.tensor(rotation),
+        "relit": torch.tensor(relit),
     }
 
 
@@ -68,6 +70,7 @@ class PrecomputeReport:
     faces_found: int = 0
     no_face: list[str] = field(default_factory=list)
     turned: dict[str, int] = field(default_factory=dict)  # image -> degrees counter-clockwise its face was found at
+    overexposed: list[str] = field(default_factory=list)  # faces found only on a darkened copy
     seconds: float = 0.0
     face_cache: str = ""
     body_cache: str | None = None
@@ -81,8 +84,10 @@ class PrecomputeReport:
 
     def notes(self) -> list[str]:
         """One line per image whose face was found only by the second look, with what to do about it."""
-        return [f"sideways: {rel}: face found turned {angle} degrees; rotate the file or build with dtback dataset "
-                "build" for rel, angle in self.turned.items()]
+        return ([f"sideways: {rel}: face found turned {angle} degrees; rotate the file or build with dtback dataset "
+                 "build" for rel, angle in self.turned.items()]
+                + [f"over-exposed: {rel}: face found only on a darkened copy; a better-exposed photo trains better"
+                   for rel in self.overexposed])
 
 
 class IdentityPrecomputer:
@@ -156,6 +161,8 @@ class IdentityPrecomputer:
                 report.faces_found += 1
                 if int(face["rotation"]):
                     report.turned[rel] = int(face["rotation"])
+                if bool(face["relit"]):
+                    report.overexposed.append(rel)
             else:
                 report.no_face.append(rel)
         if self.body_cache is None:
@@ -174,25 +181,25 @@ class IdentityPrecomputer:
             self.body_cache.put(key, {"pooled": pooled[i].float().cpu(), "tokens": tokens[i].to(BODY_TOKEN_DTYPE).cpu()})
         return moved
 
-    def _second_look(self, image: np.ndarray, result: FaceResult | None) -> tuple[FaceResult | None, int]:
-        """``(result, rotation)``: ``result`` of the upright image when its face scores at least
+    def _second_look(self, image: np.ndarray, result: FaceResult | None) -> tuple[FaceResult | None, int, bool]:
+        """``(result, rotation, relit)``: ``result`` of the upright image when its face scores at least
         :data:`ROTATION_MIN_SCORE`, else the second look's face when it scores higher (module docstring), embedded
         from the picture it was found in, its box and landmarks in ``image``'s pixels."""
         if result is not None and result.face.score >= ROTATION_MIN_SCORE:
-            return result, 0
+            return result, 0, False
         upright = Search(faces=self.face.detect(image) if result is not None else [], searched=image)
         if upright.best_score >= ROTATION_MIN_SCORE:
-            return result, 0  # the chosen face is weak but another is not: the image is upright
+            return result, 0, False  # the chosen face is weak but another is not: the image is upright
         found = second_look(self.face, image, upright)
         if found is upright:
-            return result, 0
+            return result, 0, False
         searched = found.searched
         face = choose_face(found.faces, (searched.shape[1], searched.shape[0]), self.face.choice)
         aligned = self.face.align(searched, face)
         embedding = self.face.embed([aligned])[0]
         turned_back = FaceResult(face=in_file_pixels(face, found), aligned=aligned, embedding=embedding,
                                  num_faces=len(found.faces))
-        return turned_back, found.rotation
+        return turned_back, found.rotation, found.relit
 
     def _hashed(self, path: Path, rel: str, report: PrecomputeReport) -> tuple[Path, str, str] | None:
         """``(path, rel, content key)``, or None, counted as unreadable, for an image that went away (or became

@@ -107,8 +107,8 @@ def test_files_that_are_not_loras_are_named(fresh, run_dir, tmp_path):
         fresh.load_lora_weights(missing)
     text = tmp_path / "notes.safetensors"
     text.write_text("not a LoRA")
-    with pytest.raises(DtbackError, match=f"LoRA {text}: not a FLUX LoRA that diffusers can load"):
+    with pytest.raises(DtbackError, match=f"LoRA {text}: truncated or not a safetensors file"):
         fresh.load_lora_weights(text)
-    with pytest.raises(DtbackError, match="LoRA .*face.png: not a FLUX LoRA"):
+    with pytest.raises(DtbackError, match="LoRA .*face.png: not a tensors-only LoRA file"):
         fresh.load_lora_weights(run_dir / "face.png")
     assert fresh.loras == {}

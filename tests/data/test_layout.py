@@ -183,8 +183,23 @@ def test_captions_are_read_from_stem_txt_or_full_name_txt(tmp_path, caplog):
                         "003.png": "the same words"}
     assert index.skips == [] and index.ignored == []
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "1 image has both <stem>.txt and <name>.txt" in warnings[0]
+    assert len(warnings) == 1 and "1 image has caption files with different text" in warnings[0]
     assert "film/alice/002.txt" in warnings[0]
+
+
+def test_kohya_dot_caption_files_are_captions_not_skipped_images(tmp_path, caplog):
+    root = make_dataset(tmp_path / "d", {"film": {"alice": 3}})
+    alice = root / "film" / "alice"
+    (alice / "000.caption").write_text("alice on a beach\n")  # kohya's / EveryDream's --caption_extension .caption
+    (alice / "001.txt").write_text("the .txt wins")
+    (alice / "001.caption").write_text("a .caption of other words")
+    with caplog.at_level("WARNING", logger="dtback.data"):
+        index = scan_dataset(cfg(root), seed=0, progress=False)
+    captions = {e.path.name: e.caption for e in index.character("film/alice").images}
+    assert captions == {"000.png": "alice on a beach", "001.png": "the .txt wins", "002.png": None}
+    assert index.skips == [] and index.ignored == []  # was: two not_an_image skips
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "film/alice/001.txt" in warnings[0] and "<stem>.caption" in warnings[0]
 
 
 def test_a_truncated_avif_is_counted_as_truncated_in_a_character_and_misplaced_beside_one(tmp_path):

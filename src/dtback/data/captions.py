@@ -1,9 +1,10 @@
 """Caption sidecars: the text file beside an image that describes it.
 
-Two names are read, because both conventions are common: ``<stem>.txt`` (``0001.txt`` for ``0001.jpg``: dtback's
-world and builder, kohya) and ``<name>.txt`` (``0001.jpg.txt``: several taggers). ``<stem>.txt`` wins when both exist:
-it is the documented layout, so a dataset that has both reads as it did before; when their texts differ the scan
-says so once, naming the files.
+Three names are read, because each convention is common: ``<stem>.txt`` (``0001.txt`` for ``0001.jpg``: dtback's
+world and builder, kohya), ``<name>.txt`` (``0001.jpg.txt``: several taggers) and ``<stem>.caption`` (kohya's and
+EveryDream's other caption extension). The first that exists in that order wins: ``<stem>.txt`` is the documented
+layout, so a dataset that has several reads as it did before; when their texts differ the scan says so once, naming
+the files.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from dtback.io import is_inside
 # A caption file beyond this is not a caption (a log, a pasted document): the text encoders would truncate it anyway,
 # after the tokenizer had printed it whole into the log.
 MAX_CAPTION_BYTES = 16_384
+CAPTION_SUFFIX = ".caption"
 
 
 @dataclass(frozen=True)
 class Caption:
     """The caption of one image: its text (None: no usable sidecar), the file it came from, why that file was not
-    usable (``problem``, counted as ``bad_caption``), and a ``<name>.txt`` of other text left unread (``shadowed``)."""
+    usable (``problem``, counted as ``bad_caption``), and a later sidecar of other text left unread (``shadowed``)."""
 
     text: str | None = None
     file: Path | None = None
@@ -30,8 +32,10 @@ class Caption:
 
 
 def caption_files(image_path: Path) -> list[Path]:
-    """The sidecars that exist for ``image_path``, in order of precedence: ``<stem>.txt``, then ``<name>.txt``."""
-    names = (image_path.with_suffix(".txt"), image_path.with_name(image_path.name + ".txt"))
+    """The sidecars that exist for ``image_path``, in order of precedence: ``<stem>.txt``, ``<name>.txt``,
+    ``<stem>.caption``."""
+    names = (image_path.with_suffix(".txt"), image_path.with_name(image_path.name + ".txt"),
+             image_path.with_suffix(CAPTION_SUFFIX))
     return [path for path in names if path.is_file()]
 
 
@@ -45,8 +49,8 @@ def read_caption(image_path: Path, root: Path) -> Caption:
     chosen = files[0]
     text, problem = _read(chosen)
     shadowed = None
-    if len(files) > 1 and problem is None and _read(files[1]) != (text, None):
-        shadowed = files[1]
+    if problem is None:
+        shadowed = next((other for other in files[1:] if _read(other) != (text, None)), None)
     return Caption(text=text, file=chosen, problem=problem, shadowed=shadowed)
 
 

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from dtback.config import DataConfig
-from dtback.data.captions import read_caption
+from dtback.data.captions import CAPTION_SUFFIX, read_caption
 from dtback.data.images import (
     DECODE_ERRORS, ImageSkip, SkipReason, claimed_format, entry_problem, probe_image, shown,
 )
@@ -27,9 +27,9 @@ from dtback.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-# Files next to an image that describe it rather than being images: <stem>.txt or <name>.txt caption, <stem>.json
-# metadata.
-SIDECAR_SUFFIXES = (".txt", ".json")
+# Files next to an image that describe it rather than being images: <stem>.txt, <name>.txt or <stem>.caption caption,
+# <stem>.json metadata.
+SIDECAR_SUFFIXES = (".txt", CAPTION_SUFFIX, ".json")
 # Written by the dataset builder (dtback.curate.build): its state folder at the root and a picture of each character's
 # images for people to check; neither is a training image.
 BUILD_STATE_DIR = ".dtback-build"
@@ -168,9 +168,9 @@ def scan_dataset(cfg: DataConfig, seed: int, progress: bool = True) -> DatasetIn
             ImageEntry(path=path, width=result[0], height=result[1], format=result[2], caption=caption.text)
         )
     if shadowed:
-        log.warning("data_dir %s: %d image%s both <stem>.txt and <name>.txt with different text; <stem>.txt is "
-                    "used (e.g. %s)", root, len(shadowed), " has" if len(shadowed) == 1 else "s have",
-                    ", ".join(shadowed[:3]))
+        log.warning("data_dir %s: %d image%s caption files with different text; the first of <stem>.txt, "
+                    "<name>.txt, <stem>.caption is used (e.g. %s)", root, len(shadowed),
+                    " has" if len(shadowed) == 1 else "s have", ", ".join(shadowed[:3]))
 
     found: dict[str, dict[str, int]] = {bundle: {} for bundle in walker.bundles}
     for (bundle, name), images in by_character.items():

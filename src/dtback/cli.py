@@ -305,7 +305,8 @@ def _add_world_parser(commands) -> None:
     world.add_argument("--out", type=Path, required=True, help="output folder (created)")
     world.add_argument("--characters", type=int, default=defaults.characters, help="number of characters")
     world.add_argument("--images-per-character", type=int, default=defaults.images_per_character)
-    world.add_argument("--size", type=int, default=defaults.size, help="image side in pixels (multiple of 16)")
+    world.add_argument("--size", type=int, default=defaults.size,
+                       help="side of the square images in pixels, 16 to 2048 (training resizes to data.input_size)")
     world.add_argument("--seed", type=int, default=defaults.seed)
     world.add_argument("--bundle", default=defaults.bundle, help="bundle folder name")
     world.add_argument("--no-progress", action="store_true", help="no progress bar")

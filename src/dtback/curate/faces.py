@@ -110,7 +110,8 @@ class FaceRecord:
     rotation: int = 0
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Cache entry: the fields of :func:`dtback.identity.precompute.face_entry` plus the builder's own."""
+        """Cache entry: the fields of :func:`dtback.identity.precompute.face_entry` but ``relit`` (``box`` and
+        ``landmarks`` of the upright picture here), plus the builder's own."""
         entry = {"num_faces": torch.tensor(self.num_faces)}
         if self.num_faces:
             entry.update(

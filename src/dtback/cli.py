@@ -282,7 +282,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     out = write_json(cfg.output.output_dir / "precompute_report.json", report.to_json(), indent=2)
     _say(
         f"{report.images} images in {report.seconds:.1f} s ({report.images_per_second:.1f} img/s): "
-        f"faces found {report.faces_found}, no face {len(report.no_face)} (body only), unreadable {len(report.unreadable)}; "
+        f"faces found {report.faces_found} (turned {len(report.turned)}, over-exposed {len(report.overexposed)}), "
+        f"no face {len(report.no_face)} (body only), unreadable {len(report.unreadable)}; "
         f"encoder calls face {report.face_encoder_calls} body {report.body_encoder_calls}, "
         f"cache hits face {report.face_cache_hits} body {report.body_cache_hits}"
     )

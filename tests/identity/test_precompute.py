@@ -89,7 +89,8 @@ def test_precompute_command(mixed_root, body_dir, tmp_path, capsys):
     assert main(args) == 0
     again = json.loads((run_dir / "precompute_report.json").read_text())
     assert again["face_encoder_calls"] == 0 and again["body_encoder_calls"] == 0
-    assert "encoder calls face 0 body 0" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "encoder calls face 0 body 0" in said and "faces found 31 (turned 0, over-exposed 0), no face 4" in said
 
 
 def test_missing_body_model_is_a_clear_error(tmp_path):

@@ -81,7 +81,7 @@ from dtback.identity.face import FaceEncoder
 log = logging.getLogger(__name__)
 
 Member = tuple[Item, FaceRecord]  # a picture and its face, on its way into a character
-MEASURE_VERSION = "7"  # bump when FaceRecord's measurements change, so old cache entries are not reused
+MEASURE_VERSION = "8"  # bump when FaceRecord's measurements change, so old cache entries are not reused
 
 
 def build_dataset(

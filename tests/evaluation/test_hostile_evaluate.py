@@ -141,3 +141,39 @@ def test_a_world_adapter_is_not_scored_on_photos(world_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{photos} holds photos, not an identity world" in err and "identity.face_backend" in err
     assert not out.exists()
+
+
+def test_a_nan_or_cut_short_adapter_is_refused_in_one_line_before_its_base_loads(world_run, tmp_path, capsys,
+                                                                                monkeypatch):
+    """evaluate reads --model through the one vetted reader: a cut-short .pt used to end in torch's miniz message
+    cut off at 200 characters, mid-sentence."""
+    from diffusers import FluxPipeline  # noqa: PLC0415
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base was loaded for an adapter that should have been refused first")
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", refuse)
+    payload = torch.load(world_run / "best_model.pt", weights_only=True)
+    key = sorted(payload["state_dict"])[0]
+    payload["state_dict"][key] = torch.full_like(payload["state_dict"][key], float("nan"))
+    whole = (world_run / "best_model.pt").read_bytes()
+    runs = {"nan": lambda path: torch.save(payload, path),
+            "cut": lambda path: path.write_bytes(whole[: len(whole) // 10])}
+    messages = {}
+    for name, write in runs.items():
+        run = tmp_path / name
+        run.mkdir()
+        for kept in ("config.yaml", "split.json"):
+            shutil.copy(world_run / kept, run / kept)
+        write(run / "best_model.pt")
+        out = tmp_path / f"out_{name}"
+        assert main(evaluate_args(run, out)) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+        messages[name] = err.strip()
+    assert messages["nan"] == f"error: {tmp_path / 'nan' / 'best_model.pt'}: key {key} holds NaN or infinite values: " \
+                              "a damaged adapter makes every image NaN; use an earlier checkpoint or an undamaged copy"
+    assert messages["cut"] == f"error: {tmp_path / 'cut' / 'best_model.pt'}: not a tensors-only dtback checkpoint " \
+                              f"(cut short: a zip archive of {len(whole) // 10} bytes whose directory at its end is " \
+                              "missing; copy it again)"

@@ -168,7 +168,7 @@ SETTINGS_KEYS = {"base", "reference", "prompt", "prompts_file", "seed", "face_sc
 
 def test_default_steps_is_20_for_the_simple_base_and_28_for_flux():
     from dtback.inference.pipeline import default_steps
-    from dtback.model.identity_flux import RunRecord
+    from dtback.model.adapter_file import RunRecord
 
     assert default_steps(RunRecord(base_model="base")) == 20
     assert default_steps(RunRecord(base_model="black-forest-labs/FLUX.1-dev")) == 28 and default_steps(RunRecord()) == 28

@@ -109,6 +109,26 @@ def test_an_adapter_file_whose_config_is_not_json_text_is_refused(tmp_path, run_
         assert f"{fake}: 'config' must be the adapter config as JSON text" in err and "Traceback" not in err
 
 
+def test_a_damaged_adapter_is_refused_before_its_base_loads(run_dir, tmp_path, capsys, monkeypatch):
+    """The pipeline reads --model once, vetted (dtback.model.adapter_file.read_adapter), before the base."""
+    from diffusers import FluxPipeline  # noqa: PLC0415
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base was loaded for an adapter that should have been refused first")
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", refuse)
+    lists = tmp_path / "lists.pt"
+    torch.save({"config": torch.load(run_dir / "best_model.pt", weights_only=True)["config"],
+                "state_dict": {"resampler.x": [1, 2]}}, lists)
+    args = generate_args(run_dir, tmp_path)
+    args[args.index("--model") + 1] = str(lists)
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {lists}: state_dict key 'resampler.x' holds a list, not a tensor; not a dtback " \
+                          "adapter"
+    assert not (tmp_path / "out").exists()
+
+
 def copy_run(run_dir, folder, content_id: str | None = None, base=True):
     """best_model.pt (optionally recording ``content_id``) and face.png, with or without the run's base/."""
     folder.mkdir(parents=True)

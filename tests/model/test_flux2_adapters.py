@@ -134,7 +134,7 @@ def test_an_adapter_saved_before_families_reads_as_flux1(tmp_path):
 
     from diffusers import FluxTransformer2DModel
 
-    from dtback.model.identity_flux import CONFIG_FILE
+    from dtback.model.adapter_file import CONFIG_FILE
 
     flux1 = FluxTransformer2DModel.from_pretrained(save_tiny_flux(tmp_path / "flux1"))
     saved = make_model(flux1).save_pretrained(tmp_path / "old")

@@ -37,10 +37,10 @@ from PIL import Image
 from dtback import backends, devices
 from dtback.errors import AdapterMismatchError, DtbackError, MissingModelError, NoFaceError
 from dtback.identity.resampler import IdentityInputs
-from dtback.inference.adapter_file import read_checked_adapter
 from dtback.inference.loras import check_lora_weights
+from dtback.model.adapter_file import LORA_NAME, RunRecord, read_adapter
 from dtback.model.flux import DTYPE_KWARG, base_content_id, damaged_weights, local_base_folder
-from dtback.model.identity_flux import LORA_NAME, IdentityPreservingFlux, RunRecord
+from dtback.model.identity_flux import IdentityPreservingFlux
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class IdentityFluxPipeline:
         (:meth:`enable_offload`)."""
         adapter = Path(adapter)
         device = str(offload_device(offload, device)) if offload != "none" else (device or "cpu")
-        spec, _ = read_checked_adapter(adapter)  # a damaged or edited file named before its base is loaded
+        spec, state = read_adapter(adapter)  # a damaged or edited file named before its base is loaded
         source = resolve_base(adapter, spec.extra.base_model, base)
         check_base_content(adapter, spec.extra, source, chosen=bool(base))
         dtype = dtype or devices.resolve_dtype("auto", device)
@@ -194,7 +194,7 @@ class IdentityFluxPipeline:
         except (OSError, ValueError) as err:  # ValueError: a folder of another pipeline (a FLUX.2 base for FLUX.1)
             raise MissingModelError(f"FLUX base {source!r} (for {adapter}) could not be loaded as a "
                                     f"{loader.__name__}: {err}") from err
-        model = IdentityPreservingFlux.from_pretrained(adapter, transformer=pipeline.transformer)
+        model = IdentityPreservingFlux.from_adapter(spec, state, str(adapter), pipeline.transformer)
         identity, world = backends.identity_from_adapter(spec.extra, device)
         face = backends.face_encoder(identity, world) if spec.resampler.face_dim else None
         body = backends.body_encoder(identity, world) if spec.resampler.body_dim else None

@@ -4,8 +4,9 @@ It owns the :class:`~dtback.identity.resampler.IdentityResampler` and one
 :class:`~dtback.model.adapters.IdentityCrossAttention` per chosen block, attaches them to a diffusers
 ``FluxTransformer2DModel`` with forward hooks (the transformer's own modules and state dict are untouched) and
 detaches them again. It saves and loads itself as safetensors + JSON (a folder, one ``.safetensors`` file with the
-config in its metadata, or a tensors-only ``.pt`` read with ``weights_only=True``) and can be loaded into a base it
-did not create, after checking that the base has the shape it was trained on.
+config in its metadata, or a tensors-only ``.pt`` read with ``weights_only=True``; the format, its vetted reader and
+its writer are :mod:`dtback.model.adapter_file`) and can be loaded into a base it did not create, after checking that
+the base has the shape it was trained on.
 
 Calling it runs the transformer with identity::
 
@@ -22,109 +23,27 @@ until it is cleared.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dtback.config import IdentityConfig, ModelConfig
 from dtback.errors import AdapterMismatchError
-from dtback.identity.resampler import IdentityInputs, IdentityResampler, IdentityTokens, ResamplerSpec
-from dtback.io import atomic_path
-from dtback.model.adapters import (
-    AdapterLayout, IdentityCrossAttention, InjectionState, check_model_fits_base, make_hook,
+from dtback.identity.resampler import IdentityInputs, IdentityTokens, ResamplerSpec
+from dtback.model.adapter_file import (
+    BASE_KEYS, LORA_NAME, LORA_PREFIX, AdapterSpec, RunRecord, build_parts, read_adapter, write_adapter,
 )
+from dtback.model.adapters import AdapterLayout, InjectionState, check_model_fits_base, make_hook
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "dtback-identity-adapter"
-FORMAT_VERSION = 1
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter.safetensors"
-METADATA_KEY = "dtback_adapter_config"
-LORA_NAME = "dtback_lora"
-LORA_PREFIX = "lora."
-# The shape of a base the adapters fit; a checkpoint names these when it is loaded into another base.
-BASE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels")
-
-
-class RunRecord(BaseModel):
-    """What inference and evaluation need to rebuild a run's setting from its adapter file alone (``spec.extra``):
-    the base it was trained with (``"base"``: the simple model saved next to it; else a folder or hub id) and that
-    base's content fingerprint (:func:`dtback.model.flux.base_content_id`; None when the base was no local folder),
-    the identity settings (``IdentityConfig`` as JSON), training size, prompt length and the world components folder.
-    Keys of other versions are kept as they are (``extra="allow"``)."""
-
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
-
-    base_model: str | None = None
-    base_content_id: str | None = None
-    identity: dict[str, Any] = Field(default_factory=dict)
-    input_size: int = 512
-    max_sequence_length: int = 512
-    world: str | None = None
-
-    def update(self, **values: Any) -> "RunRecord":
-        """Set several fields at once, each validated."""
-        for key, value in values.items():
-            setattr(self, key, value)
-        return self
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """Everything needed to rebuild the trainable part; saved as JSON next to the weights."""
-
-    resampler: ResamplerSpec
-    double_blocks: tuple[int, ...]
-    single_blocks: tuple[int, ...]
-    heads: int
-    head_dim: int
-    base: dict[str, int]
-    face_scale: float = 1.0
-    body_scale: float = 1.0
-    lora: dict[str, Any] | None = None
-    extra: RunRecord = field(default_factory=RunRecord)
-
-    def to_json(self) -> str:
-        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self),
-                   "extra": self.extra.model_dump(mode="json")}
-        return json.dumps(payload, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, source: str) -> "AdapterSpec":
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise AdapterMismatchError(f"{source}: adapter config is not valid JSON ({err})") from err
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise AdapterMismatchError(f"{source}: not a dtback identity adapter (format is not {FORMAT!r})")
-        if payload.get("format_version") != FORMAT_VERSION:
-            raise AdapterMismatchError(
-                f"{source}: adapter format_version {payload.get('format_version')} (this dtback reads {FORMAT_VERSION})"
-            )
-        try:
-            return cls(
-                resampler=ResamplerSpec(**payload["resampler"]),
-                double_blocks=tuple(payload["double_blocks"]),
-                single_blocks=tuple(payload["single_blocks"]),
-                heads=int(payload["heads"]),
-                head_dim=int(payload["head_dim"]),
-                base={"family": "flux1", **payload["base"]},  # adapters saved before FLUX.2: FLUX.1
-                face_scale=float(payload.get("face_scale", 1.0)),
-                body_scale=float(payload.get("body_scale", 1.0)),
-                lora=payload.get("lora"),
-                extra=RunRecord.model_validate(payload.get("extra") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise AdapterMismatchError(f"{source}: adapter config key missing or malformed: {err}") from err
-
+# read_adapter and RunRecord stay importable from here for training/resume.py and backends.py until their imports
+# move to dtback.model.adapter_file; read_adapter is the vetted reader itself, not a second one.
+__all__ = ["IdentityPreservingFlux", "spec_from_config", "base_family", "base_fingerprint", "read_adapter",
+           "AdapterSpec", "RunRecord", "LORA_NAME"]
 
 FLUX1_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # model.lora_targets' default
 FAMILIES = {"flux1": "FLUX.1 (FluxTransformer2DModel)", "flux2": "FLUX.2 (Flux2Transformer2DModel)"}
@@ -193,13 +112,9 @@ class IdentityPreservingFlux(nn.Module):
     def __init__(self, spec: AdapterSpec):
         super().__init__()
         self.spec = spec
-        self.resampler = IdentityResampler(spec.resampler)
-        width = spec.base["num_attention_heads"] * spec.base["attention_head_dim"]
-        layout = AdapterLayout(spec.double_blocks, spec.single_blocks)
-        self.adapters = nn.ModuleDict(
-            {name: IdentityCrossAttention(width, spec.heads, spec.head_dim, face=spec.resampler.face_dim > 0,
-                                          body=spec.resampler.body_dim > 0) for name in layout.names()}
-        )
+        parts = build_parts(spec)  # the reader builds the same on the meta device to check a file's shapes
+        self.resampler = parts["resampler"]
+        self.adapters = parts["adapters"]
         self._handles: list[Any] = []
         self._transformer: list[nn.Module] = []  # a list, so the base is not registered as a submodule
         self._state: InjectionState | None = None
@@ -430,66 +345,30 @@ class IdentityPreservingFlux(nn.Module):
         """Write the adapter atomically: a folder (``adapter_config.json`` + ``adapter.safetensors``), or one
         ``.safetensors`` file (config in its metadata), or a tensors-only ``.pt`` (for the seed's file names).
         ``state``: the :meth:`adapter_state_dict` to write (default: this module's live one)."""
-        path = Path(path)
         state = self.adapter_state_dict() if state is None else state
-        config = self.spec.to_json()
-        if path.suffix == ".safetensors":
-            _atomic(path, lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: config}))
-        elif path.suffix in (".pt", ".pth", ".bin"):
-            _atomic(path, lambda tmp: _torch_save({"config": config, "state_dict": state}, tmp))
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
-            _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config, encoding="utf-8"))
-        return path
+        return write_adapter(path, self.spec.to_json(), state)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, transformer: nn.Module | None = None) -> "IdentityPreservingFlux":
-        """Load what :meth:`save_pretrained` wrote; with ``transformer`` also check the base and attach to it."""
-        spec, state = read_adapter(Path(path))
+        """Load what :meth:`save_pretrained` wrote, through the vetted :func:`~dtback.model.adapter_file.read_adapter`
+        (a damaged or edited file is an :class:`AdapterMismatchError` of one line); with ``transformer`` also check
+        the base and attach to it."""
+        spec, state = read_adapter(path)
+        return cls.from_adapter(spec, state, str(path), transformer)
+
+    @classmethod
+    def from_adapter(cls, spec: AdapterSpec, state: dict[str, torch.Tensor], source: str,
+                     transformer: nn.Module | None = None) -> "IdentityPreservingFlux":
+        """The model of an adapter :func:`~dtback.model.adapter_file.read_adapter` read from ``source`` (for a caller
+        that read it already, to check it before loading a base); ``transformer`` as in :meth:`from_pretrained`."""
         model = cls(spec)
         if transformer is not None:
-            model.check_base(transformer.config, source=str(path))
+            model.check_base(transformer.config, source=source)
             model.attach(transformer)
         elif spec.lora:
-            raise ValueError(f"{path} holds LoRA weights: pass the base transformer to load them into")
-        model.load_adapter_state_dict(state, str(path))
+            raise ValueError(f"{source} holds LoRA weights: pass the base transformer to load them into")
+        model.load_adapter_state_dict(state, source)
         return model
-
-
-def read_adapter(path: Path) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
-    """``(spec, state dict)`` from a folder, a ``.safetensors`` file or a tensors-only ``.pt`` file."""
-    if path.is_dir():
-        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-        for needed in (config_path, weights_path):
-            if not needed.is_file():
-                raise AdapterMismatchError(f"{path}: adapter folder has no {needed.name}")
-        return AdapterSpec.from_json(config_path.read_text(encoding="utf-8"), str(config_path)), load_file(weights_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open  # noqa: PLC0415
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if METADATA_KEY not in metadata:
-            raise AdapterMismatchError(f"{path}: safetensors file has no {METADATA_KEY!r} metadata")
-        return AdapterSpec.from_json(metadata[METADATA_KEY], str(path)), load_file(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for foreign or torn files
-        # torch's weights_only refusal runs to a page and suggests weights_only=False, which dtback never does
-        why = "damaged, or it holds Python objects beyond tensors, which dtback never unpickles" \
-            if "Weights only load failed" in str(err) else \
-            f"{err.__class__.__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
-        raise AdapterMismatchError(f"{path}: not a tensors-only dtback checkpoint ({why})") from err
-    if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
-        raise AdapterMismatchError(f"{path}: expected keys 'config' and 'state_dict' in the checkpoint")
-    if not isinstance(payload["config"], str) or not isinstance(payload["state_dict"], dict):
-        raise AdapterMismatchError(
-            f"{path}: 'config' must be the adapter config as JSON text and 'state_dict' a mapping of tensors (got "
-            f"{type(payload['config']).__name__} and {type(payload['state_dict']).__name__}); not a dtback adapter")
-    return AdapterSpec.from_json(payload["config"], str(path)), payload["state_dict"]
 
 
 def _per_sample(scale: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
@@ -498,15 +377,3 @@ def _per_sample(scale: float | torch.Tensor, batch: int, device: torch.device) -
         raise ValueError(f"scale has {tensor.numel()} values for a batch of {batch}")
     return tensor.expand(batch).clone()
 
-
-def _torch_save(payload: dict, name: str) -> None:
-    """``torch.save`` through a Python file: a full disk is then an OSError (ENOSPC) the caller can name, where
-    torch's own writer raises a RuntimeError ("unexpected pos ...") that says nothing of the disk."""
-    with open(name, "wb") as handle:
-        torch.save(payload, handle)
-
-
-def _atomic(path: Path, write) -> None:
-    """``write(temporary file name)``, then the file replaces ``path`` whole (:func:`dtback.io.atomic_path`)."""
-    with atomic_path(path) as tmp:
-        write(str(tmp))

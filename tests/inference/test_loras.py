@@ -3,6 +3,7 @@ are refused in one line naming the file and the key (diffusers applies the first
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -132,6 +133,18 @@ def test_a_pickled_lora_is_checked_too_and_never_unpickled_as_objects(lora_file,
     (tmp_path / "empty.bin").write_bytes(b"")
     with pytest.raises(DtbackError, match=r"empty.bin: not a tensors-only LoRA file \(EOFError"):
         check_lora_weights(tmp_path / "empty.bin")
+
+
+def test_a_pickled_lora_cut_short_in_the_old_format_is_refused_in_one_line(tmp_path):
+    """torch reads a legacy (pre-zip) pickle cut short with struct.error, which used to escape as a traceback."""
+    buffer = io.BytesIO()
+    torch.save({KEY_A: torch.zeros(4, 128)}, buffer, _use_new_zipfile_serialization=False)
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(buffer.getvalue()[:18])
+    with pytest.raises(DtbackError) as err:
+        check_lora_weights(cut)
+    assert str(err.value) == f"LoRA {cut}: not a tensors-only LoRA file (error: unpack requires a buffer of 2 bytes); " \
+                             "a .safetensors file is safest"
 
 
 def test_a_lora_folder_without_weights_or_a_safetensors_file_cut_short_is_refused(lora_file, tmp_path):

@@ -18,15 +18,12 @@ from safetensors import SafetensorError, safe_open
 
 from dtback.errors import DtbackError
 from dtback.io import safetensors_problem
+from dtback.model.adapter_file import TORCH_LOAD_ERRORS, non_finite_count
 
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 LORA_PICKLE_NAME = "pytorch_lora_weights.bin"  # diffusers' LORA_WEIGHT_NAME: its choice in a folder of no safetensors
-# What torch.load raises for a foreign, torn or hostile pickle: an UnpicklingError for what weights_only refuses,
-# RuntimeError for a damaged zip, EOFError for an empty file, KeyError / ValueError for bytes that are no pickle.
-PICKLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError,
-                 AttributeError, OSError)
 NOT_LORA_FILES = ("scheduler", "optimizer", "checkpoint")  # names diffusers passes over in a LoRA folder
 # One layer's two halves: A/down (rank, in, ...) and B/up (out, rank, ...); diffusers/peft, kohya and XLabs keys.
 HALF = re.compile(r"^(?P<layer>.+)\.(?P<half>lora_A|lora_B|lora_down|lora_up|down|up)(?P<rest>(\.\w+)?\.weight)$")
@@ -86,7 +83,7 @@ def _pickled_tensors(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a pickled LoRA, read as diffusers reads it (``weights_only``), or a one-line refusal."""
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
-    except PICKLE_ERRORS as err:
+    except TORCH_LOAD_ERRORS as err:  # a foreign, torn or hostile pickle
         # torch's weights_only refusal runs to a page and suggests weights_only=False, which dtback never does
         first = (str(err).strip().splitlines() or [""])[0][:200]
         why = "damaged, or it holds Python objects beyond tensors, which dtback never unpickles" \
@@ -105,7 +102,7 @@ def _check_tensors(file: Path, tensors) -> None:
     halves: dict[str, dict[tuple[str, str], tuple[str, int, list[int]]]] = {"A": {}, "B": {}}
     non_finite: list[tuple[str, int, int]] = []
     for key, tensor in tensors:
-        bad = _non_finite(tensor)
+        bad = non_finite_count(tensor)
         if bad:
             non_finite.append((key, bad, tensor.numel()))
         match = HALF.match(key) if isinstance(key, str) else None
@@ -123,12 +120,3 @@ def _check_tensors(file: Path, tensors) -> None:
         if b_rank != a_rank:
             raise DtbackError(f"LoRA {file}: key {a_key} has rank {a_rank} (shape {a_shape}) but {b_key} has rank "
                               f"{b_rank} (shape {b_shape}): one layer's lora_A and lora_B must share the rank")
-
-
-def _non_finite(tensor: torch.Tensor) -> int:
-    """How many NaN/inf values ``tensor`` holds (0 for integer tensors)."""
-    if not tensor.is_floating_point():
-        return 0
-    if tensor.element_size() == 1:  # torch has no isfinite for float8
-        tensor = tensor.float()
-    return int((~torch.isfinite(tensor)).sum())

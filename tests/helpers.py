@@ -155,3 +155,19 @@ def save_tiny_dinov2(folder: Path, hidden: int = HIDDEN, layers: int = 2, proces
             image_mean=list(MEAN), image_std=list(STD),
         ).save_pretrained(folder)
     return folder
+
+
+def kill_when_half_done(script: str, *args: str) -> int:
+    """Run ``python -c script *args``, wait for it to print ``half`` (its work half done), SIGKILL it; its return code."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline() == "half\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    return child.returncode

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -19,6 +17,7 @@ from dtback.data.layout import scan_dataset
 from dtback.errors import DatasetError
 from dtback.io import TMP_MARK
 from dtback.world.files import MANIFEST, ensure_world, write_world
+from helpers import kill_when_half_done
 
 WORLD = WorldConfig(characters=3, images_per_character=3, size=48, seed=5)
 ARGS = ["world", "--characters", "3", "--images-per-character", "3", "--size", "48", "--seed", "5", "--no-progress"]
@@ -48,14 +47,7 @@ def files_of(root):
 
 
 def kill_mid_world(out):
-    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, *ARGS, "--out", str(out)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline() == "half\n"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
+    assert kill_when_half_done(KILLED_WRITER, *ARGS, "--out", str(out)) == -signal.SIGKILL
 
 
 @pytest.fixture(scope="module")

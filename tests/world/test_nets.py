@@ -5,9 +5,6 @@ another architecture's weights) is refused in one line naming the file and the c
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ import torch
 from dtback.errors import MissingModelError
 from dtback.io import TMP_MARK
 from dtback.world.nets import Embedder, EmbedderConfig, load_net, save_net
+from helpers import kill_when_half_done
 
 CONFIG = EmbedderConfig(size=16, widths=(4, 8), dim=8)
 
@@ -42,13 +40,7 @@ def tiny(seed):
 def test_a_kill_while_saving_leaves_the_old_component_and_a_rerun_saves_the_new(tmp_path):
     old = tiny(0)
     save_net(old, tmp_path, "tiny", {"note": "old"})
-    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(tmp_path)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline() == "half\n"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    kill_when_half_done(KILLED_SAVE, str(tmp_path))
     loaded, meta = load_net(tmp_path, "tiny", Embedder)
     x = torch.rand(2, 3, 16, 16)
     assert meta["note"] == "old" and torch.equal(loaded(x), old(x))

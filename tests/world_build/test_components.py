@@ -14,6 +14,7 @@ from dtback.errors import MissingModelError
 from dtback.model.flux import SIMPLE_TRANSFORMER
 from dtback.world.base import load_world_base
 from dtback.world.encoders import WorldBodyEncoder, WorldFaceEncoder
+from helpers import kill_when_half_done
 from dtback.world.files import PACKAGED_WORLD_MODELS
 from dtback.world.nets import Embedder, EmbedderConfig, load_net, save_net
 from dtback.world.people import ATTRIBUTES
@@ -189,9 +190,6 @@ def tree(folder):
 @pytest.mark.slow
 def test_a_build_killed_while_saving_leaves_the_old_component_and_reruns_cleanly(tmp_path, monkeypatch):
     import os
-    import signal
-    import subprocess
-    import sys
     import time
 
     from dtback.io import TMP_MARK
@@ -201,13 +199,7 @@ def test_a_build_killed_while_saving_leaves_the_old_component_and_reruns_cleanly
     shutil.copytree(PACKAGED_WORLD_MODELS / "vae", folder / "vae")
     shutil.copy(PACKAGED_WORLD_MODELS / "components.json", folder / "components.json")
     before = tree(folder)
-    child = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(folder)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline() == "half\n"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    kill_when_half_done(KILLED_BUILD, str(folder))
     (left,) = [p for p in folder.iterdir() if TMP_MARK in p.name]  # the half-saved VAE, hidden beside the old one
     assert left.name.startswith(".vae" + TMP_MARK) and left.is_dir()
     assert {k: v for k, v in tree(folder).items() if TMP_MARK not in k} == before  # the old component, untouched

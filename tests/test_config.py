@@ -326,3 +326,19 @@ def test_text_that_yaml_reads_as_a_mapping_says_to_quote_it(tmp_path):
         "at line 1, column 13; text that starts with '{' must be in quotes")
     assert load_config(None, ["data.caption_template='{character} in a park'"]).data.caption_template == \
         "{character} in a park"
+
+
+def test_a_config_file_that_cannot_be_read_is_one_config_error(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    path.write_text("seed: 1\n")
+    real = Path.read_text
+
+    def refused(self, *args, **kwargs):  # root reads any file: fake the permission error a user gets
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: unreadable (Permission denied)"

@@ -87,6 +87,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
+    except OSError as err:  # no read permission, a disk error: one line, not a traceback
+        raise ConfigError(f"{path}: unreadable ({err.strerror or err})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
